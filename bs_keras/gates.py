@@ -1,0 +1,304 @@
+"""The channel gate: per-input, per-channel on/off switches.
+
+A `ChannelGate` takes the block input `x` and the features `h` it gates. A
+small MLP on `global_avg_pool(x)` gives one logit per gate. In training the
+gate samples binary-concrete (relaxed Bernoulli) noise and uses the
+straight-through estimator: the forward value is exactly 0 or 1, the backward
+pass sees the relaxed sample. At inference the gate is deterministic:
+`logit > 0`. The gated features are `h * gate`.
+
+In training the gate adds its own share of the batch-shaping and L0 losses
+(`add_loss`), weighted by two non-trainable variables `bs_coef` and
+`l0_coef` that `bs_keras.callbacks.GateLossScheduler` assigns every step, and
+it keeps running statistics (`stats`) the callback reads for logging.
+"""
+
+import contextlib
+import threading
+
+import keras
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from bs_keras import losses as gate_losses
+
+_recording = threading.local()
+
+
+@contextlib.contextmanager
+def record_gates():
+    """Context manager collecting the hard gates of every `ChannelGate` call.
+
+    Yields a dict `{gate_layer: [mask, ...]}`, one `(batch, channels)` 0/1
+    mask per call, in call order. Use it around an eager model call.
+    """
+    stack = getattr(_recording, "stack", None)
+    if stack is None:
+        stack = _recording.stack = []
+    record = {}
+    stack.append(record)
+    try:
+        yield record
+    finally:
+        stack.pop()
+
+
+def _record(gate, mask):
+    stack = getattr(_recording, "stack", None)
+    if stack:
+        stack[-1].setdefault(gate, []).append(mask)
+
+
+class GateStats(keras.metrics.Metric):
+    """Running means of a gate's training statistics, read by the callback.
+
+    Tracked as a metric so Keras resets it at every epoch and it is not saved
+    with the weights. `result()` is empty on purpose: the per-gate values are
+    aggregated over all gates by `GateLossScheduler` before they are logged.
+    One variable holds the sums and the count, so reading it is one copy.
+    """
+
+    NAMES = ("batch_shaping", "l0", "open_rate")
+
+    def __init__(self, name="gate_stats", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.sums = self.add_variable(
+            shape=(len(self.NAMES) + 1,), initializer="zeros", name="sums"
+        )
+
+    def update_state(self, values):
+        values = [tf.cast(v, self.sums.dtype) for v in values]
+        self.sums.assign_add(tf.stack(values + [tf.ones((), self.sums.dtype)]))
+
+    def values(self):
+        """Means since the last reset as a dict of floats (None if empty)."""
+        sums = keras.ops.convert_to_numpy(self.sums)
+        if sums[-1] == 0:
+            return None
+        return {k: float(v / sums[-1]) for k, v in zip(self.NAMES, sums[:-1])}
+
+    def result(self):
+        return {}
+
+    def reset_state(self):
+        self.sums.assign(tf.zeros_like(self.sums))
+
+
+@keras.saving.register_keras_serializable(package="bs_keras")
+class ChannelGate(keras.layers.Layer):
+    """Input-dependent channel gate trained with batch-shaping and L0.
+
+    Logits: global average pool of `x` -> Dense(`hidden_units`, no bias) ->
+    BatchNorm -> ReLU -> Dense(`channels // group_size`, bias initialised to
+    `init_bias`). Each gate switches `group_size` consecutive channels of `h`.
+
+    Args:
+        hidden_units: width of the gate MLP (default 16).
+        temperature: binary-concrete temperature in training (default 2/3).
+        init_bias: initial bias of the logits; positive so that most gates
+            start open (default 3.0: `sigmoid(3) = 0.95`).
+        group_size: channels switched by one gate (default 1: per-channel
+            gates as in the paper; `channels` gives one gate per block).
+        prior_a: first Beta parameter of the batch-shaping prior.
+        prior_b: second Beta parameter of the batch-shaping prior.
+        bs_coef: initial weight of this gate's batch-shaping loss.
+        l0_coef: initial weight of this gate's L0 loss.
+        seed: int seed for the training noise (reproducible runs).
+        **kwargs: base `Layer` arguments.
+
+    Call arguments:
+        inputs: list `[x, h]`: the block input `x` (rank 4, NHWC) the gate
+            looks at, and the features `h` (`(batch, ..., channels)`) it
+            gates.
+        training: whether to sample (True) or use hard `logit > 0` gates.
+
+    Reference:
+        Bejnordi, Blankevoort, Welling. Batch-Shaping for Learning
+        Conditional Channel Gated Networks. ICLR 2020.
+    """
+
+    def __init__(
+        self,
+        hidden_units=16,
+        temperature=2.0 / 3.0,
+        init_bias=3.0,
+        group_size=1,
+        prior_a=0.6,
+        prior_b=0.4,
+        bs_coef=0.0,
+        l0_coef=0.0,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if int(hidden_units) != hidden_units or hidden_units < 1:
+            raise ValueError(
+                f"hidden_units must be a positive integer. Received: hidden_units={hidden_units}"
+            )
+        if not temperature > 0:
+            raise ValueError(
+                f"temperature must be positive. Received: temperature={temperature}"
+            )
+        if int(group_size) != group_size or group_size < 1:
+            raise ValueError(
+                f"group_size must be a positive integer. Received: group_size={group_size}"
+            )
+        if prior_a <= 0 or prior_b <= 0:
+            raise ValueError(
+                "prior_a and prior_b must be positive. "
+                f"Received: prior_a={prior_a}, prior_b={prior_b}"
+            )
+        if bs_coef < 0 or l0_coef < 0:
+            raise ValueError(
+                "Loss coefficients must be non-negative. "
+                f"Received: bs_coef={bs_coef}, l0_coef={l0_coef}"
+            )
+        self.hidden_units = int(hidden_units)
+        self.temperature = float(temperature)
+        self.init_bias = float(init_bias)
+        self.group_size = int(group_size)
+        self.prior_a = float(prior_a)
+        self.prior_b = float(prior_b)
+        self._init_bs_coef = float(bs_coef)
+        self._init_l0_coef = float(l0_coef)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed, name="gate_seed")
+        self.stats = GateStats(name=f"{self.name}_stats")
+        self.channels = None
+        self.num_gates = None
+
+    def build(self, input_shape):
+        if not isinstance(input_shape, (list, tuple)) or len(input_shape) != 2:
+            raise ValueError(
+                "ChannelGate expects two inputs [x, h]: the block input and the "
+                f"features to gate. Received: input_shape={input_shape}"
+            )
+        x_shape, h_shape = (tuple(s) for s in input_shape)
+        if len(x_shape) != 4:
+            raise ValueError(
+                "ChannelGate's first input must be an NHWC feature map. "
+                f"Received: x shape={x_shape}"
+            )
+        channels = h_shape[-1]
+        if channels is None or channels % self.group_size:
+            raise ValueError(
+                f"The gated features have {channels} channels, which is not a "
+                f"multiple of group_size={self.group_size}. Pick a group_size "
+                "that divides the channel count."
+            )
+        self.channels = int(channels)
+        self.num_gates = self.channels // self.group_size
+        self.hidden = keras.layers.Dense(
+            self.hidden_units, use_bias=False, name="hidden", dtype=self.dtype_policy
+        )
+        self.hidden_bn = keras.layers.BatchNormalization(
+            name="hidden_bn", dtype=self.dtype_policy
+        )
+        self.logits_dense = keras.layers.Dense(
+            self.num_gates,
+            bias_initializer=keras.initializers.Constant(self.init_bias),
+            name="logits",
+            dtype=self.dtype_policy,
+        )
+        self.hidden.build((x_shape[0], x_shape[-1]))
+        self.hidden_bn.build((x_shape[0], self.hidden_units))
+        self.logits_dense.build((x_shape[0], self.hidden_units))
+        self.bs_coef = self.add_weight(
+            shape=(),
+            initializer=keras.initializers.Constant(self._init_bs_coef),
+            trainable=False,
+            name="bs_coef",
+        )
+        self.l0_coef = self.add_weight(
+            shape=(),
+            initializer=keras.initializers.Constant(self._init_l0_coef),
+            trainable=False,
+            name="l0_coef",
+        )
+
+    def gate_logits(self, x, training=False):
+        """Gate logits of shape `(batch, num_gates)` for block input `x`."""
+        pooled = tf.reduce_mean(x, axis=[1, 2])
+        z = self.hidden(pooled)
+        z = self.hidden_bn(z, training=training)
+        z = tf.nn.relu(z)
+        return self.logits_dense(z)
+
+    def _sample(self, logits):
+        seed = tf.cast(self.seed_generator.next(), tf.int32)
+        dist = tfp.distributions.RelaxedBernoulli(
+            tf.cast(self.temperature, logits.dtype), logits=logits
+        )
+        soft = dist.sample(seed=seed)
+        hard = tf.cast(soft > 0.5, soft.dtype)
+        # Exactly 0/1 forward (soft - soft == 0), relaxed gradient backward.
+        return hard + (soft - tf.stop_gradient(soft))
+
+    def _add_losses(self, logits, mask):
+        probs = tf.sigmoid(tf.cast(logits, tf.float32))
+        replicas = 1
+        ctx = tf.distribute.get_replica_context()
+        global_probs = probs
+        if ctx is not None and ctx.num_replicas_in_sync > 1:
+            # Batch-shaping compares the batch distribution with the prior:
+            # it must see the global batch, not one replica's slice.
+            replicas = ctx.num_replicas_in_sync
+            global_probs = ctx.all_gather(probs, axis=0)
+        bs = gate_losses.batch_shaping_loss(global_probs, self.prior_a, self.prior_b)
+        l0 = tf.reduce_mean(probs)
+        # Keras sums per-replica gradients; dividing keeps the global value.
+        self.add_loss((self.bs_coef * bs + self.l0_coef * l0) / replicas)
+        open_rate = tf.reduce_mean(tf.cast(mask, tf.float32))
+        self.stats.update_state([bs, l0, open_rate])
+
+    def call(self, inputs, training=None):
+        x, h = inputs
+        logits = self.gate_logits(x, training=training)
+        if training:
+            mask = self._sample(logits)
+            self._add_losses(logits, mask)
+        else:
+            mask = tf.cast(logits > 0, logits.dtype)
+        _record(self, tf.stop_gradient(mask))
+        if self.group_size > 1:
+            mask = tf.repeat(mask, self.group_size, axis=-1)
+        mask = tf.cast(mask, h.dtype)
+        shape = [-1] + [1] * (len(h.shape) - 2) + [self.channels]
+        return h * tf.reshape(mask, shape)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[1])
+
+    def mlp_macs(self, in_channels):
+        """Multiply-accumulates of the gate MLP for one sample."""
+        return int(in_channels) * self.hidden_units + self.hidden_units * self.num_gates
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "hidden_units": self.hidden_units,
+                "temperature": self.temperature,
+                "init_bias": self.init_bias,
+                "group_size": self.group_size,
+                "prior_a": self.prior_a,
+                "prior_b": self.prior_b,
+                "bs_coef": self._init_bs_coef,
+                "l0_coef": self._init_l0_coef,
+                "seed": self.seed,
+            }
+        )
+        return config
+
+
+def find_gates(model):
+    """All `ChannelGate` layers of a model, found recursively, in order."""
+    gates = []
+    seen = set()
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        if isinstance(layer, ChannelGate) and id(layer) not in seen:
+            seen.add(id(layer))
+            gates.append(layer)
+    if not gates and isinstance(model, ChannelGate):
+        gates.append(model)
+    return gates

@@ -1,0 +1,176 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from scipy.special import expit
+
+import bs_keras
+from bs_keras.gates import ChannelGate, record_gates
+from bs_keras.losses import batch_shaping_loss
+
+
+def _gate_model(channels=8, seed=1, **kwargs):
+    x = keras.Input((6, 6, 4))
+    h = keras.layers.Conv2D(channels, 3, padding="same", use_bias=False)(x)
+    gate = ChannelGate(seed=seed, name="gate", **kwargs)
+    out = gate([x, h])
+    return keras.Model(x, out), gate
+
+
+def _set_logits(gate, bias, kernel_scale=0.0):
+    kernel, _ = gate.logits_dense.get_weights()
+    gate.logits_dense.set_weights([kernel * kernel_scale, np.asarray(bias, "float32")])
+
+
+def test_inference_gates_are_hard_deterministic_and_follow_logit_sign():
+    model, gate = _gate_model()
+    x = np.random.default_rng(0).normal(size=(16, 6, 6, 4)).astype("float32")
+    masks = []
+    for _ in range(2):
+        with record_gates() as rec:
+            model(x, training=False)
+        masks.append(np.asarray(rec[gate][0]))
+    np.testing.assert_array_equal(masks[0], masks[1])
+    assert set(np.unique(masks[0])) <= {0.0, 1.0}
+    logits = np.asarray(gate.gate_logits(tf.constant(x), training=False))
+    np.testing.assert_array_equal(masks[0], (logits > 0).astype("float32"))
+
+
+def test_inference_graph_has_no_random_op():
+    model, _ = _gate_model()
+    fn = tf.function(lambda x: model(x, training=False))
+    graph = fn.get_concrete_function(tf.TensorSpec((None, 6, 6, 4))).graph
+    ops = {op.type for op in graph.get_operations()}
+    assert not any("Random" in t or "Stateless" in t for t in ops), ops
+    # Training does sample.
+    fn_t = tf.function(lambda x: model(x, training=True))
+    ops_t = {op.type for op in fn_t.get_concrete_function(tf.TensorSpec((None, 6, 6, 4))).graph.get_operations()}
+    assert any("Stateless" in t or "Random" in t for t in ops_t)
+
+
+def test_training_gates_are_exactly_binary_and_bernoulli_sigmoid_logit():
+    # Hard-thresholded binary concrete is Bernoulli(sigmoid(logit)).
+    bias = np.array([-2.0, -1.0, 0.0, 0.5, 1.0, 2.0, 3.0, -3.0], "float32")
+    model, gate = _gate_model(channels=8)
+    _set_logits(gate, bias)
+    x = np.ones((500, 6, 6, 4), "float32")
+    samples = []
+    for _ in range(8):
+        with record_gates() as rec:
+            model(x, training=True)
+        samples.append(np.asarray(rec[gate][0]))
+    samples = np.concatenate(samples)
+    assert set(np.unique(samples)) == {0.0, 1.0}
+    freq = samples.mean(axis=0)
+    np.testing.assert_allclose(freq, expit(bias), atol=0.025)
+
+
+def test_seeded_noise_is_reproducible_and_advances():
+    x = np.ones((64, 6, 6, 4), "float32")
+
+    def draws(seed):
+        model, gate = _gate_model(seed=seed)
+        _set_logits(gate, np.zeros(8))
+        out = []
+        for _ in range(2):
+            with record_gates() as rec:
+                model(x, training=True)
+            out.append(np.asarray(rec[gate][0]))
+        return out
+
+    a, b, c = draws(5), draws(5), draws(6)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], a[1])  # the seed generator advances
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_noise_advances_inside_tf_function():
+    model, gate = _gate_model()
+    _set_logits(gate, np.zeros(8))
+    x = tf.ones((64, 6, 6, 4))
+
+    @tf.function
+    def masks(x):
+        with record_gates() as rec:
+            model(x, training=True)
+        return rec[gate][0]
+
+    m1, m2 = masks(x).numpy(), masks(x).numpy()
+    assert set(np.unique(m1)) == {0.0, 1.0}
+    assert not np.array_equal(m1, m2)
+
+
+def test_straight_through_gradient_reaches_gate_weights():
+    model, gate = _gate_model(channels=8)
+    _set_logits(gate, np.zeros(8), kernel_scale=1.0)
+    x = np.random.default_rng(1).normal(size=(32, 6, 6, 4)).astype("float32")
+    with tf.GradientTape() as tape:
+        out = model(x, training=True)
+        loss = tf.reduce_sum(tf.square(out))  # no gate loss: coefs are 0
+    grads = tape.gradient(loss, gate.trainable_weights)
+    names = [w.path for w in gate.trainable_weights]
+    for name, g in zip(names, grads):
+        assert g is not None, name
+        assert np.all(np.isfinite(g)), name
+        assert np.abs(g).sum() > 0, name
+
+
+def test_gate_adds_weighted_losses_in_training_only():
+    model, gate = _gate_model(channels=8, bs_coef=0.7, l0_coef=0.3)
+    x = np.random.default_rng(2).normal(size=(32, 6, 6, 4)).astype("float32")
+    model(x, training=False)
+    assert model.losses == []
+    model(x, training=True)
+    (loss,) = model.losses
+    probs = tf.sigmoid(gate.gate_logits(tf.constant(x), training=True))
+    expected = 0.7 * batch_shaping_loss(probs) + 0.3 * tf.reduce_mean(probs)
+    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
+
+
+def test_group_size_switches_channel_groups():
+    model, gate = _gate_model(channels=8, group_size=4)
+    assert gate.num_gates == 2
+    _set_logits(gate, [5.0, -5.0])
+    x = np.random.default_rng(3).normal(size=(4, 6, 6, 4)).astype("float32")
+    out = np.asarray(model(x, training=False))
+    assert np.abs(out[..., :4]).sum() > 0
+    np.testing.assert_array_equal(out[..., 4:], 0.0)
+    with pytest.raises(ValueError, match="group_size"):
+        _gate_model(channels=6, group_size=4)
+
+
+def test_config_round_trip_and_argument_checks():
+    gate = ChannelGate(hidden_units=8, temperature=0.5, init_bias=2.0, group_size=2, seed=3)
+    config = gate.get_config()
+    clone = ChannelGate.from_config(config)
+    assert clone.get_config() == config
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(gate))
+    assert isinstance(restored, ChannelGate)
+    assert restored.temperature == 0.5
+    for bad in (
+        dict(hidden_units=0),
+        dict(temperature=0.0),
+        dict(group_size=0),
+        dict(prior_a=-1.0),
+        dict(bs_coef=-0.1),
+    ):
+        with pytest.raises(ValueError):
+            ChannelGate(**bad)
+    with pytest.raises(ValueError, match=r"\[x, h\]"):
+        ChannelGate()(keras.Input((4, 4, 3)))
+
+
+def test_initial_bias_opens_most_gates():
+    model, gate = _gate_model(channels=16, init_bias=3.0)
+    x = np.random.default_rng(4).normal(size=(64, 6, 6, 4)).astype("float32")
+    with record_gates() as rec:
+        model(x, training=False)
+    assert np.asarray(rec[gate][0]).mean() > 0.8
+
+
+def test_find_gates_recurses_into_nested_models():
+    inner, _ = _gate_model()
+    x = keras.Input((6, 6, 4))
+    outer = keras.Model(x, keras.layers.GlobalAveragePooling2D()(inner(x)))
+    assert [g.name for g in bs_keras.find_gates(outer)] == ["gate"]

@@ -1,0 +1,123 @@
+import keras
+import numpy as np
+import pytest
+
+import bs_keras
+from bs_keras import macs
+from bs_keras.models import cifar_resnet
+from bs_keras.schedules import Constant, Linear, Schedule
+
+
+def _quadrant_task(n=256, size=16, seed=0):
+    """Class = the quadrant holding a bright square: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 0.3, size=(n, size, size, 3)).astype("float32")
+    y = rng.integers(0, 4, size=(n,))
+    half = size // 2
+    for i, c in enumerate(y):
+        r, q = divmod(int(c), 2)
+        x[i, r * half + 2 : r * half + 6, q * half + 2 : q * half + 6, :] += 2.0
+    return x, y
+
+
+def _compiled(lr=0.05, **kwargs):
+    model = cifar_resnet(8, num_classes=4, input_shape=(16, 16, 3), seed=0, **kwargs)
+    model.compile(
+        optimizer=keras.optimizers.SGD(lr, momentum=0.9),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+LOG_KEYS = ("gamma", "lam", "bs_loss", "l0_loss", "gate_open_rate", "cond_macs", "cond_macs_ratio")
+
+
+def test_fit_with_scheduler_lowers_loss_and_logs_gate_terms():
+    x, y = _quadrant_task()
+    model = _compiled()
+    gamma, lam = bs_keras.paper_schedules(5, gamma=0.75, lam=0.1)
+    history = model.fit(
+        x, y, batch_size=32, epochs=5, verbose=0,
+        callbacks=[bs_keras.GateLossScheduler(gamma, lam)],
+    )
+    h = history.history
+    assert h["loss"][-1] < 0.6 * h["loss"][0]
+    assert h["accuracy"][-1] > 0.8
+    for key in LOG_KEYS:
+        assert key in h and len(h[key]) == 5, key
+    # Epoch-end values are those at the last batch: t = epoch + 7/8.
+    for epoch in range(5):
+        t = epoch + 7 / 8
+        assert h["gamma"][epoch] == pytest.approx(gamma(t))
+        assert h["lam"][epoch] == pytest.approx(lam(t))
+    assert all(0 <= v <= 1 for v in h["gate_open_rate"])
+    static = macs.count_macs(model)
+    for m, r in zip(h["cond_macs"], h["cond_macs_ratio"]):
+        assert m == pytest.approx(r * static)
+    # The coefficients in the gates are gamma(t) * share, shares summing to 1.
+    gates = bs_keras.find_gates(model)
+    assert sum(float(g.l0_coef) for g in gates) == pytest.approx(lam(4 + 7 / 8), rel=1e-5)
+    assert sum(float(g.bs_coef) for g in gates) == pytest.approx(gamma(4 + 7 / 8), abs=1e-7)
+
+
+def test_logged_conditional_macs_match_the_gates():
+    x, y = _quadrant_task(n=64)
+    model = _compiled(lr=0.0)
+    for gate in bs_keras.find_gates(model):
+        kernel, _ = gate.logits_dense.get_weights()
+        # Closed for every input and every noise draw that matters.
+        gate.logits_dense.set_weights([kernel * 0, np.full(gate.num_gates, -30.0, "float32")])
+    history = model.fit(
+        x, y, batch_size=32, epochs=1, verbose=0,
+        callbacks=[bs_keras.GateLossScheduler(0.0, 0.0)],
+    )
+    expected = macs.conditional_macs(model, x[:4])
+    np.testing.assert_allclose(expected, expected[0])
+    assert history.history["gate_open_rate"][0] == 0.0
+    assert history.history["cond_macs"][0] == pytest.approx(expected[0])
+    assert history.history["cond_macs_ratio"][0] < 0.3
+
+
+def test_l0_alone_drives_the_open_rate_down():
+    x, y = _quadrant_task(n=128)
+    model = _compiled(lr=0.05, gate_kwargs={"init_bias": 1.0})
+    history = model.fit(
+        x, y, batch_size=32, epochs=4, verbose=0,
+        callbacks=[bs_keras.GateLossScheduler(0.0, 100.0)],
+    )
+    rates = history.history["gate_open_rate"]
+    assert rates[-1] < rates[0] - 0.2
+    assert history.history["cond_macs_ratio"][-1] < history.history["cond_macs_ratio"][0]
+
+
+def test_step_unit_schedule_and_bad_schedule_values():
+    x, y = _quadrant_task(n=64)
+    model = _compiled()
+    lam = Linear(0.0, 1.0, 0, 4, unit="step")
+    history = model.fit(
+        x, y, batch_size=16, epochs=2, verbose=0,
+        callbacks=[bs_keras.GateLossScheduler(0.0, lam)],
+    )
+    # 4 steps an epoch; before the last batch of epoch 0 the step is 3.
+    assert history.history["lam"] == pytest.approx([0.75, 1.0])
+
+    class Broken(Schedule):
+        def __call__(self, t):
+            return float("nan")
+
+        def get_config(self):
+            return {}
+
+    with pytest.raises(ValueError, match="gamma schedule returned nan"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[bs_keras.GateLossScheduler(Broken(), 0.0)])
+    with pytest.raises(ValueError, match="l0_weighting"):
+        bs_keras.GateLossScheduler(0.0, 0.0, l0_weighting="flops")
+
+
+def test_scheduler_on_a_model_without_gates_fails_clearly():
+    model = cifar_resnet(8, input_shape=(16, 16, 3), gated=False, num_classes=4)
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    x, y = _quadrant_task(n=16)
+    with pytest.raises(ValueError, match="no ChannelGate"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[bs_keras.GateLossScheduler(Constant(0.5), 0.0)])
