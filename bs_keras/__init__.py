@@ -21,7 +21,7 @@ if keras.backend.backend() != "tensorflow":
 from bs_keras import blocks, callbacks, gates, gating, losses, macs, models, schedules  # noqa: E402
 from bs_keras.callbacks import GateLossScheduler  # noqa: E402
 from bs_keras.gates import ChannelGate, find_gates, record_gates  # noqa: E402
-from bs_keras.gating import configure_gate_losses  # noqa: E402
+from bs_keras.gating import configure_gate_losses, exclude_gates_from_weight_decay  # noqa: E402
 from bs_keras.schedules import Constant, Linear, paper_schedules  # noqa: E402
 
 __version__ = "0.1.0"
@@ -34,6 +34,7 @@ __all__ = [
     "blocks",
     "callbacks",
     "configure_gate_losses",
+    "exclude_gates_from_weight_decay",
     "find_gates",
     "gates",
     "gating",

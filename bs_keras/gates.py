@@ -130,6 +130,9 @@ class ChannelGate(keras.layers.Layer):
         seed=None,
         **kwargs,
     ):
+        # Gate math stays float32 under mixed precision: the inputs are not
+        # autocast and the MLP runs in float32; only `h * mask` uses h's dtype.
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         if int(hidden_units) != hidden_units or hidden_units < 1:
             raise ValueError(
@@ -189,16 +192,16 @@ class ChannelGate(keras.layers.Layer):
         self.channels = int(channels)
         self.num_gates = self.channels // self.group_size
         self.hidden = keras.layers.Dense(
-            self.hidden_units, use_bias=False, name="hidden", dtype=self.dtype_policy
+            self.hidden_units, use_bias=False, name="hidden", dtype="float32"
         )
         self.hidden_bn = keras.layers.BatchNormalization(
-            name="hidden_bn", dtype=self.dtype_policy
+            name="hidden_bn", dtype="float32"
         )
         self.logits_dense = keras.layers.Dense(
             self.num_gates,
             bias_initializer=keras.initializers.Constant(self.init_bias),
             name="logits",
-            dtype=self.dtype_policy,
+            dtype="float32",
         )
         self.hidden.build((x_shape[0], x_shape[-1]))
         self.hidden_bn.build((x_shape[0], self.hidden_units))
@@ -218,7 +221,7 @@ class ChannelGate(keras.layers.Layer):
 
     def gate_logits(self, x, training=False):
         """Gate logits of shape `(batch, num_gates)` for block input `x`."""
-        pooled = tf.reduce_mean(x, axis=[1, 2])
+        pooled = tf.cast(tf.reduce_mean(x, axis=[1, 2]), tf.float32)
         z = self.hidden(pooled)
         z = self.hidden_bn(z, training=training)
         z = tf.nn.relu(z)
@@ -258,7 +261,7 @@ class ChannelGate(keras.layers.Layer):
             mask = self._sample(logits)
             self._add_losses(logits, mask)
         else:
-            mask = tf.cast(logits > 0, logits.dtype)
+            mask = tf.cast(logits > 0, tf.float32)
         _record(self, tf.stop_gradient(mask))
         if self.group_size > 1:
             mask = tf.repeat(mask, self.group_size, axis=-1)

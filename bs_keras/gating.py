@@ -71,3 +71,22 @@ def configure_gate_losses(model, gamma=0.75, lam=0.0, l0_weighting="macs"):
     gates, bs_share, l0_share = gate_loss_shares(model, l0_weighting)
     set_gate_loss_weights(gates, bs_share, l0_share, gamma, lam)
     return model
+
+
+def exclude_gates_from_weight_decay(optimizer, model):
+    """Keep an optimizer's decoupled weight decay (AdamW, SGD(weight_decay=))
+    off every gate parameter. Call before the first training step.
+
+    Returns:
+        The optimizer.
+    """
+    gates = find_gates(model)
+    if not gates:
+        raise ValueError(f"Model '{model.name}' has no ChannelGate layers.")
+    if getattr(optimizer, "built", False):
+        raise ValueError(
+            "The optimizer is already built; call exclude_gates_from_weight_decay "
+            "before compile/fit runs the first step (or on a fresh optimizer)."
+        )
+    optimizer.exclude_from_weight_decay(var_list=[v for g in gates for v in g.trainable_weights])
+    return optimizer

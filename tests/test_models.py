@@ -122,3 +122,42 @@ def test_keras_save_load_without_custom_objects(tmp_path):
     assert 0 < np.mean(np.concatenate(list(masks_a.values()), axis=1)) < 1
     for a, b in zip(bs_keras.find_gates(model), bs_keras.find_gates(loaded)):
         assert float(a.l0_coef) == float(b.l0_coef) > 0
+
+
+def test_decoupled_weight_decay_skips_gate_parameters():
+    model = cifar_resnet(8, input_shape=(8, 8, 3))
+    opt = keras.optimizers.AdamW(learning_rate=0.1, weight_decay=0.5)
+    bs_keras.exclude_gates_from_weight_decay(opt, model)
+    variables = model.trainable_variables
+    before = [v.numpy().copy() for v in variables]
+    opt.apply_gradients([(tf.zeros_like(v), v) for v in variables])
+    gate_ids = {id(v) for g in bs_keras.find_gates(model) for v in g.trainable_weights}
+    decayed = 0
+    for v, b in zip(variables, before):
+        if id(v) in gate_ids:
+            np.testing.assert_array_equal(v.numpy(), b)
+        elif np.abs(b).sum() > 0:
+            # AdamW with a zero gradient: w <- w - lr * wd * w.
+            np.testing.assert_allclose(v.numpy(), b * (1 - 0.1 * 0.5), rtol=1e-5, atol=1e-7)
+            decayed += 1
+    assert decayed > 0
+    with pytest.raises(ValueError, match="already built"):
+        bs_keras.exclude_gates_from_weight_decay(opt, model)
+
+
+def test_mixed_precision_keeps_gate_math_float32():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = cifar_resnet(8, input_shape=(8, 8, 3), num_classes=3, lam=0.1, seed=0)
+        gate = bs_keras.find_gates(model)[0]
+        assert gate.logits_dense.kernel.dtype == "float32"
+        assert gate.logits_dense.compute_dtype == "float32"
+        x = np.random.default_rng(0).normal(size=(8, 8, 8, 3)).astype("float32")
+        model(x, training=True)
+        assert all(l.dtype == tf.float32 for l in model.losses)
+        assert gate.output.dtype == "float16"  # gated features keep the model's dtype
+        model.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy")
+        logs = model.train_on_batch(x, np.zeros(8, "int32"), return_dict=True)
+        assert np.isfinite(logs["loss"])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

@@ -1,0 +1,38 @@
+# bs_keras developer targets.  Everything runs inside ./.venv, which `make venv`
+# creates on first use; re-runs are no-ops until setup.cfg/pyproject.toml change.
+
+PYTHON      ?= python3
+VENV        := .venv
+VPY         := $(VENV)/bin/python
+STAMP       := $(VENV)/.installed
+DATASET_DIR := /usr/share/datasets/fashion-mnist
+DATASET_PKG := dataset-fashion-mnist
+
+.PHONY: venv test demo bench
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -e '.[dev,export]'
+	touch $@
+
+test: venv
+	$(VPY) -m pytest -q
+
+demo: venv
+	@if [ ! -d $(DATASET_DIR) ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "Installing Debian package $(DATASET_PKG) ..."; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y $(DATASET_PKG) || \
+	      { DEBIAN_FRONTEND=noninteractive apt-get update && \
+	        DEBIAN_FRONTEND=noninteractive apt-get install -y $(DATASET_PKG); }; \
+	  else \
+	    echo "note: $(DATASET_DIR) is missing. Install the Debian package" \
+	         "$(DATASET_PKG) (as root: apt-get install $(DATASET_PKG))."; \
+	  fi; \
+	fi
+	$(VPY) train.py
+
+bench: venv
+	$(VPY) bench/gate_overhead.py
