@@ -14,6 +14,7 @@ it keeps running statistics (`stats`) the callback reads for logging.
 """
 
 import contextlib
+import math
 import threading
 
 import keras
@@ -146,7 +147,7 @@ class ChannelGate(keras.layers.Layer):
             raise ValueError(
                 f"group_size must be a positive integer. Received: group_size={group_size}"
             )
-        if prior_a <= 0 or prior_b <= 0:
+        if not (0 < prior_a < math.inf and 0 < prior_b < math.inf):
             raise ValueError(
                 "prior_a and prior_b must be positive. "
                 f"Received: prior_a={prior_a}, prior_b={prior_b}"

@@ -6,6 +6,8 @@ losses are added by the gate layers themselves (see `bs_keras.gates`); the
 classes here are for using the losses on their own.
 """
 
+import math
+
 import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -14,7 +16,7 @@ PDF_CLIP = (1e-3, 100.0)
 
 
 def _beta_prior(prior_a, prior_b):
-    if prior_a <= 0 or prior_b <= 0:
+    if not (0 < prior_a < math.inf and 0 < prior_b < math.inf):
         raise ValueError(
             "Beta prior parameters must be positive. "
             f"Received: prior_a={prior_a}, prior_b={prior_b}"
@@ -124,7 +126,7 @@ def l0_loss(probs, weights=None):
 class BatchShapingLoss(keras.losses.Loss):
     """Batch-shaping loss as a Keras loss; `y_pred` holds gate probabilities.
 
-    `y_true` is ignored. The loss is a statistic of the whole batch, so no
+    `y_true` is ignored (pass any tensor, e.g. zeros). The loss is a statistic of the whole batch, so no
     per-sample reduction applies (`reduction` is fixed to `"none"` on the
     scalar result).
 
@@ -160,7 +162,14 @@ class L0Loss(keras.losses.Loss):
     def __init__(self, weights=None, name="l0", **kwargs):
         kwargs.pop("reduction", None)
         super().__init__(name=name, reduction="none", **kwargs)
-        self.weights = None if weights is None else [float(w) for w in weights]
+        if weights is not None:
+            weights = [float(w) for w in weights]
+            if not weights or min(weights) < 0 or sum(weights) <= 0:
+                raise ValueError(
+                    "L0Loss weights must be non-negative with a positive sum. "
+                    f"Received: weights={weights}"
+                )
+        self.weights = weights
 
     def call(self, y_true, y_pred):
         return l0_loss(y_pred, self.weights)

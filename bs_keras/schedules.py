@@ -128,10 +128,16 @@ def get(identifier):
     """A schedule from a schedule, a number, or a serialized config."""
     if isinstance(identifier, Schedule):
         return identifier
-    if isinstance(identifier, (int, float)):
+    if isinstance(identifier, (int, float)) and not isinstance(identifier, bool):
         return Constant(identifier)
     if isinstance(identifier, dict):
-        return keras.saving.deserialize_keras_object(identifier)
+        obj = keras.saving.deserialize_keras_object(identifier)
+        if isinstance(obj, Schedule):
+            return obj
+        raise ValueError(
+            f"The serialized object is a {type(obj).__name__}, not a Schedule. "
+            f"Received: {identifier!r}"
+        )
     raise ValueError(
         "Expected a Schedule, a number or a serialized schedule. "
         f"Received: {identifier!r}"
