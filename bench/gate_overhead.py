@@ -1,9 +1,17 @@
 """Training-step time of gated vs plain CIFAR ResNet-20 (batch 128), one run.
 
-The two models are timed alternately in one process (these machines drift),
-each step a full `train_on_batch` (forward, losses, backward, SGD update); the
-gated model's step includes `GateLossScheduler`'s per-batch work. Prints the
-medians and, on the last line, `ratio <gated/plain>`.
+Three models are timed in rotation in one process (these machines drift):
+the plain ResNet and the gated one in both phases of the paper's schedule,
+
+- phase A (first 20% of the epochs): batch-shaping on (gamma > 0), lambda 0;
+- phase B (the rest): gamma annealed to 0 (the gates skip batch-shaping),
+  L0 on.
+
+Each step is a full `train_on_batch` (forward, gate losses, backward, SGD
+update) plus `GateLossScheduler`'s per-batch work. Prints the median step
+times, the ratio of each phase, and on the last line `ratio <value>`: the
+gated/plain ratio of a whole run with the paper's schedule
+(0.2 * phase A + 0.8 * phase B, over the plain step).
 
     python bench/gate_overhead.py [--steps 30] [--batch-size 128] [--depth 20]
 """
@@ -21,9 +29,10 @@ def main():
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--depth", type=int, default=20)
+    parser.add_argument("--phase-a", type=float, default=0.2, help="fraction of the run with gamma > 0")
     args = parser.parse_args()
-    if args.steps < 1 or args.batch_size < 2 or args.warmup < 1:
-        parser.error("--steps >= 1, --warmup >= 1 and --batch-size >= 2 are required")
+    if args.steps < 1 or args.batch_size < 2 or args.warmup < 1 or not 0 <= args.phase_a <= 1:
+        parser.error("--steps >= 1, --warmup >= 1, --batch-size >= 2 and 0 <= --phase-a <= 1 are required")
 
     import keras
 
@@ -35,45 +44,54 @@ def main():
     y = rng.integers(0, 10, size=(args.batch_size,))
 
     def compiled(gated):
-        model = cifar_resnet(args.depth, gated=gated, seed=0, lam=0.1)
+        model = cifar_resnet(args.depth, gated=gated, seed=0)
         model.compile(
             optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
             loss="sparse_categorical_crossentropy",
         )
         return model
 
-    plain, gated = compiled(False), compiled(True)
-    cb = bs_keras.GateLossScheduler(*bs_keras.paper_schedules(10, lam=0.1))
-    cb.set_model(gated)
-    cb.set_params({"steps": args.steps + args.warmup, "epochs": 1})
-    cb.on_train_begin()
-    cb.on_epoch_begin(0)
+    def gated_step_fn(gamma, lam):
+        model = compiled(True)
+        cb = bs_keras.GateLossScheduler(gamma, lam)
+        cb.set_model(model)
+        cb.set_params({"steps": args.steps + args.warmup, "epochs": 1})
+        cb.on_train_begin()
+        cb.on_epoch_begin(0)
 
-    def gated_step(i):
-        cb.on_train_batch_begin(i)
-        logs = gated.train_on_batch(x, y, return_dict=True)
-        cb.on_train_batch_end(i, logs)
+        def step(i):
+            cb.on_train_batch_begin(i)
+            logs = model.train_on_batch(x, y, return_dict=True)
+            cb.on_train_batch_end(i, logs)
 
-    def plain_step(i):
-        plain.train_on_batch(x, y, return_dict=True)
+        return step
 
+    plain = compiled(False)
+    steps = {
+        "plain": lambda i: plain.train_on_batch(x, y, return_dict=True),
+        "gated_A": gated_step_fn(0.75, 0.0),
+        "gated_B": gated_step_fn(0.0, 0.1),
+    }
     for i in range(args.warmup):
-        plain_step(i)
-        gated_step(i)
-    times = {"plain": [], "gated": []}
-    for i in range(args.steps):
-        order = [("plain", plain_step), ("gated", gated_step)]
-        if i % 2:
-            order.reverse()
-        for name, step in order:
-            t0 = time.perf_counter()
+        for step in steps.values():
             step(i)
+    times = {k: [] for k in steps}
+    names = list(steps)
+    for i in range(args.steps):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            steps[name](i)
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    print(f"ResNet-{args.depth}, batch {args.batch_size}, {args.steps} alternating steps")
-    print(f"plain step median {med['plain']:.1f} ms")
-    print(f"gated step median {med['gated']:.1f} ms")
-    print(f"ratio {med['gated'] / med['plain']:.3f}")
+    a, b, p = med["gated_A"], med["gated_B"], med["plain"]
+    print(f"ResNet-{args.depth}, batch {args.batch_size}, {args.steps} steps per model in rotation")
+    print(f"plain step median           {p:.1f} ms")
+    print(f"gated, batch-shaping on (A) {a:.1f} ms  ratio {a / p:.3f}")
+    print(f"gated, gamma = 0 (B)        {b:.1f} ms  ratio {b / p:.3f}")
+    overall = (args.phase_a * a + (1 - args.phase_a) * b) / p
+    print(f"whole run, {args.phase_a:.0%} in phase A:")
+    print(f"ratio {overall:.3f}")
 
 
 if __name__ == "__main__":

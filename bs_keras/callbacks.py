@@ -18,7 +18,8 @@ class GateLossScheduler(keras.callbacks.Callback):
     (so the progress bar, `History`, CSVLogger and TensorBoard see them):
 
     - `gamma`, `lam`: the current weights;
-    - `bs_loss`: the batch-shaping term (mean over all gates);
+    - `bs_loss`: the batch-shaping term (mean over all gates; NaN while
+      gamma is 0, when the gates skip computing it);
     - `l0_loss`: the L0 term as weighted in the loss;
     - `gate_open_rate`: the fraction of open (sampled, hard) gates;
     - `cond_macs`, `cond_macs_ratio`: mean conditional MACs per sample of the

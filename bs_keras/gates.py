@@ -56,27 +56,31 @@ class GateStats(keras.metrics.Metric):
     Tracked as a metric so Keras resets it at every epoch and it is not saved
     with the weights. `result()` is empty on purpose: the per-gate values are
     aggregated over all gates by `GateLossScheduler` before they are logged.
-    One variable holds the sums and the count, so reading it is one copy.
+    One variable holds the sums and counts, so reading it is one copy.
     """
 
-    NAMES = ("batch_shaping", "l0", "open_rate")
-
+    # sums: batch-shaping, its count, l0, open rate, steps.
     def __init__(self, name="gate_stats", **kwargs):
         super().__init__(name=name, **kwargs)
-        self.sums = self.add_variable(
-            shape=(len(self.NAMES) + 1,), initializer="zeros", name="sums"
-        )
+        self.sums = self.add_variable(shape=(5,), initializer="zeros", name="sums")
 
-    def update_state(self, values):
-        values = [tf.cast(v, self.sums.dtype) for v in values]
-        self.sums.assign_add(tf.stack(values + [tf.ones((), self.sums.dtype)]))
+    def update_state(self, bs, bs_count, l0, open_rate):
+        values = [bs, bs_count, l0, open_rate, 1.0]
+        self.sums.assign_add(tf.stack([tf.cast(v, self.sums.dtype) for v in values]))
 
     def values(self):
-        """Means since the last reset as a dict of floats (None if empty)."""
-        sums = keras.ops.convert_to_numpy(self.sums)
-        if sums[-1] == 0:
+        """Means since the last reset as a dict (None before any step).
+
+        `batch_shaping` is NaN when the term was not computed (weight 0).
+        """
+        bs, bs_count, l0, open_rate, count = (float(v) for v in keras.ops.convert_to_numpy(self.sums))
+        if count == 0:
             return None
-        return {k: float(v / sums[-1]) for k, v in zip(self.NAMES, sums[:-1])}
+        return {
+            "batch_shaping": bs / bs_count if bs_count else math.nan,
+            "l0": l0 / count,
+            "open_rate": open_rate / count,
+        }
 
     def result(self):
         return {}
@@ -222,7 +226,14 @@ class ChannelGate(keras.layers.Layer):
 
     def gate_logits(self, x, training=False):
         """Gate logits of shape `(batch, num_gates)` for block input `x`."""
-        pooled = tf.cast(tf.reduce_mean(x, axis=[1, 2]), tf.float32)
+        # sum * (1/HW), not reduce_mean: the gradient of reduce_mean divides
+        # the broadcast full-size tensor; this scales the small one first.
+        # (float16 sums could overflow: mixed precision keeps reduce_mean.)
+        if x.dtype == tf.float32:
+            area = tf.cast(tf.shape(x)[1] * tf.shape(x)[2], tf.float32)
+            pooled = tf.reduce_sum(x, axis=[1, 2]) * (1.0 / area)
+        else:
+            pooled = tf.cast(tf.reduce_mean(x, axis=[1, 2]), tf.float32)
         z = self.hidden(pooled)
         z = self.hidden_bn(z, training=training)
         z = tf.nn.relu(z)
@@ -238,22 +249,28 @@ class ChannelGate(keras.layers.Layer):
         # Exactly 0/1 forward (soft - soft == 0), relaxed gradient backward.
         return hard + (soft - tf.stop_gradient(soft))
 
-    def _add_losses(self, logits, mask):
-        probs = tf.sigmoid(tf.cast(logits, tf.float32))
-        replicas = 1
+    def _batch_shaping(self, probs):
         ctx = tf.distribute.get_replica_context()
-        global_probs = probs
         if ctx is not None and ctx.num_replicas_in_sync > 1:
             # Batch-shaping compares the batch distribution with the prior:
             # it must see the global batch, not one replica's slice.
-            replicas = ctx.num_replicas_in_sync
-            global_probs = ctx.all_gather(probs, axis=0)
-        bs = gate_losses.batch_shaping_loss(global_probs, self.prior_a, self.prior_b)
+            probs = ctx.all_gather(probs, axis=0)
+        return gate_losses.batch_shaping_loss(probs, self.prior_a, self.prior_b)
+
+    def _add_losses(self, logits, mask):
+        probs = tf.sigmoid(tf.cast(logits, tf.float32))
+        ctx = tf.distribute.get_replica_context()
+        replicas = ctx.num_replicas_in_sync if ctx is not None else 1
+        # The paper anneals gamma to 0 early; skip the sort and Beta CDF then
+        # (the weight is the same variable on every replica, so all replicas
+        # take the same branch).
+        active = self.bs_coef > 0
+        bs = tf.cond(active, lambda: self._batch_shaping(probs), lambda: tf.zeros(()))
         l0 = tf.reduce_mean(probs)
         # Keras sums per-replica gradients; dividing keeps the global value.
         self.add_loss((self.bs_coef * bs + self.l0_coef * l0) / replicas)
         open_rate = tf.reduce_mean(tf.cast(mask, tf.float32))
-        self.stats.update_state([bs, l0, open_rate])
+        self.stats.update_state(bs, tf.cast(active, tf.float32), l0, open_rate)
 
     def call(self, inputs, training=None):
         x, h = inputs

@@ -174,3 +174,17 @@ def test_find_gates_recurses_into_nested_models():
     x = keras.Input((6, 6, 4))
     outer = keras.Model(x, keras.layers.GlobalAveragePooling2D()(inner(x)))
     assert [g.name for g in bs_keras.find_gates(outer)] == ["gate"]
+
+
+def test_batch_shaping_is_skipped_while_its_weight_is_zero():
+    model, gate = _gate_model(channels=8, bs_coef=0.0, l0_coef=0.5)
+    x = np.random.default_rng(5).normal(size=(32, 6, 6, 4)).astype("float32")
+    gate.stats.reset_state()
+    model(x, training=True)
+    (loss,) = model.losses
+    probs = tf.sigmoid(gate.gate_logits(tf.constant(x), training=True))
+    np.testing.assert_allclose(float(loss), 0.5 * float(tf.reduce_mean(probs)), rtol=1e-6)
+    assert np.isnan(gate.stats.values()["batch_shaping"])
+    gate.bs_coef.assign(1.0)
+    model(x, training=True)
+    assert np.isfinite(gate.stats.values()["batch_shaping"])
