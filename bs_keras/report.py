@@ -1,0 +1,198 @@
+"""Evaluation report of a (gated) classifier: accuracy, conditional MACs,
+gate categories per layer, and the plots that go with them.
+
+`evaluate_model(model, dataset)` runs the model once over the dataset with
+deterministic gates and returns a JSON-ready dict plus per-sample arrays.
+"""
+
+import json
+import math
+import os
+
+import numpy as np
+
+from bs_keras.gates import find_gates, record_gates
+from bs_keras.macs import count_macs, gate_table
+
+
+def _per_sample_loss(outputs, labels):
+    outputs = np.asarray(outputs, np.float64)
+    is_probs = np.all(outputs >= 0) and np.allclose(outputs.sum(-1), 1.0, atol=1e-3)
+    if not is_probs:
+        outputs = outputs - outputs.max(-1, keepdims=True)
+        outputs = np.exp(outputs)
+        outputs /= outputs.sum(-1, keepdims=True)
+    p = outputs[np.arange(len(labels)), labels]
+    return -np.log(np.clip(p, 1e-12, 1.0))
+
+
+def evaluate_model(model, dataset, max_batches=None):
+    """Accuracy, per-sample conditional MACs and gate statistics.
+
+    Args:
+        model: a functional Keras classifier, gated or not.
+        dataset: iterable of `(images, labels)` batches.
+        max_batches: stop after this many batches.
+
+    Returns:
+        `(summary, per_sample)`: a JSON-ready dict and a dict of arrays
+        (`macs`, `label`, `prediction`, `correct`, `loss`).
+    """
+    gates = find_gates(model)
+    static = count_macs(model)
+    table = gate_table(model) if gates else []
+    ungated = static - sum(g.mlp_macs(g.hidden.kernel.shape[0]) for g in gates)
+    open_sums = {i.gate.name: np.zeros(i.gate.num_gates) for i in table}
+    rows = {k: [] for k in ("macs", "label", "prediction", "correct", "loss")}
+    n = 0
+    for b, (x, y) in enumerate(dataset):
+        if max_batches is not None and b >= max_batches:
+            break
+        with record_gates() as record:
+            out = np.asarray(model(x, training=False))
+        y = np.asarray(y).astype(np.int64).reshape(-1)
+        macs = np.full(len(y), float(static))
+        for info in table:
+            mask = np.asarray(record[info.gate][0])
+            open_sums[info.gate.name] += mask.sum(axis=0)
+            macs -= (1.0 - mask).sum(axis=-1) * info.gate.group_size * info.macs_per_channel
+        pred = out.argmax(-1)
+        rows["macs"].append(macs)
+        rows["label"].append(y)
+        rows["prediction"].append(pred)
+        rows["correct"].append(pred == y)
+        rows["loss"].append(_per_sample_loss(out, y))
+        n += len(y)
+    if n == 0:
+        raise ValueError("The evaluation dataset is empty.")
+    per_sample = {k: np.concatenate(v) for k, v in rows.items()}
+    layers = []
+    for info in table:
+        freq = open_sums[info.gate.name] / n
+        layers.append(
+            {
+                "name": info.gate.name,
+                "gates": int(info.gate.num_gates),
+                "channels": int(info.channels),
+                "open_rate": float(freq.mean()),
+                "always_on": int(np.sum(freq == 1.0)),
+                "conditional": int(np.sum((freq > 0) & (freq < 1))),
+                "always_off": int(np.sum(freq == 0.0)),
+                "macs_per_channel": float(info.macs_per_channel),
+            }
+        )
+    mean_macs = float(per_sample["macs"].mean())
+    total_gates = sum(l["gates"] for l in layers)
+    summary = {
+        "num_samples": int(n),
+        "accuracy": float(per_sample["correct"].mean()),
+        "mean_loss": float(per_sample["loss"].mean()),
+        "static_macs": int(static),
+        "ungated_macs": int(ungated),
+        "mean_conditional_macs": mean_macs,
+        "macs_ratio": mean_macs / ungated,
+        "min_conditional_macs": float(per_sample["macs"].min()),
+        "max_conditional_macs": float(per_sample["macs"].max()),
+        "gated": bool(gates),
+        "gate_categories": {
+            k: (sum(l[k] for l in layers) / total_gates if total_gates else math.nan)
+            for k in ("always_on", "conditional", "always_off")
+        },
+        "layers": layers,
+    }
+    return summary, per_sample
+
+
+def format_summary(summary):
+    """A few lines for the terminal."""
+    lines = [
+        f"accuracy            {summary['accuracy']:.4f} on {summary['num_samples']} samples",
+        f"mean MACs / sample  {summary['mean_conditional_macs'] / 1e6:.2f} M "
+        f"({summary['macs_ratio']:.1%} of the ungated {summary['ungated_macs'] / 1e6:.2f} M; "
+        f"range {summary['min_conditional_macs'] / 1e6:.2f}-{summary['max_conditional_macs'] / 1e6:.2f} M)",
+    ]
+    if summary["gated"]:
+        c = summary["gate_categories"]
+        lines.append(
+            f"gates               {c['always_on']:.0%} always on, {c['conditional']:.0%} conditional, "
+            f"{c['always_off']:.0%} always off"
+        )
+        for layer in summary["layers"]:
+            lines.append(
+                f"  {layer['name']:<22} open {layer['open_rate']:.2f}  on/cond/off "
+                f"{layer['always_on']}/{layer['conditional']}/{layer['always_off']}"
+            )
+    return "\n".join(lines)
+
+
+def write_json(path, data):
+    """Writes JSON atomically (temp file, then rename)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def write_report(summary, per_sample, out_dir, extra=None):
+    """Writes report.json, per_sample.npz and the two PNG plots."""
+    os.makedirs(out_dir, exist_ok=True)
+    report = {**(extra or {}), "evaluation": summary}
+    write_json(os.path.join(out_dir, "report.json"), report)
+    tmp = os.path.join(out_dir, f"per_sample.tmp-{os.getpid()}.npz")
+    np.savez_compressed(tmp, **per_sample)
+    os.replace(tmp, os.path.join(out_dir, "per_sample.npz"))
+    plot_report(summary, per_sample, out_dir)
+    return report
+
+
+def plot_report(summary, per_sample, out_dir):
+    """gate_categories.png (stacked bars per layer) and macs_histogram.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    if summary["layers"]:
+        layers = summary["layers"]
+        names = [l["name"].replace("_gate", "") for l in layers]
+        on = np.array([l["always_on"] for l in layers], float)
+        cond = np.array([l["conditional"] for l in layers], float)
+        off = np.array([l["always_off"] for l in layers], float)
+        total = on + cond + off
+        fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names)), 4))
+        idx = np.arange(len(names))
+        ax.bar(idx, on / total, label="always on", color="#2b8cbe")
+        ax.bar(idx, cond / total, bottom=on / total, label="conditional", color="#fdae61")
+        ax.bar(idx, off / total, bottom=(on + cond) / total, label="always off", color="#bdbdbd")
+        ax.set_xticks(idx)
+        ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
+        ax.set_ylabel("fraction of gates")
+        ax.set_title("Gate categories per layer (evaluation set)")
+        ax.legend(loc="upper right", fontsize=8)
+        fig.tight_layout()
+        paths.append(_save(fig, os.path.join(out_dir, "gate_categories.png")))
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    macs = per_sample["macs"] / 1e6
+    correct = per_sample["correct"].astype(bool)
+    bins = np.linspace(macs.min(), macs.max() + 1e-9, 40) if macs.max() > macs.min() else 10
+    ax.hist([macs[correct], macs[~correct]], bins=bins, stacked=True, label=["correct", "wrong"],
+            color=["#1a9641", "#d7191c"])
+    ax.axvline(summary["ungated_macs"] / 1e6, color="k", ls="--", lw=1, label="ungated")
+    ax.set_xlabel("MACs per sample (M)")
+    ax.set_ylabel("samples")
+    ax.set_title(f"Conditional MACs, mean {summary['macs_ratio']:.1%} of ungated")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(_save(fig, os.path.join(out_dir, "macs_histogram.png")))
+    plt.close(fig)
+    return paths
+
+
+def _save(fig, path):
+    tmp = f"{path[:-4]}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,182 @@
+"""train.py end to end on the real Fashion-MNIST files (tiny subsets)."""
+
+import csv
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+import train as train_cli
+from bs_keras import training
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--model", "resnet20", "--width-multiplier", "0.25", "--batch-size", "32",
+        "--limit-train", "128", "--limit-eval", "64", "--seed", "0"]
+
+
+def _run(args, timeout=300, **kwargs):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kwargs,
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch-size", "-1"], "must be a positive integer"),
+        (["--epochs", "0"], "must be a positive integer"),
+        (["--model", "resnet7"], "--model='resnet7' is invalid"),
+        (["--lam", "-1"], "--lam=-1.0 is invalid"),
+        (["--lr", "nan"], "--lr=nan is invalid"),
+        (["--prior-a", "0"], "--prior-a=0.0 is invalid"),
+        (["--lr-schedule", "linear"], "--lr-schedule='linear' is invalid"),
+        (["--strategy", "gpu9"], "--strategy='gpu9' is invalid"),
+        (["--recipe", "nope"], "Unknown recipe 'nope'"),
+        (["--evaluate"], "--evaluate needs --model-path"),
+    ],
+)
+def test_bad_values_fail_fast_with_a_clear_message(args, message, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    try:
+        code = train_cli.main([*args, "--run-dir", str(run_dir)])
+    except SystemExit as e:  # argparse
+        code = e.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
+def test_train_writes_the_run_directory_and_report(tmp_path):
+    run_dir = tmp_path / "run"
+    result = _run([*TINY, "--epochs", "2", "--run-dir", str(run_dir)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    # Not a TTY: one line per epoch, no progress-bar redraws.
+    assert "\r" not in out and "\x08" not in out
+    epoch_lines = [l for l in out.splitlines() if "/step - accuracy" in l]
+    assert len(epoch_lines) == 2, out
+    assert "mean MACs / sample" in out
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["recipe"]["width_multiplier"] == 0.25 and config["recipe"]["limit_train"] == 128
+    assert config["recipe"]["dataset"] == "fashion_mnist"
+    with open(run_dir / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    for key in ("gamma", "lam", "gate_open_rate", "cond_macs_ratio", "val_accuracy"):
+        assert key in rows[0], key
+    report = json.loads((run_dir / "report.json").read_text())
+    ev = report["evaluation"]
+    assert ev["num_samples"] == 64
+    assert 0 <= ev["accuracy"] <= 1
+    assert 0 < ev["macs_ratio"] <= 1.01
+    assert len(ev["layers"]) == 9
+    for layer in ev["layers"]:
+        assert layer["always_on"] + layer["conditional"] + layer["always_off"] == layer["gates"]
+    for name in ("last.keras", "best.keras", "gate_categories.png", "macs_histogram.png", "per_sample.npz"):
+        assert (run_dir / name).exists(), name
+    events = list((run_dir / "logs").rglob("events.out.tfevents.*"))
+    assert {p.parent.name for p in events} >= {"train", "validation", "gates"}
+    state = json.loads((run_dir / "state" / "state.json").read_text())
+    assert state["epoch"] == 2 and state["best_epoch"] in (1, 2)
+
+    # --evaluate on the final model reproduces the training report's evaluation.
+    eval_dir = tmp_path / "eval"
+    result = _run(["--evaluate", "--model-path", str(run_dir / "last.keras"), "--dataset", "fashion_mnist",
+                   "--limit-eval", "64", "--batch-size", "32", "--run-dir", str(eval_dir)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    ev2 = json.loads((eval_dir / "report.json").read_text())["evaluation"]
+    assert ev2["accuracy"] == ev["accuracy"]
+    assert ev2["mean_conditional_macs"] == pytest.approx(ev["mean_conditional_macs"])
+    assert ev2["layers"] == ev["layers"]
+
+    # Rerunning a finished run only prints its report.
+    result = _run([*TINY, "--epochs", "2", "--run-dir", str(run_dir)])
+    assert result.returncode == 0 and "is complete (2 epochs)" in result.stdout
+    # A different setting in the same run directory is refused.
+    result = _run([*TINY, "--epochs", "3", "--lam", "0.9", "--run-dir", str(run_dir)])
+    assert result.returncode == 2 and "different settings (epochs, lam)" in result.stderr
+
+
+def test_seed_makes_a_cpu_run_reproducible(tmp_path):
+    weights = []
+    for name in ("a", "b"):
+        result = _run([*TINY, "--epochs", "1", "--limit-train", "96", "--run-dir", str(tmp_path / name)])
+        assert result.returncode == 0, result.stderr[-3000:]
+        model = keras.models.load_model(tmp_path / name / "last.keras")
+        weights.append([w.numpy() for w in model.weights])
+    for a, b in zip(*weights):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resume_after_kill_continues_from_the_last_completed_epoch(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*TINY, "--epochs", "3", "--limit-train", "640", "--run-dir", str(run_dir)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_path = run_dir / "state" / "state.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if state_path.exists() and json.loads(state_path.read_text())["epoch"] >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    time.sleep(1.0)  # well inside epoch 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_state = json.loads(state_path.read_text())
+    assert killed_state["epoch"] == 1
+    assert not (run_dir / "report.json").exists()
+
+    result = _run(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming" in result.stdout and "after epoch 1 of 3" in result.stdout
+    with open(run_dir / "log.csv") as f:
+        epochs = [r["epoch"] for r in csv.DictReader(f)]
+    assert epochs == ["0", "1", "2"]
+    state = json.loads(state_path.read_text())
+    assert state["epoch"] == 3
+    model = keras.models.load_model(run_dir / "last.keras")
+    # 640 // 32 = 20 steps an epoch: the optimizer state came back with the weights.
+    assert int(model.optimizer.iterations.numpy()) == 60
+    assert (run_dir / "report.json").exists()
+    # The best metric survived the crash: best_epoch refers to the whole run.
+    assert state["best"] >= killed_state["best"]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    from bs_keras.models import cifar_resnet
+
+    model = cifar_resnet(8, input_shape=(8, 8, 1), num_classes=3, seed=0)
+    model.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    x = np.random.default_rng(0).normal(size=(64, 8, 8, 1)).astype("float32")
+    y = np.arange(64) % 3
+
+    class Poison(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if self._epoch == 1 and batch == 1:
+                kernel = self.model.get_layer("predictions").kernel
+                kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._epoch = epoch
+
+    guard = training.StopOnNaN()
+    checkpoint = training.RunCheckpoint(str(tmp_path), guard)
+    history = model.fit(x, y, batch_size=16, epochs=4, verbose=0, validation_data=(x, y),
+                        callbacks=[Poison(), guard, checkpoint])
+    assert guard.bad is not None and guard.bad[0] == 1
+    assert len(history.history["loss"]) == 2  # stopped in the second epoch
+    state = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert state["epoch"] == 1
+    kept = keras.models.load_model(tmp_path / "last.keras")
+    assert all(np.isfinite(w.numpy()).all() for w in kept.weights)
