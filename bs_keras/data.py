@@ -564,7 +564,6 @@ def _tfds_source(name, data_dir, manual_dir, size, channels, validation_split, *
         )
     _prepare_offline(builder, manual_dir, how_to)
     train_name, eval_name = _tfds_splits(builder, validation_split)
-    read_config = tfds.ReadConfig(try_autocache=False)
 
     def read(split, shuffle_files=False, seed=None):
         config = tfds.ReadConfig(try_autocache=False, shuffle_seed=seed)
@@ -572,8 +571,9 @@ def _tfds_source(name, data_dir, manual_dir, size, channels, validation_split, *
         return ds.map(lambda ex: (ex[image_key], ex[label_key]))
 
     def count(split):
-        n = int(builder.as_dataset(split=split, read_config=read_config).cardinality())
-        return n if n >= 0 else builder.info.splits[split].num_examples
+        if builder.info.splits:
+            return builder.info.splits[split].num_examples
+        return int(read(split).cardinality())  # split sizes unknown, e.g. under mock_data
 
     label = builder.info.features[label_key]
     return _image_source(
@@ -640,8 +640,8 @@ def _imagenet_source(data_dir, manual_dir, size):
         info,
         train_split=lambda shuffle_files, seed: read("train", shuffle_files, seed),
         eval_split=lambda: read("validation"),
-        decode=lambda jpeg: jpeg,
-        preprocess=lambda jpeg: _resize_center_crop(tf.io.decode_jpeg(jpeg, channels=3), resize, size),
+        decode=None,
+        preprocess=lambda jpeg: _resize_center_crop(jpeg, resize, size),
         augment=lambda jpeg, seed: _random_resized_crop_flip(jpeg, size, seed),
         cache=False,
         shuffle_buffer=_IMAGENET_SHUFFLE_BUFFER,
@@ -669,8 +669,9 @@ def _random_resized_crop_flip(jpeg, size, seed):
     return tf.ensure_shape(tf.clip_by_value(image, 0.0, 1.0), (*size, 3))
 
 
-def _resize_center_crop(image, resize, size):
+def _resize_center_crop(jpeg, resize, size):
     """Resizes the shorter side to `resize`, then takes the central `size` crop."""
+    image = tf.io.decode_jpeg(jpeg, channels=3)
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     scale = resize / tf.reduce_min(shape)
     new_shape = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), size)
@@ -703,8 +704,8 @@ def _scan_folder(root):
     if not files:
         raise DatasetNotFoundError(
             f"No images in {root!r}. A folder dataset needs one subfolder of images "
-            f"({', '.join(IMAGE_EXTENSIONS)}) per class, e.g. {os.path.join(root, 'cat', '001.png')}; "
-            f"found subfolders: {classes or 'none'}."
+            f"({', '.join(IMAGE_EXTENSIONS)}) per class, e.g. "
+            f"{os.path.join(root, 'cat', '001.png')}; found subfolders: {classes or 'none'}."
         )
     return classes, files, labels
 
@@ -729,15 +730,14 @@ def _folder_source(root, size, channels, validation_split, seed):
     def split(idx):
         return tf.data.Dataset.from_tensor_slices((files[idx], labels[idx]))
 
-    def decode(path):
-        image = tf.io.decode_image(tf.io.read_file(path), channels=0, expand_animations=False)
-        return image
+    def read_image(path):  # any of png/jpeg/bmp/gif, 1-4 channels, any size
+        return tf.io.decode_image(tf.io.read_file(path), channels=0, expand_animations=False)
 
     return _image_source(
         os.fspath(root), lambda shuffle_files, seed: split(train_idx), lambda: split(eval_idx),
         len(train_idx), len(eval_idx), native_shape=(None, None, None), class_names=classes,
         size=size, channels=channels, mean=DEFAULT_MEAN, std=DEFAULT_STD, pad=None,
-        read=decode,
+        read=read_image,
     )  # fmt: skip
 
 
@@ -871,4 +871,6 @@ def _per_channel(values, channels):
 
 def _check_batch_size(batch_size):
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer. Received: batch_size={batch_size}")
+        raise ValueError(
+            f"batch_size must be a positive integer. Received: batch_size={batch_size}"
+        )
