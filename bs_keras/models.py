@@ -73,10 +73,13 @@ def _head(x, num_classes, classifier_activation, regularizer, include_top):
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     if not include_top:
         return x
+    policy = keras.mixed_precision.dtype_policy()
     return keras.layers.Dense(
         num_classes,
         activation=classifier_activation,
         kernel_regularizer=regularizer,
+        # Under mixed precision the softmax/logits stay float32 (Keras' advice).
+        dtype="float32" if policy.compute_dtype != policy.variable_dtype else None,
         name="predictions",
     )(x)
 

@@ -180,3 +180,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert state["epoch"] == 1
     kept = keras.models.load_model(tmp_path / "last.keras")
     assert all(np.isfinite(w.numpy()).all() for w in kept.weights)
+
+
+def test_mixed_precision_run_keeps_gates_float32(tmp_path):
+    run_dir = tmp_path / "run"
+    result = _run([*TINY, "--epochs", "1", "--limit-train", "64", "--mixed-precision", "--run-dir", str(run_dir)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["runtime"]["mixed_precision"] is True
+    model = keras.models.load_model(run_dir / "last.keras")
+    assert model.get_layer("stage1_block1_conv1").dtype_policy.name == "mixed_float16"
+    gate = model.get_layer("stage1_block1_gate")
+    assert gate.logits_dense.compute_dtype == "float32"
+    report = json.loads((run_dir / "report.json").read_text())
+    assert np.isfinite(report["evaluation"]["mean_loss"])
