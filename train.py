@@ -5,6 +5,7 @@
     python train.py --dataset cifar10 --epochs 50     # paper recipe, shorter
     python train.py --recipe imagenet_resnet50_bas --manual-dir ~/imagenet
     python train.py --dataset path/to/images          # one subfolder per class
+    python train.py --dataset cityscapes --manual-dir ~/cityscapes   # gated PSPNet
     python train.py --evaluate --model-path runs/fashion_mnist_demo/best.keras
 
 Rerunning the same command resumes an interrupted run from its last
@@ -57,6 +58,9 @@ def parse_args(argv=None):
     g.add_argument("--width-multiplier", type=_number)
     g.add_argument("--group-size", type=_positive_int, help="channels switched by one gate (default 1)")
     g.add_argument("--image-size", type=_positive_int, help="resize images to this square size")
+    g.add_argument("--crop-size", type=_positive_int, help="segmentation training crop (default 713 for Cityscapes)")
+    g.add_argument("--aux-weight", type=_number, help="segmentation auxiliary-head loss weight (default 0.4)")
+    g.add_argument("--init-from", help="segmentation: copy backbone weights from this ImageNet ResNet-50 .keras")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=_positive_int)
     t.add_argument("--batch-size", type=_positive_int, help="global batch size")
@@ -86,7 +90,8 @@ def parse_args(argv=None):
 RECIPE_FLAGS = (
     "dataset", "model", "gated", "width_multiplier", "group_size", "image_size", "epochs", "batch_size",
     "lr", "lr_schedule", "optimizer", "weight_decay", "gamma", "lam", "prior_a", "prior_b",
-    "l0_weighting", "seed", "validation_split", "limit_train", "limit_eval",
+    "l0_weighting", "seed", "validation_split", "limit_train", "limit_eval", "crop_size", "aux_weight",
+    "init_from",
 )
 
 

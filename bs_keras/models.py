@@ -70,9 +70,9 @@ def _gate_factory(gated, gate_kwargs, seed):
 
 
 def _head(x, num_classes, classifier_activation, regularizer, include_top):
-    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     if not include_top:
         return x
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     policy = keras.mixed_precision.dtype_policy()
     return keras.layers.Dense(
         num_classes,
@@ -121,7 +121,8 @@ def cifar_resnet(
             "channels" (each gate counts once).
         gate_kwargs: extra `ChannelGate` arguments (temperature, init_bias,
             hidden_units, group_size, prior_a, prior_b).
-        include_top: add pooling + classifier (False: pooled features).
+        include_top: add pooling + classifier (False: the last feature map,
+            as in `keras.applications`).
         seed: seed of the gates' training noise.
         name: model name.
 
@@ -175,14 +176,18 @@ def imagenet_resnet(
     l0_weighting="macs",
     gate_kwargs=None,
     include_top=True,
+    output_stride=32,
     seed=None,
     name=None,
 ):
     """ImageNet ResNet-18/34 (basic) or ResNet-50 (bottleneck v1.5).
 
-    Args: as `cifar_resnet`, with `depth` in (18, 34, 50). The plain
-    ResNet-50 has 25,557,032 parameters and 4.09 GMACs at 224x224 with
-    1000 classes (the torchvision figures).
+    Args: as `cifar_resnet`, with `depth` in (18, 34, 50), plus
+    `output_stride` (32, 16 or 8): the last stages trade their stride for
+    dilation (stage 4 dilation 2 and stage 5 dilation 4 at output stride 8),
+    as in DeepLab/PSPNet backbones. The plain ResNet-50 has 25,557,032
+    parameters and 4.09 GMACs at 224x224 with 1000 classes (the torchvision
+    figures).
 
     Returns:
         A functional `keras.Model`.
@@ -192,6 +197,8 @@ def imagenet_resnet(
             f"ImageNet ResNet depth must be one of {sorted(IMAGENET_SPECS)}. Received: depth={depth}"
         )
     _check_common(num_classes, input_shape, width_multiplier, weight_decay, gamma, lam)
+    if output_stride not in (8, 16, 32):
+        raise ValueError(f"output_stride must be 8, 16 or 32. Received: output_stride={output_stride}")
     spec = IMAGENET_SPECS[depth]
     reg = _regularizer(weight_decay)
     gate_for = _gate_factory(gated, gate_kwargs, seed)
@@ -203,10 +210,21 @@ def imagenet_resnet(
     x = keras.layers.ReLU(name="stem_relu")(x)
     x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
     i = 0
+    current_stride, dilation = 4, 1
     for stage, (filters, count) in enumerate(zip(widths, spec["blocks"])):
+        stage_stride, previous_dilation = (2 if stage > 0 else 1), dilation
+        if current_stride * stage_stride > output_stride:
+            dilation *= stage_stride
+            stage_stride = 1
+        current_stride *= stage_stride
         for b in range(count):
-            strides = 2 if stage > 0 and b == 0 else 1
-            kwargs = dict(gate=gate_for(i), regularizer=reg, name=f"stage{stage + 1}_block{b + 1}")
+            strides = stage_stride if b == 0 else 1
+            kwargs = dict(
+                gate=gate_for(i),
+                regularizer=reg,
+                dilation_rate=previous_dilation if b == 0 else dilation,
+                name=f"stage{stage + 1}_block{b + 1}",
+            )
             if spec["block"] == "basic":
                 x = blocks.apply_basic_block(x, filters, strides, shortcut="projection", **kwargs)
             else:

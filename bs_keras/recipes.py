@@ -8,7 +8,8 @@ directory. `validate()` rejects bad values before anything is built.
 import dataclasses
 import math
 
-MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18", "resnet34", "resnet50")
+MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18", "resnet34", "resnet50", "pspnet50")
+SEGMENTATION_DATASETS = ("cityscapes", "fashion_canvas")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("step", "cosine", "constant", "poly")
 
@@ -51,7 +52,14 @@ class Recipe:
     validation_split: float = 0.1
     limit_train: int = None
     limit_eval: int = None
+    crop_size: int = None
+    aux_weight: float = 0.4
+    init_from: str = None
     description: str = ""
+
+    @property
+    def task(self):
+        return "segmentation" if self.dataset in SEGMENTATION_DATASETS else "classification"
 
     def replace(self, **changes):
         """A copy with some fields changed (None values are ignored)."""
@@ -95,7 +103,13 @@ class Recipe:
         for field in ("epochs", "batch_size", "group_size"):
             if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
                 bad(field, "must be a positive integer")
-        for field in ("limit_train", "limit_eval", "image_size"):
+        segmentation = self.task == "segmentation"
+        if segmentation != (self.model == "pspnet50"):
+            bad("model", "use pspnet50 for the segmentation datasets "
+                f"({', '.join(SEGMENTATION_DATASETS)}) and a ResNet classifier otherwise")
+        if self.aux_weight < 0 or not finite(self.aux_weight):
+            bad("aux_weight", "must be a finite number >= 0")
+        for field in ("limit_train", "limit_eval", "image_size", "crop_size"):
             v = getattr(self, field)
             if v is not None and (not isinstance(v, int) or v < 1):
                 bad(field, "must be a positive integer")
@@ -180,6 +194,41 @@ RECIPES = {
             )
             for d in (18, 34, 50)
         ],
+        Recipe(
+            name="cityscapes_pspnet50_bas",
+            dataset="cityscapes",
+            model="pspnet50",
+            epochs=240,
+            batch_size=8,
+            lr=0.01,
+            nesterov=False,
+            lr_schedule="poly",
+            weight_decay=1e-4,
+            gamma=0.75,
+            lam=0.1,
+            crop_size=713,
+            aux_weight=0.4,
+            description="Gated PSPNet (dilated ResNet-50, output stride 8) on Cityscapes: "
+            "SGD 0.9, lr 0.01 poly 0.9, wd 1e-4, batch 8, 713x713 crops, scale 0.5-2.0 + flip, "
+            "aux loss 0.4; batch-shaping + L0 on the backbone gates with the paper's schedule.",
+        ),
+        Recipe(
+            name="fashion_canvas_pspnet_demo",
+            dataset="fashion_canvas",
+            model="pspnet50",
+            epochs=4,
+            batch_size=16,
+            lr=0.02,
+            nesterov=False,
+            lr_schedule="poly",
+            weight_decay=1e-4,
+            width_multiplier=0.25,
+            gamma=0.75,
+            lam=2.0,
+            crop_size=64,
+            description="CPU check of the segmentation pipeline on real pixels: Fashion-MNIST "
+            "items pasted on 64x64 canvases, gated PSPNet at width 0.25.",
+        ),
     ]
 }
 
@@ -199,6 +248,10 @@ def default_recipe_for(dataset):
         return RECIPES["cifar10_resnet20_bas"]
     if dataset == "imagenet2012":
         return RECIPES["imagenet_resnet50_bas"]
+    if dataset == "cityscapes":
+        return RECIPES["cityscapes_pspnet50_bas"]
+    if dataset == "fashion_canvas":
+        return RECIPES["fashion_canvas_pspnet_demo"]
     # Any other TFDS name or image folder: a CIFAR-style ResNet-20, short run.
     return RECIPES["fashion_mnist_demo"].replace(
         name="generic_resnet20", dataset=dataset, epochs=30, lr_schedule="cosine",

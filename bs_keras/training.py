@@ -308,6 +308,166 @@ def _steps(examples, limit, batch_size, drop_remainder):
     return max(1, steps)
 
 
+class ClassificationTask:
+    """Data, model, compile arguments and report of an image classifier."""
+
+    monitor = "val_accuracy"
+
+    def __init__(self, recipe, data_dir, manual_dir):
+        self.recipe = recipe
+        self.source = data_lib.get_dataset(
+            recipe.dataset, data_dir=data_dir, manual_dir=manual_dir, image_size=recipe.image_size,
+            validation_split=recipe.validation_split, seed=recipe.seed,
+        )  # fmt: skip
+        self.info = self.source.info
+        self.train_examples = self.info.train_examples
+        self.eval_examples = self.info.eval_examples
+
+    def datasets(self):
+        r = self.recipe
+        train_ds = _limited(self.source.train(r.batch_size, seed=r.seed), r.limit_train, r.batch_size)
+        eval_ds = _limited(self.source.eval(r.batch_size), r.limit_eval, r.batch_size)
+        return train_ds, eval_ds
+
+    def build(self):
+        return build_model(self.recipe, self.info)
+
+    def compile_args(self):
+        return {"loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]}
+
+    def report(self, model, eval_ds, run_dir, extra, write):
+        return classification_report(model, eval_ds, run_dir, extra, write)
+
+
+def classification_report(model, eval_ds, run_dir, extra, write=True):
+    """Evaluates a classifier; writes report.json, per_sample.npz and plots."""
+    summary, per_sample = report_lib.evaluate_model(model, eval_ds)
+    if write:
+        report_lib.write_report(summary, per_sample, run_dir, extra)
+    return {**extra, "evaluation": summary}, report_lib.format_summary(summary)
+
+
+class SegmentationTask:
+    """Data, PSPNet, losses/metrics and report for semantic segmentation."""
+
+    monitor = "val_seg_miou"
+
+    def __init__(self, recipe, data_dir, manual_dir):
+        from bs_keras import segmentation_data
+
+        self.recipe = recipe
+        self.source = segmentation_data.get_segmentation_dataset(
+            recipe.dataset, data_dir=data_dir, manual_dir=manual_dir, crop_size=recipe.crop_size,
+            seed=recipe.seed, limit_train=recipe.limit_train, limit_eval=recipe.limit_eval,
+        )  # fmt: skip
+        self.info = self.source.info
+        self.train_examples = self.info.train_examples
+        self.eval_examples = self.info.eval_examples
+
+    @staticmethod
+    def _two_heads(ds):
+        return ds.map(lambda x, y: (x, {"seg": y, "aux": y}), num_parallel_calls=tf.data.AUTOTUNE)
+
+    def datasets(self):
+        r = self.recipe
+        train_ds = self._two_heads(self.source.train(r.batch_size, seed=r.seed))
+        eval_ds = self.source.eval(r.batch_size)
+        return train_ds, eval_ds
+
+    def build(self):
+        from bs_keras.segmentation import pspnet
+
+        r = self.recipe
+        model = pspnet(
+            num_classes=self.info.num_classes,
+            input_shape=(*self.info.crop_size, self.info.channels),
+            gated=r.gated, width_multiplier=r.width_multiplier, weight_decay=r.weight_decay,
+            gamma=r.gamma, lam=0.0, l0_weighting=r.l0_weighting,
+            gate_kwargs={"prior_a": r.prior_a, "prior_b": r.prior_b, "group_size": r.group_size},
+            seed=r.seed,
+        )  # fmt: skip
+        if r.init_from:
+            init_backbone(model, r.init_from)
+        return model
+
+    def compile_args(self):
+        from bs_keras.segmentation import segmentation_losses, segmentation_metrics
+
+        loss, weights = segmentation_losses(self.recipe.aux_weight)
+        return {"loss": loss, "loss_weights": weights, "metrics": segmentation_metrics(self.info.num_classes)}
+
+    def fit_eval_data(self, eval_ds):
+        return self._two_heads(eval_ds)
+
+    def report(self, model, eval_ds, run_dir, extra, write):
+        from bs_keras import segmentation
+
+        if tuple(self.info.eval_size) != tuple(self.info.crop_size):
+            # The trained graph has a fixed input size; evaluate full images
+            # with a copy of the same weights built at the evaluation size.
+            model = rebuild_at_size(model, (*self.info.eval_size, self.info.channels))
+        summary, examples = segmentation.evaluate_segmentation(
+            model, eval_ds, self.info.num_classes, self.info.class_names, self.info.ignore_label
+        )
+        report = {**extra, "evaluation": summary}
+        if write:
+            report_lib.write_json(os.path.join(run_dir, "report.json"), report)
+            segmentation.plot_predictions(
+                examples, os.path.join(run_dir, "predictions.png"), self.info.num_classes,
+                self.info.mean, self.info.std, self.info.ignore_label,
+            )  # fmt: skip
+        text = (
+            f"mean IoU            {summary['mean_iou']:.4f} ({summary['num_images']} images)\n"
+            f"pixel accuracy      {summary['pixel_accuracy']:.4f}\n"
+            f"mean MACs / image   {summary['mean_conditional_macs'] / 1e9:.3f} G "
+            f"({summary['macs_ratio']:.1%} of the ungated {summary['ungated_macs'] / 1e9:.3f} G)"
+        )
+        return report, text
+
+
+def rebuild_at_size(model, input_shape):
+    """The same architecture and weights for another fixed input size."""
+    config = model.get_config()
+    layers = config["layers"]
+    for layer in layers:
+        if layer["class_name"] == "InputLayer":
+            key = "batch_shape" if "batch_shape" in layer["config"] else "batch_input_shape"
+            layer["config"][key] = [None, *input_shape]
+    clone = model.__class__.from_config(config)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def init_backbone(model, path):
+    """Copies backbone weights, matched by layer name, from a `.keras` model
+    (e.g. an ImageNet ResNet-50 trained with train.py)."""
+    if not os.path.exists(path):
+        raise RunError(f"--init-from {path} does not exist; pass a .keras ResNet-50 written by train.py.")
+    source = keras.models.load_model(path)
+    by_name = {layer.name: layer for layer in source.layers}
+    copied = 0
+    for layer in model.layers:
+        src = by_name.get(layer.name)
+        if src is None or not layer.weights or layer.name == "predictions":
+            continue
+        if [w.shape for w in src.weights] != [w.shape for w in layer.weights]:
+            raise RunError(
+                f"--init-from: layer {layer.name} has shapes {[tuple(w.shape) for w in src.weights]} in "
+                f"{path} but {[tuple(w.shape) for w in layer.weights]} here (width or gating differ)."
+            )
+        layer.set_weights(src.get_weights())
+        copied += 1
+    if copied == 0:
+        raise RunError(f"--init-from {path}: no layer names match the backbone; is it a ResNet-50?")
+    return copied
+
+
+def make_task(recipe, data_dir=None, manual_dir=None):
+    if recipe.task == "segmentation":
+        return SegmentationTask(recipe, data_dir, manual_dir)
+    return ClassificationTask(recipe, data_dir, manual_dir)
+
+
 def train(
     recipe,
     run_dir,
@@ -329,9 +489,9 @@ def train(
     """
     recipe.validate()
     strategy_obj = make_strategy(strategy)
-    is_chief, task = _worker_info(strategy_obj)
+    is_chief, task_id = _worker_info(strategy_obj)
     if not is_chief:
-        run_dir = os.path.join(run_dir, f"worker-{task}")
+        run_dir = os.path.join(run_dir, f"worker-{task_id}")
     runtime = {
         "strategy": strategy,
         "replicas": strategy_obj.num_replicas_in_sync,
@@ -347,47 +507,33 @@ def train(
     if done_epochs >= recipe.epochs and os.path.exists(os.path.join(run_dir, "report.json")):
         with open(os.path.join(run_dir, "report.json")) as f:
             report = json.load(f)
-        log(f"{run_dir} is complete ({done_epochs} epochs); its report:")
-        log(report_lib.format_summary(report["evaluation"]))
+        log(f"{run_dir} is complete ({done_epochs} epochs); its report: {os.path.join(run_dir, 'report.json')}")
+        if recipe.task == "classification":
+            log(report_lib.format_summary(report["evaluation"]))
         return report
 
     keras.utils.set_random_seed(recipe.seed)
     if mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
-    source = data_lib.get_dataset(
-        recipe.dataset,
-        data_dir=data_dir,
-        manual_dir=manual_dir,
-        image_size=recipe.image_size,
-        validation_split=recipe.validation_split,
-        seed=recipe.seed,
-    )
-    info = source.info
-    steps_per_epoch = _steps(info.train_examples, recipe.limit_train, recipe.batch_size, True)
-    if info.train_examples < recipe.batch_size:
+    task = make_task(recipe, data_dir, manual_dir)
+    if task.train_examples < recipe.batch_size:
         raise RunError(
-            f"--batch-size={recipe.batch_size} is larger than the {info.train_examples} "
+            f"--batch-size={recipe.batch_size} is larger than the {task.train_examples} "
             f"training examples of {recipe.dataset}; use a smaller batch."
         )
-    train_ds = _limited(
-        source.train(recipe.batch_size, seed=recipe.seed, repeat=False),
-        recipe.limit_train,
-        recipe.batch_size,
-    )
-    eval_ds = _limited(source.eval(recipe.batch_size), recipe.limit_eval, recipe.batch_size)
+    steps_per_epoch = _steps(task.train_examples, recipe.limit_train, recipe.batch_size, True)
+    train_ds, eval_ds = task.datasets()
+    fit_eval = task.fit_eval_data(eval_ds) if hasattr(task, "fit_eval_data") else eval_ds
     if isinstance(strategy_obj, tf.distribute.MultiWorkerMirroredStrategy):
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
         train_ds = train_ds.with_options(options)
-        eval_ds = eval_ds.with_options(options)
+        fit_eval = fit_eval.with_options(options)
 
     with strategy_obj.scope():
-        model = build_model(recipe, info)
+        model = task.build()
         model.compile(
-            optimizer=build_optimizer(recipe, steps_per_epoch),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-            jit_compile=jit_compile,
+            optimizer=build_optimizer(recipe, steps_per_epoch), jit_compile=jit_compile, **task.compile_args()
         )
         if state:
             model.optimizer.build(model.trainable_variables)
@@ -400,7 +546,7 @@ def train(
         callbacks.append(gate_callback(recipe))
     callbacks += [
         nan_guard,
-        RunCheckpoint(run_dir, nan_guard, write=True),
+        RunCheckpoint(run_dir, nan_guard, monitor=task.monitor),
         keras.callbacks.CSVLogger(os.path.join(run_dir, "log.csv"), append=True),
         keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"), write_graph=False),
     ]
@@ -410,15 +556,15 @@ def train(
         verbose = 1 if sys.stdout.isatty() else 2
     log(
         f"Training {recipe.model} ({'gated' if recipe.gated else 'plain'}) on {recipe.dataset}: "
-        f"{min(info.train_examples, recipe.limit_train or info.train_examples)} train / "
-        f"{min(info.eval_examples, recipe.limit_eval or info.eval_examples)} eval examples, "
+        f"{min(task.train_examples, recipe.limit_train or task.train_examples)} train / "
+        f"{min(task.eval_examples, recipe.limit_eval or task.eval_examples)} eval examples, "
         f"{steps_per_epoch} steps per epoch, {strategy_obj.num_replicas_in_sync} replica(s); "
         f"run directory {run_dir}"
     )
     start = time.time()
     model.fit(
         train_ds,
-        validation_data=eval_ds,
+        validation_data=fit_eval,
         epochs=recipe.epochs,
         initial_epoch=done_epochs,
         callbacks=callbacks,
@@ -437,38 +583,50 @@ def train(
         )
         raise SystemExit(EXIT_NAN)
 
-    summary, per_sample = report_lib.evaluate_model(model, eval_ds)
     extra = {
         "recipe": recipe.to_dict(),
         "epochs_completed": recipe.epochs,
         "train_wall_seconds_this_session": wall,
         "best": load_state(run_dir),
     }
-    report = report_lib.write_report(summary, per_sample, run_dir, extra) if is_chief else extra
-    log(report_lib.format_summary(summary))
+    report, text = task.report(model, eval_ds, run_dir, extra, write=is_chief)
+    log(text)
     log(f"Report: {os.path.join(run_dir, 'report.json')}")
     return report
 
 
 def evaluate(model_path, dataset, out_dir=None, *, data_dir=None, manual_dir=None, batch_size=128,
              image_size=None, limit_eval=None, log=print):
-    """Evaluates a saved `.keras` model and writes the same report."""
+    """Evaluates a saved `.keras` model and writes the same report as training."""
+    from bs_keras import recipes
+
     if not os.path.exists(model_path):
         raise RunError(f"--model-path {model_path} does not exist; pass a .keras file written by train.py.")
     if not model_path.endswith(".keras"):
         raise RunError(f"--model-path {model_path} is not a .keras file.")
     model = keras.models.load_model(model_path)
-    source = data_lib.get_dataset(dataset, data_dir=data_dir, manual_dir=manual_dir, image_size=image_size)
+    out_dir = out_dir or os.path.join(
+        os.path.dirname(os.path.abspath(model_path)), f"eval-{os.path.basename(dataset.rstrip('/'))}"
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    extra = {"model_path": model_path, "dataset": dataset}
     expected = tuple(model.inputs[0].shape[1:])
-    if tuple(source.info.image_shape) != expected:
-        raise RunError(
-            f"The model takes images of shape {expected}, but {dataset} gives "
-            f"{tuple(source.info.image_shape)}; pass --image-size or the dataset it was trained on."
+    if dataset in recipes.SEGMENTATION_DATASETS:
+        recipe = recipes.default_recipe_for(dataset).replace(
+            batch_size=batch_size, limit_eval=limit_eval, crop_size=expected[0]
         )
-    eval_ds = _limited(source.eval(batch_size), limit_eval, batch_size)
-    summary, per_sample = report_lib.evaluate_model(model, eval_ds)
-    out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(model_path)), f"eval-{os.path.basename(dataset.rstrip('/'))}")
-    report = report_lib.write_report(summary, per_sample, out_dir, {"model_path": model_path, "dataset": dataset})
-    log(report_lib.format_summary(summary))
+        task = SegmentationTask(recipe, data_dir, manual_dir)
+        _, eval_ds = task.datasets()
+        report, text = task.report(model, eval_ds, out_dir, extra, write=True)
+    else:
+        source = data_lib.get_dataset(dataset, data_dir=data_dir, manual_dir=manual_dir, image_size=image_size)
+        if tuple(source.info.image_shape) != expected:
+            raise RunError(
+                f"The model takes images of shape {expected}, but {dataset} gives "
+                f"{tuple(source.info.image_shape)}; pass --image-size or the dataset it was trained on."
+            )
+        eval_ds = _limited(source.eval(batch_size), limit_eval, batch_size)
+        report, text = classification_report(model, eval_ds, out_dir, extra)
+    log(text)
     log(f"Report: {os.path.join(out_dir, 'report.json')}")
     return report
