@@ -397,6 +397,21 @@ class SegmentationTask:
         return {"loss": loss, "loss_weights": weights, "metrics": segmentation_metrics(self.info.num_classes)}
 
     def fit_eval_data(self, eval_ds):
+        """Validation during fit: center crops of the training size (the
+        trained graph has a fixed input size); the final report uses full
+        images."""
+        h, w = self.info.crop_size
+        ignore = self.info.ignore_label
+
+        def center(x, y):
+            x = tf.image.resize_with_crop_or_pad(x, h, w)
+            # Pad labels with the ignore value: shift it to 0, pad, shift back.
+            y = tf.cast(y, tf.int32)[..., None] - ignore
+            y = tf.image.resize_with_crop_or_pad(y, h, w)[..., 0] + ignore
+            return x, y
+
+        if tuple(self.info.eval_size) != (h, w):
+            eval_ds = eval_ds.map(center, num_parallel_calls=tf.data.AUTOTUNE)
         return self._two_heads(eval_ds)
 
     def report(self, model, eval_ds, run_dir, extra, write):

@@ -194,3 +194,25 @@ def test_mixed_precision_run_keeps_gates_float32(tmp_path):
     assert gate.logits_dense.compute_dtype == "float32"
     report = json.loads((run_dir / "report.json").read_text())
     assert np.isfinite(report["evaluation"]["mean_loss"])
+
+
+def test_segmentation_run_on_fashion_canvases_writes_miou_report(tmp_path):
+    run_dir = tmp_path / "seg"
+    result = _run(["--dataset", "fashion_canvas", "--epochs", "1", "--batch-size", "8", "--limit-train", "64",
+                   "--limit-eval", "16", "--width-multiplier", "0.125", "--crop-size", "48", "--run-dir", str(run_dir)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mean IoU" in result.stdout
+    with open(run_dir / "log.csv") as f:
+        row = next(csv.DictReader(f))
+    for key in ("seg_loss", "aux_loss", "val_seg_miou", "val_seg_pixel_accuracy", "cond_macs_ratio"):
+        assert key in row, key
+    ev = json.loads((run_dir / "report.json").read_text())["evaluation"]
+    assert ev["num_images"] == 16
+    assert set(ev["per_class_iou"]) == {"background", "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                                        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"}
+    assert 0 <= ev["mean_iou"] <= 1 and 0 <= ev["pixel_accuracy"] <= 1
+    assert 0 < ev["macs_ratio"] <= 1.01
+    assert (run_dir / "predictions.png").exists()
+    # --model pspnet50 is the only model for segmentation data.
+    bad = _run(["--dataset", "fashion_canvas", "--model", "resnet20", "--run-dir", str(tmp_path / "bad")])
+    assert bad.returncode == 2 and "--model='resnet20' is invalid" in bad.stderr
