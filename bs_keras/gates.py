@@ -249,14 +249,6 @@ class ChannelGate(keras.layers.Layer):
         # Exactly 0/1 forward (soft - soft == 0), relaxed gradient backward.
         return hard + (soft - tf.stop_gradient(soft))
 
-    def _batch_shaping(self, probs):
-        ctx = tf.distribute.get_replica_context()
-        if ctx is not None and ctx.num_replicas_in_sync > 1:
-            # Batch-shaping compares the batch distribution with the prior:
-            # it must see the global batch, not one replica's slice.
-            probs = ctx.all_gather(probs, axis=0)
-        return gate_losses.batch_shaping_loss(probs, self.prior_a, self.prior_b)
-
     def _add_losses(self, logits, mask):
         probs = tf.sigmoid(tf.cast(logits, tf.float32))
         ctx = tf.distribute.get_replica_context()
@@ -265,10 +257,17 @@ class ChannelGate(keras.layers.Layer):
         # (the weight is the same variable on every replica, so all replicas
         # take the same branch).
         active = self.bs_coef > 0
-        bs = tf.cond(active, lambda: self._batch_shaping(probs), lambda: tf.zeros(()))
+        # Batch-shaping compares the batch distribution with the prior: it must
+        # see the global batch. all_gather is a sync point: never inside tf.cond.
+        batch = ctx.all_gather(probs, axis=0) if replicas > 1 else probs
+        bs = tf.cond(
+            active,
+            lambda: gate_losses.batch_shaping_loss(batch, self.prior_a, self.prior_b),
+            lambda: tf.zeros(()),
+        )
         l0 = tf.reduce_mean(probs)
-        # Keras sums per-replica gradients; dividing keeps the global value.
-        self.add_loss((self.bs_coef * bs + self.l0_coef * l0) / replicas)
+        # Keras scales added losses by 1/replicas and sums replica gradients.
+        self.add_loss(self.bs_coef * bs + self.l0_coef * l0)
         open_rate = tf.reduce_mean(tf.cast(mask, tf.float32))
         self.stats.update_state(bs, tf.cast(active, tf.float32), l0, open_rate)
 

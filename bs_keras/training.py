@@ -10,6 +10,7 @@ end, `report.json`, `per_sample.npz` and two PNG plots.
 """
 
 import json
+import re
 import math
 import os
 import platform
@@ -73,6 +74,26 @@ def make_strategy(name):
     except (ValueError, RuntimeError, tf.errors.NotFoundError) as e:
         raise RunError(f"--strategy tpu: no TPU found ({e}). Run on a TPU VM or pick another strategy.")
     return tf.distribute.TPUStrategy(resolver)
+
+
+def _patch_multi_worker_reduce(strategy):
+    """Works around Keras 3.15 `fit` under MultiWorkerMirroredStrategy with >1 worker.
+
+    Keras calls `strategy.reduce("MEAN", (x, y), axis=None)` on the first
+    batch (`_maybe_symbolic_build`) and `strategy.reduce("MEAN", scalar,
+    axis=0)` on every step's logs (`reduce_per_replica`); the collective
+    strategy accepts neither a nest nor axis=0 on a scalar.
+    """
+    reduce = strategy.reduce
+
+    def nested_reduce(reduce_op, value, axis=None):
+        def one(v):
+            rank = strategy.experimental_local_results(v)[0].shape.rank
+            return reduce(reduce_op, v, axis=axis if rank else None)
+
+        return tf.nest.map_structure(one, value)
+
+    strategy.reduce = nested_reduce
 
 
 def _worker_info(strategy):
@@ -283,7 +304,9 @@ def prepare_run_dir(run_dir, recipe, runtime, overwrite=False):
                 "Resume it with the same flags, choose another --run-dir, or pass --overwrite."
             )
         return load_state(run_dir)
-    if os.path.exists(run_dir) and os.listdir(run_dir):
+    # Non-chief workers of a multi-worker run write <run>/worker-N/, possibly
+    # before the chief gets here.
+    if os.path.exists(run_dir) and [e for e in os.listdir(run_dir) if not re.fullmatch(r"worker-\d+", e)]:
         raise RunError(
             f"{run_dir} exists and is not a bs_keras run directory (no config.json). "
             "Choose another --run-dir or pass --overwrite."
@@ -555,6 +578,8 @@ def train(
             model.load_weights(os.path.join(run_dir, "state", state["weights"]))
             log(f"Resuming {run_dir} after epoch {done_epochs} of {recipe.epochs}.")
 
+    if isinstance(strategy_obj, tf.distribute.MultiWorkerMirroredStrategy):
+        _patch_multi_worker_reduce(strategy_obj)
     nan_guard = StopOnNaN()
     callbacks = []
     if recipe.gated:
