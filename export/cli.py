@@ -1,0 +1,388 @@
+"""Command line: export a trained `.keras` model to SavedModel or TFLite.
+
+    python -m export runs/demo/best.keras --out exported/demo
+    python -m export best.keras --out exported/tfl --format tflite --quantize none,dynamic,float16
+    python -m export best.keras --out exported/int8 --format tflite --quantize int8 \\
+        --calibration fashion_mnist
+    python -m export best.keras --out exported/compact --mode compact --round-to 8 \\
+        --calibration fashion_mnist --calibration-samples 2000
+
+Inputs of every exported signature are float32 (batch, H, W, C) images
+preprocessed as in training (pixels / 255, minus the dataset mean, divided by
+its std); see export.json in the output directory.
+
+Output directory (written to a temporary sibling, renamed when complete):
+  saved_model/          --format saved_model: signatures serving_default and serving_with_gates
+  model[_QUANT].tflite  --format tflite: one file per --quantize value, same two signatures
+  compact.keras         --mode compact: the compacted Keras model
+  compaction.json       --mode compact: gate categories per layer
+  parity.json           parity with Keras inference (also printed)
+  export.json           what was exported: input spec, preprocessing, outputs, files
+  export_log.txt        this run's log
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+FORMATS = ("saved_model", "tflite")
+MODES = ("masked", "compact")
+QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
+
+
+class ExportError(Exception):
+    """A user-facing error: printed as `error: ...`, exit status 2."""
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _quantizations(text):
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in QUANTIZATIONS]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(
+            f"expected one or more of {', '.join(QUANTIZATIONS)} (comma-separated), got {text!r}"
+        )
+    return list(dict.fromkeys(values))
+
+
+def build_parser():
+    doc = __doc__.split("\n\n")
+    p = argparse.ArgumentParser(
+        prog="python -m export",
+        description=doc[0],
+        epilog="\n\n".join(doc[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="trained model (.keras)")
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--format", choices=FORMATS, default="saved_model")
+    p.add_argument(
+        "--quantize", type=_quantizations, default=["none"],
+        help="TFLite: none (default), float16, dynamic, int8; comma-separated for several files",
+    )  # fmt: skip
+    p.add_argument(
+        "--mode", choices=MODES, default="masked",
+        help="masked: the model as trained (gates multiply by 0/1); compact: remove always-off "
+             "channels and fixed gates measured on the calibration data",
+    )  # fmt: skip
+    p.add_argument(
+        "--calibration",
+        help="calibration data: a dataset name (fashion_mnist, cifar10, ...), a folder of images "
+             "(normalized with mean 0.5/std 0.5) or a .npy of preprocessed float32 images",
+    )  # fmt: skip
+    p.add_argument("--calibration-samples", type=_positive_int, default=256)
+    p.add_argument("--round-to", type=_positive_int, help="compact: keep widths a multiple of this")
+    p.add_argument(
+        "--parity-samples", type=_positive_int, default=128,
+        help="samples for the parity table (calibration images, else seeded N(0, 1) inputs)",
+    )  # fmt: skip
+    p.add_argument("--latency-runs", type=_non_negative_int, default=20,
+                   help="batch-1 calls timed per variant in the parity table (0: none)")
+    p.add_argument("--threads", type=_positive_int, default=2, help="LiteRT interpreter threads")
+    p.add_argument("--data-dir", help="TFDS data directory (dataset calibration)")
+    p.add_argument("--manual-dir", help="directory with dataset source archives")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    return p
+
+
+def validate_args(parser, args):
+    """Checks that need no TensorFlow; calls `parser.error` (exit 2)."""
+    if not os.path.exists(args.model):
+        parser.error(f"model file {args.model!r} does not exist")
+    if os.path.isdir(args.model) or not args.model.endswith(".keras"):
+        parser.error(f"expected a Keras v3 model file ending in .keras, got {args.model!r}")
+    if args.format == "saved_model" and args.quantize != ["none"]:
+        parser.error(
+            f"--quantize {','.join(args.quantize)} applies to --format tflite; "
+            "a SavedModel is exported in float32"
+        )
+    if "int8" in args.quantize and not args.calibration:
+        parser.error("--quantize int8 needs --calibration (representative data for the activation ranges)")
+    if args.mode == "compact" and not args.calibration:
+        parser.error("--mode compact needs --calibration (the gate categories are measured on it)")
+    if args.round_to and args.mode != "compact":
+        parser.error("--round-to applies to --mode compact")
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not args.overwrite:
+        parser.error(f"--out {args.out!r} already exists (pass --overwrite to replace it)")
+    if os.path.exists(out) and not os.path.isdir(out):
+        parser.error(f"--out {args.out!r} exists and is not a directory")
+    if os.path.abspath(args.model).startswith(out + os.sep):
+        parser.error("--out must not contain the model file")
+
+
+class _Log:
+    def __init__(self):
+        self.lines = []
+
+    def __call__(self, text=""):
+        print(text, flush=True)
+        self.lines.extend(str(text).split("\n"))
+
+    def text(self):
+        return "\n".join(self.lines) + "\n"
+
+
+def _load_model(path):
+    import keras
+
+    import bs_keras  # noqa: F401  (registers the layers)
+
+    try:
+        import bs_keras.segmentation  # noqa: F401  (PSPNet layers)
+    except ImportError:
+        pass
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as e:  # corrupt zip, unknown layer, not a model, ...
+        raise ExportError(f"cannot load {path!r} as a Keras model: {type(e).__name__}: {e}") from e
+    if not isinstance(model, keras.Model):
+        raise ExportError(f"{path!r} does not hold a Keras model.")
+    return model
+
+
+def _write_json(path, data):
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _preprocessing(calibration):
+    """A description of the expected input normalization, for export.json."""
+    from bs_keras import data as bs_data
+
+    text = (
+        "float32 NHWC images: pixels scaled to [0, 1], minus the training dataset's per-channel "
+        "mean, divided by its std (bs_keras.data)"
+    )
+    known = {
+        "fashion_mnist": (bs_data.FASHION_MNIST_MEAN, bs_data.FASHION_MNIST_STD),
+        "cifar10": (bs_data.CIFAR10_MEAN, bs_data.CIFAR10_STD),
+        "imagenet2012": (bs_data.IMAGENET_MEAN, bs_data.IMAGENET_STD),
+    }
+    out = {"description": text}
+    if calibration in known:
+        out["calibration_dataset"] = calibration
+        out["mean"], out["std"] = (list(v) for v in known[calibration])
+    elif calibration and not calibration.lower().endswith(".npy"):
+        out["calibration_dataset"] = calibration
+        out["mean"], out["std"] = list(bs_data.DEFAULT_MEAN), list(bs_data.DEFAULT_STD)
+    return out
+
+
+def _compact(model, images, round_to, calibration, tmp, files, log):
+    """Compacts `model`, writes compact.keras and compaction.json into `tmp`.
+
+    Returns the compact model and the function expanding its gate masks to
+    the original layout.
+    """
+    from bs_keras.macs import count_macs
+    from export import compact as compact_lib
+
+    compact, plans = compact_lib.compact_model(model, images, round_to=round_to, return_plan=True)
+    compact.save(os.path.join(tmp, "compact.keras"))
+    params = [int(model.count_params()), int(compact.count_params())]
+    macs = [int(count_macs(model)), int(count_macs(compact))]
+    summary = {
+        "calibration": calibration,
+        "calibration_samples": int(len(images)),
+        "round_to": round_to,
+        "params": params,
+        "static_macs": macs,
+        "gates": [p.summary() for p in plans],
+    }
+    _write_json(os.path.join(tmp, "compaction.json"), summary)
+    files += ["compact.keras", "compaction.json"]
+    log(f"compact    {params[0]:,} -> {params[1]:,} parameters, "
+        f"{macs[0] / 1e6:.2f} -> {macs[1] / 1e6:.2f} M static MACs")  # fmt: skip
+    for s in summary["gates"]:
+        removed = "" if s["gate_kept"] else ", gate removed"
+        log(f"  {s['gate']:<24} on/cond/off {s['always_on']}/{s['conditional']}/{s['always_off']}"
+            f" -> {s['new_channels']} channels{removed}")  # fmt: skip
+
+    def expand(masks, n):
+        return compact_lib.expand_gate_masks(plans, masks, n)
+
+    return compact, expand
+
+
+def _convert_tflite(sm_dir, quantize, images, threads, tmp, files, log):
+    """Converts the SavedModel, writes the .tflite into `tmp`; returns (runner, size)."""
+    from export import tflite
+
+    start = time.time()
+    try:
+        flatbuffer = tflite.convert_saved_model(sm_dir, quantize, representative_images=images)
+    except ValueError:
+        raise
+    except Exception as e:  # converter errors have many types
+        raise ExportError(f"TFLite conversion ({quantize}) failed: {type(e).__name__}: {e}") from e
+    name = tflite.tflite_filename(quantize)
+    with open(os.path.join(tmp, name), "wb") as f:
+        f.write(flatbuffer)
+    files.append(name)
+    log(f"tflite     {name}: {len(flatbuffer) / 1024:.0f} KiB in {time.time() - start:.1f} s")
+    return tflite.TFLiteRunner(flatbuffer, num_threads=threads), len(flatbuffer)
+
+
+def _summary(args, exported, spec, files):
+    """Contents of export.json."""
+    from export import savedmodel
+
+    functions = savedmodel.ServingFunctions(exported)
+    with_gates = [*functions.output_names, *(g.name for g in functions.gates)]
+    if functions.static_macs is not None:
+        with_gates.append(savedmodel.MACS_OUTPUT)
+    return {
+        "model": os.path.abspath(args.model),
+        "format": args.format,
+        "mode": args.mode,
+        "quantize": args.quantize if args.format == "tflite" else ["none"],
+        "input": {
+            "name": savedmodel.INPUT_NAME,
+            "dtype": "float32",
+            "shape": [None if d is None else int(d) for d in spec.shape],
+            "preprocessing": _preprocessing(args.calibration),
+        },
+        "signatures": {
+            savedmodel.SERVING_DEFAULT: functions.output_names,
+            savedmodel.SERVING_WITH_GATES: with_gates,
+        },
+        "static_macs": functions.static_macs,
+        "files": files,
+    }
+
+
+def run_export(args, log):
+    """The export itself; returns the summary dict. Raises ExportError."""
+    import numpy as np
+
+    from export import calibration as calib_lib
+    from export import parity, savedmodel
+
+    start = time.time()
+    model = _load_model(args.model)
+    spec = savedmodel.input_spec(model)
+    log(f"model      {args.model}: '{model.name}', input {savedmodel.describe_spec(spec)}, "
+        f"{model.count_params():,} parameters")  # fmt: skip
+
+    images = None
+    if args.calibration:
+        images = calib_lib.load_calibration(
+            args.calibration, spec.shape, n=args.calibration_samples,
+            data_dir=args.data_dir, manual_dir=args.manual_dir,
+        )  # fmt: skip
+        log(f"calibration {len(images)} images from {args.calibration!r}")
+
+    out = os.path.abspath(args.out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    try:
+        files, variants = [], []
+        exported, expand = model, None
+        if args.mode == "compact":
+            exported, expand = _compact(model, images, args.round_to, args.calibration, tmp, files, log)
+            variants.append(("keras compact", parity.KerasRunner(exported), {"expand": expand}))
+
+        sm_dir = os.path.join(tmp, "saved_model")
+        savedmodel.export_saved_model(exported, sm_dir)
+        runner = savedmodel.SavedModelRunner(sm_dir)
+        found = savedmodel.random_ops(runner.loaded)
+        if found:
+            raise ExportError(f"the exported graph contains random ops {found}; refusing to export")
+        variants.append(("saved_model", runner, {"expand": expand}))
+        if args.format == "saved_model":
+            files.append("saved_model")
+            log(f"saved_model signatures {', '.join(savedmodel.SIGNATURES)}")
+
+        if args.format == "tflite":
+            for q in args.quantize:
+                runner, size = _convert_tflite(sm_dir, q, images, args.threads, tmp, files, log)
+                variants.append((f"tflite {q}", runner, {"expand": expand, "size_bytes": size}))
+
+        if images is not None:
+            parity_images, parity_source = images[: args.parity_samples], repr(args.calibration)
+        else:
+            rng = np.random.default_rng(0)
+            shape = (args.parity_samples, *spec.shape[1:])
+            parity_images = rng.standard_normal(shape).astype(np.float32)
+            parity_source = "seeded N(0, 1) inputs (no --calibration)"
+        rows = parity.parity_rows(model, parity_images, variants, latency_runs=args.latency_runs)
+        log(f"\nparity with Keras inference of '{model.name}' on {len(parity_images)} "
+            f"samples from {parity_source}:")  # fmt: skip
+        log(parity.format_table(rows))
+        _write_json(
+            os.path.join(tmp, "parity.json"),
+            {"samples": int(len(parity_images)), "source": parity_source,
+             "rows": [r.as_dict() for r in rows]},
+        )  # fmt: skip
+        files.append("parity.json")
+
+        summary = _summary(args, exported, spec, files + ["export.json", "export_log.txt"])
+        if args.format == "tflite":
+            shutil.rmtree(sm_dir)
+        _write_json(os.path.join(tmp, "export.json"), summary)
+        log(f"\nwrote {args.out} ({', '.join(summary['files'])}) in {time.time() - start:.1f} s")
+        with open(os.path.join(tmp, "export_log.txt"), "w") as f:
+            f.write(log.text())
+        _publish(tmp, out)
+        return summary
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp, out):
+    """Moves the finished directory into place (replacing `out` if present)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
+    if not os.path.exists(out):
+        os.rename(tmp, out)
+        return
+    old = f"{out}.old-{os.getpid()}"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    validate_args(parser, args)
+    log = _Log()
+    try:
+        run_export(args, log)
+    except (ExportError, ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,175 @@
+"""Parity of exported models with Keras inference, measured on the same inputs.
+
+For every variant (SavedModel, each TFLite quantization, a compacted Keras
+model) `parity_rows` reports against the Keras model's inference outputs:
+
+- `max_abs_diff`: largest absolute difference of the primary output
+  (class probabilities) over all samples and classes;
+- `top1_agreement`: fraction of samples with the same arg-max class;
+- `gate_agreement`: fraction of all (sample, gate) decisions that agree
+  (from the `serving_with_gates` outputs; a compacted variant's masks are
+  first expanded to the original layout);
+- `mean_macs`: mean per-sample MACs the variant reports executing;
+- `size_bytes` and `latency_ms` (median batch-1 call) where measured.
+"""
+
+import dataclasses
+import math
+import time
+
+import numpy as np
+
+from bs_keras.gates import find_gates
+from bs_keras.macs import conditional_macs, gate_masks
+from export.savedmodel import MACS_OUTPUT, _output_names
+
+
+@dataclasses.dataclass
+class ParityRow:
+    name: str
+    max_abs_diff: float
+    top1_agreement: float
+    gate_agreement: float | None = None
+    mean_macs: float | None = None
+    size_bytes: int | None = None
+    latency_ms: float | None = None
+
+    def as_dict(self):
+        return dataclasses.asdict(self)
+
+
+class KerasRunner:
+    """A Keras model behind the runner interface (`__call__`, `with_gates`)."""
+
+    def __init__(self, model, batch_size=128):
+        self.model = model
+        self.batch_size = batch_size
+        self.output_name = _output_names(model)[0]
+        self.gates = find_gates(model)
+
+    def _predict(self, images):
+        outs = [
+            np.asarray(self._primary(self.model(images[i : i + self.batch_size], training=False)))
+            for i in range(0, len(images), self.batch_size)
+        ]
+        return np.concatenate(outs)
+
+    def _primary(self, outputs):
+        if isinstance(outputs, dict):
+            return outputs[self.output_name]
+        if isinstance(outputs, (list, tuple)):
+            return outputs[0]
+        return outputs
+
+    def __call__(self, images):
+        return {self.output_name: self._predict(images)}
+
+    def with_gates(self, images):
+        out = self(images)
+        if self.gates:
+            out.update(gate_masks(self.model, images, batch_size=self.batch_size))
+        try:
+            out[MACS_OUTPUT] = conditional_macs(self.model, images, batch_size=self.batch_size)
+        except ValueError:  # unknown spatial size
+            pass
+        return out
+
+
+def compare(reference, outputs, output_name, gate_names, expand=None):
+    """One `ParityRow`'s numbers from two `with_gates` output dicts."""
+    ref = np.asarray(reference[output_name], np.float64)
+    got = np.asarray(outputs[output_name], np.float64)
+    if ref.shape != got.shape:
+        raise ValueError(f"Output shapes differ: reference {ref.shape}, variant {got.shape}.")
+    flat_ref, flat_got = ref.reshape(len(ref), -1), got.reshape(len(got), -1)
+    top1 = float(np.mean(flat_ref.argmax(-1) == flat_got.argmax(-1))) if len(ref) else math.nan
+    gates = None
+    if gate_names:
+        masks = {k: outputs[k] for k in outputs if k != output_name and k != MACS_OUTPUT}
+        if expand is not None:
+            masks = expand(masks, len(ref))
+        agree = [np.asarray(masks[g]) == np.asarray(reference[g]) for g in gate_names]
+        gates = float(np.concatenate([a.reshape(-1) for a in agree]).mean())
+    macs = float(np.mean(outputs[MACS_OUTPUT])) if MACS_OUTPUT in outputs else None
+    return {
+        "max_abs_diff": float(np.max(np.abs(ref - got))) if ref.size else 0.0,
+        "top1_agreement": top1,
+        "gate_agreement": gates,
+        "mean_macs": macs,
+    }
+
+
+def latency_ms(runner, image, runs):
+    """Median wall time (ms) of `runs` batch-1 calls of `runner`, after a warm-up."""
+    if runs < 1:
+        return None
+    image = image[:1]
+    runner(image)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        runner(image)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+def parity_rows(model, images, variants, latency_runs=0):
+    """Compares each variant with the Keras model on `images`.
+
+    Args:
+        model: the reference Keras model (masked gates).
+        images: `(N, H, W, C)` float32 preprocessed images.
+        variants: list of `(name, runner, extras)`: `runner` has
+            `__call__(images)` and `with_gates(images)` returning dicts of
+            arrays; `extras` is a dict with optional `expand`
+            (masks, n) -> masks in the reference gate layout, and
+            `size_bytes`.
+        latency_runs: batch-1 calls to time per variant (0: no timing).
+
+    Returns:
+        A list of `ParityRow`, the Keras reference first.
+    """
+    images = np.asarray(images, np.float32)
+    keras_runner = KerasRunner(model)
+    reference = keras_runner.with_gates(images)
+    gate_names = [g.name for g in keras_runner.gates]
+    name = keras_runner.output_name
+    rows = [
+        ParityRow(
+            "keras",
+            **compare(reference, reference, name, gate_names),
+            latency_ms=latency_ms(keras_runner, images, latency_runs),
+        )
+    ]
+    for variant_name, runner, extras in variants:
+        outputs = runner.with_gates(images)
+        numbers = compare(reference, outputs, name, gate_names, expand=extras.get("expand"))
+        rows.append(
+            ParityRow(
+                variant_name,
+                **numbers,
+                size_bytes=extras.get("size_bytes"),
+                latency_ms=latency_ms(runner, images, latency_runs),
+            )
+        )
+    return rows
+
+
+def format_table(rows):
+    """A Markdown table of `ParityRow`s."""
+
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    lines = [
+        "| variant | max abs diff | top-1 agree | gate agree | mean MACs | size | batch-1 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        size = "-" if r.size_bytes is None else f"{r.size_bytes / 1024:.0f} KiB"
+        macs = "-" if r.mean_macs is None else f"{r.mean_macs / 1e6:.3f} M"
+        lines.append(
+            f"| {r.name} | {fmt(r.max_abs_diff, '.3g')} | {fmt(r.top1_agreement, '.2%')} | "
+            f"{fmt(r.gate_agreement, '.2%')} | {macs} | {size} | {fmt(r.latency_ms, '.2f')} |"
+        )
+    return "\n".join(lines)
