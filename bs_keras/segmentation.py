@@ -232,14 +232,27 @@ class PixelAccuracy(keras.metrics.Metric):
         return {**super().get_config(), "ignore_label": self.ignore_label}
 
 
-def segmentation_metrics(num_classes, ignore_label=IGNORE_LABEL):
-    """Metrics for the `seg` output: mean IoU and pixel accuracy."""
+def _metric_name(class_name):
+    return "iou_" + "".join(c if c.isalnum() else "_" for c in str(class_name).lower()).strip("_")
+
+
+def segmentation_metrics(num_classes, class_names=None, ignore_label=IGNORE_LABEL):
+    """Metrics for the `seg` output: mean IoU, pixel accuracy and, per
+    class, its IoU (`iou_<class>`), all ignoring `ignore_label`."""
+    names = class_names or [str(i) for i in range(num_classes)]
+    per_class = [
+        keras.metrics.IoU(
+            num_classes, [c], ignore_class=ignore_label, sparse_y_pred=False, name=_metric_name(n)
+        )
+        for c, n in enumerate(names)
+    ]
     return {
         "seg": [
             keras.metrics.MeanIoU(
                 num_classes, ignore_class=ignore_label, sparse_y_pred=False, name="miou"
             ),
             PixelAccuracy(ignore_label),
+            *per_class,
         ]
     }
 

@@ -417,7 +417,7 @@ class SegmentationTask:
         from bs_keras.segmentation import segmentation_losses, segmentation_metrics
 
         loss, weights = segmentation_losses(self.recipe.aux_weight)
-        return {"loss": loss, "loss_weights": weights, "metrics": segmentation_metrics(self.info.num_classes)}
+        return {"loss": loss, "loss_weights": weights, "metrics": segmentation_metrics(self.info.num_classes, self.info.class_names)}
 
     def fit_eval_data(self, eval_ds):
         """Validation during fit: center crops of the training size (the

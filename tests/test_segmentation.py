@@ -118,6 +118,14 @@ def test_pixel_accuracy_and_iou_against_numpy():
         assert iou[c] == pytest.approx((t & q).sum() / (t | q).sum())
     assert miou == pytest.approx(np.mean(iou))
     assert acc == pytest.approx((pred == labels)[valid].mean())
+    # The per-class IoU metrics agree with the NumPy IoU.
+    from bs_keras.segmentation import segmentation_metrics
+
+    metrics = segmentation_metrics(4, ["a", "b c", "d/e", "f"])["seg"]
+    assert [m.name for m in metrics[2:]] == ["iou_a", "iou_b_c", "iou_d_e", "iou_f"]
+    for c, m in enumerate(metrics[2:]):
+        m.update_state(labels, logits)
+        assert float(m.result()) == pytest.approx(iou[c], rel=1e-5)
     # Keras' MeanIoU with ignore_class agrees.
     keras_miou = keras.metrics.MeanIoU(4, ignore_class=255, sparse_y_pred=False)
     keras_miou.update_state(labels, logits)

@@ -204,7 +204,8 @@ def test_segmentation_run_on_fashion_canvases_writes_miou_report(tmp_path):
     assert "mean IoU" in result.stdout
     with open(run_dir / "log.csv") as f:
         row = next(csv.DictReader(f))
-    for key in ("seg_loss", "aux_loss", "val_seg_miou", "val_seg_pixel_accuracy", "cond_macs_ratio"):
+    for key in ("seg_loss", "aux_loss", "val_seg_miou", "val_seg_pixel_accuracy", "cond_macs_ratio",
+                "val_seg_iou_background", "val_seg_iou_t_shirt_top", "val_seg_iou_ankle_boot"):
         assert key in row, key
     ev = json.loads((run_dir / "report.json").read_text())["evaluation"]
     assert ev["num_images"] == 16
