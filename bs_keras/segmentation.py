@@ -22,7 +22,7 @@ from bs_keras import blocks
 from bs_keras.gates import find_gates, record_gates
 from bs_keras.gating import configure_gate_losses
 from bs_keras.macs import count_macs, gate_table
-from bs_keras.models import imagenet_resnet
+from bs_keras.models import IMAGENET_SPECS, imagenet_resnet
 
 IGNORE_LABEL = 255
 
@@ -174,7 +174,7 @@ def pspnet(
     seg = ResizeLike(name="seg", dtype="float32")([x, images])
     outputs = seg
     if aux:
-        stage4 = backbone.get_layer(f"stage3_block{imagenet_depth_blocks(50)[2]}_out").output
+        stage4 = backbone.get_layer(f"stage3_block{IMAGENET_SPECS[50]['blocks'][2]}_out").output
         a = _conv_bn_relu(stage4, max(1, int(round(256 * width_multiplier))), 3, "aux", reg)
         a = keras.layers.Dropout(dropout, name="aux_dropout")(a)
         a = _classifier(a, num_classes, "aux", reg)
@@ -184,12 +184,6 @@ def pspnet(
     if gated:
         configure_gate_losses(model, gamma=gamma, lam=lam, l0_weighting=l0_weighting)
     return model
-
-
-def imagenet_depth_blocks(depth):
-    from bs_keras.models import IMAGENET_SPECS
-
-    return IMAGENET_SPECS[depth]["blocks"]
 
 
 def segmentation_losses(aux_weight=0.4, ignore_label=IGNORE_LABEL):

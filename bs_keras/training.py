@@ -355,6 +355,9 @@ class ClassificationTask:
     def build(self):
         return build_model(self.recipe, self.info)
 
+    def fit_eval_data(self, eval_ds):
+        return eval_ds
+
     def compile_args(self):
         return {"loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]}
 
@@ -561,7 +564,7 @@ def train(
         )
     steps_per_epoch = _steps(task.train_examples, recipe.limit_train, recipe.batch_size, True)
     train_ds, eval_ds = task.datasets()
-    fit_eval = task.fit_eval_data(eval_ds) if hasattr(task, "fit_eval_data") else eval_ds
+    fit_eval = task.fit_eval_data(eval_ds)
     if isinstance(strategy_obj, tf.distribute.MultiWorkerMirroredStrategy):
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
