@@ -11,7 +11,10 @@ Every step is a model -> model (or model -> file) transform:
 - `convert_saved_model(path, quantize)`: TFLite, float32 / float16 /
   dynamic-range / int8 (`export.tflite`), run with LiteRT by `TFLiteRunner`;
 - `parity_rows(model, images, variants)`: how closely each export reproduces
-  Keras inference (`export.parity`).
+  Keras inference (`export.parity`);
+- `conditional_model(model, calibration_images)`: batch-1 execution that
+  computes, per gated block, only the smallest precompiled width covering
+  the open channels (`export.conditional`).
 
 Command line: `python -m export MODEL.keras --out DIR ...` (`export.cli`).
 Submodules import TensorFlow; this package imports them on first use.
@@ -32,6 +35,8 @@ _EXPORTS = {
     "parity_rows": "export.parity",
     "format_table": "export.parity",
     "load_calibration": "export.calibration",
+    "conditional_model": "export.conditional",
+    "folded_model": "export.conditional",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -16,6 +16,7 @@ Output directory (written to a temporary sibling, renamed when complete):
   model[_QUANT].tflite  --format tflite: one file per --quantize value, same two signatures
   compact.keras         --mode compact: the compacted Keras model
   compaction.json       --mode compact: gate categories per layer
+  conditional.json      --mode conditional: per-block widths, parity (saved_model format only)
   parity.json           parity with Keras inference (also printed)
   export.json           what was exported: input spec, preprocessing, outputs, files
   export_log.txt        this run's log
@@ -32,7 +33,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 FORMATS = ("saved_model", "tflite")
-MODES = ("masked", "compact")
+MODES = ("masked", "compact", "conditional")
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 
 
@@ -88,7 +89,8 @@ def build_parser():
     p.add_argument(
         "--mode", choices=MODES, default="masked",
         help="masked: the model as trained (gates multiply by 0/1); compact: remove always-off "
-             "channels and fixed gates measured on the calibration data",
+             "channels and fixed gates measured on the calibration data; conditional: per-block "
+             "branches between precompiled widths (SavedModel only)",
     )  # fmt: skip
     p.add_argument(
         "--calibration",
@@ -125,6 +127,13 @@ def validate_args(parser, args):
         parser.error("--quantize int8 needs --calibration (representative data for the activation ranges)")
     if args.mode == "compact" and not args.calibration:
         parser.error("--mode compact needs --calibration (the gate categories are measured on it)")
+    # --- conditional mode (export.conditional) ---
+    if args.mode == "conditional" and not args.calibration:
+        parser.error("--mode conditional needs --calibration (channels are ordered by open frequency)")
+    if args.mode == "conditional" and args.format != "saved_model":
+        parser.error("--mode conditional exports --format saved_model only "
+                     "(TFLite: export.conditional.FoldedModel.to_tflite)")
+    # --- end conditional ---
     if args.round_to and args.mode != "compact":
         parser.error("--round-to applies to --mode compact")
     out = os.path.abspath(args.out)
@@ -304,6 +313,12 @@ def run_export(args, log):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
     try:
+        if args.mode == "conditional":  # --- conditional mode (export.conditional) ---
+            from export.conditional import export_conditional
+
+            export_conditional(model, images, tmp, log=log)
+            _publish(tmp, out)
+            return {"mode": "conditional", "files": ["saved_model", "conditional.json"]}
         files, variants = [], []
         exported, expand = model, None
         if args.mode == "compact":

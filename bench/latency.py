@@ -1,0 +1,240 @@
+"""Inference latency of dense / masked / compact / conditional gated ResNets, one run.
+
+For ResNet-50 at 224x224 and CIFAR ResNet-20 at 32x32 with a synthetic,
+realistic gate pattern (per gate: always-off, always-on and input-dependent
+channels, biases chosen so that the mean conditional MACs are ~45% of the
+dense model's), it times at batch 1 (and batch 32 in TF):
+
+- dense: the ungated ResNet;
+- masked: the gated model as trained (full convolutions x 0/1 masks);
+- compact: `export.compact.compact_model(..., round_to=8)` (always-off
+  channels removed, the conditional ones still masked);
+- cond4 / cond8: `export.conditional.conditional_model` with widths
+  (0.25, 0.5, 0.75, 1) or multiples of 1/8: per block a `tf.switch_case`
+  between precompiled widths.
+
+Every variant runs as the same BN-folded TF re-implementation
+(`export.conditional.FoldedModel`, a `tf.function`), and in LiteRT fp32 and
+dynamic-range (`ai_edge_litert` Interpreter, 2 threads) from that function,
+batch 1. Latencies are medians over interleaved rounds (each round runs every
+variant on the same sequence of test images, so the conditional ones see
+varying widths). Printed per variant: the mean conditional MAC ratio of the
+gated model (what ideal per-sample execution would cost), the variant's
+executed MAC ratio (dense = 1, masked = its static MACs, compact = its static
+MACs, conditional = mean MACs of the chosen widths), and latency ratios vs
+dense.
+
+    python bench/latency.py [--quick] [--models r50,r20] [--rounds 15] [--pattern nested|independent]
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+TARGET = 0.45  # mean conditional MAC ratio of the synthetic pattern
+COND_FRACTION = 0.3  # input-dependent channels per gate, open ~half the time
+
+
+def build(kind, seed=0):
+    import keras
+
+    from bs_keras.models import cifar_resnet, imagenet_resnet
+
+    keras.utils.set_random_seed(seed)
+    if kind == "r50":
+        dense = imagenet_resnet(50, gated=False)
+        gated = imagenet_resnet(50, gated=True)
+    else:
+        dense = cifar_resnet(20, gated=False)
+        gated = cifar_resnet(20, gated=True)
+    # Same convolution / BN weights (gated model's extra gate weights aside).
+    for layer in dense.layers:
+        if layer.weights:
+            gated.get_layer(layer.name).set_weights(layer.get_weights())
+    return dense, gated
+
+
+def fractions(gated, dense_macs):
+    """(off, on) per gate so that the mean conditional MAC ratio is ~TARGET."""
+    from bs_keras.macs import gate_table
+
+    controlled = sum(i.channels * i.macs_per_channel for i in gate_table(gated)) / dense_macs
+    open_frac = 1.0 - (1.0 - TARGET) / controlled
+    on = max(0.0, open_frac - COND_FRACTION / 2)
+    return 1.0 - on - COND_FRACTION, on
+
+
+def time_rounds(fns, inputs, rounds, warmup=2):
+    """Interleaved rounds; per variant the median over rounds of the mean time per call (ms)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            for x in inputs:
+                fn(x)
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            for x in inputs:
+                fn(x)
+            times[k].append((time.perf_counter() - t) * 1000 / len(inputs))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def litert_fn(flatbuffer):
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=bytes(flatbuffer), num_threads=2)
+    interp.allocate_tensors()
+    inp = interp.get_input_details()[0]["index"]
+    out = interp.get_output_details()[0]["index"]
+
+    def run(x):
+        interp.set_tensor(inp, x)
+        interp.invoke()
+        return interp.get_tensor(out)
+
+    return run
+
+
+def bench_model(kind, args, log):
+    import tensorflow as tf
+
+    from bs_keras.macs import conditional_macs, count_macs
+    from export.compact import compact_model
+    from export.conditional import FoldedModel, conditional_model, set_gate_pattern
+
+    t0 = time.time()
+    dense, gated = build(kind)
+    shape = tuple(dense.input_shape[1:])
+    rng = np.random.default_rng(1)
+    calib = rng.normal(size=(args.calibration,) + shape).astype("float32")
+    test = rng.normal(size=(args.images,) + shape).astype("float32")
+    dense_macs = count_macs(dense)
+    off, on = fractions(gated, dense_macs)
+    set_gate_pattern(gated, calib, off=off, on=on, nested=args.pattern == "nested", seed=0)
+    cmacs = conditional_macs(gated, test, batch_size=8) / dense_macs
+    compact = compact_model(gated, calib, round_to=8, batch_size=8)
+    variants = {
+        "dense": FoldedModel(dense, mode="masked"),
+        "masked": FoldedModel(gated, mode="masked"),
+        "compact": FoldedModel(compact, mode="masked"),
+        "cond4": conditional_model(gated, calib, widths=(0.25, 0.5, 0.75, 1.0), batch_size=8),
+        "cond8": conditional_model(gated, calib, widths=[i / 8 for i in range(1, 9)], batch_size=8),
+    }
+    if args.tf_cond:
+        variants["cond8if"] = conditional_model(
+            gated, calib, widths=[i / 8 for i in range(1, 9)], batch_size=8, branching="cond")
+    mac_ratio = {
+        "dense": 1.0,
+        "masked": count_macs(gated) / dense_macs,
+        "compact": count_macs(compact) / dense_macs,
+        "cond4": variants["cond4"].executed_macs(test, batch_size=8).mean() / dense_macs,
+        "cond8": variants["cond8"].executed_macs(test, batch_size=8).mean() / dense_macs,
+    }
+    if "cond8if" in variants:
+        mac_ratio["cond8if"] = mac_ratio["cond8"]
+    # Exactness check on the test images (batch 1).
+    ref = gated(test[:4], training=False).numpy()
+    for k in ("masked", "cond4", "cond8"):
+        got = np.concatenate([variants[k](test[i : i + 1]).numpy() for i in range(4)])
+        err = float(np.abs(got - ref).max())
+        log(f"  [{kind}] {k}: max |diff| vs Keras gated model = {err:.2e}")
+    log(f"  [{kind}] pattern per gate: off {off:.2f} on {on:.2f} conditional {COND_FRACTION:.2f} "
+        f"({args.pattern}); setup {time.time() - t0:.0f}s")
+
+    ones = [tf.constant(test[i : i + 1]) for i in range(len(test))]
+    tf_fns = {k: v.__call__ for k, v in variants.items()}
+    for k, fn in tf_fns.items():
+        fn(ones[0])
+    results = {"tf b1": time_rounds(tf_fns, ones, args.rounds)}
+
+    if not args.no_litert:
+        t1 = time.time()
+        for quant, label in (("none", "lite fp32"), ("dynamic_range", "lite dyn")):
+            if args.quick and quant == "dynamic_range":
+                continue
+            fns = {}
+            for k, v in variants.items():
+                if k == "cond8if":
+                    continue  # LiteRT always uses nested cond: same as cond8
+                try:
+                    fns[k] = litert_fn(v.to_tflite(quant))
+                except Exception as e:  # report and go on
+                    log(f"  [{kind}] {k} {label}: conversion failed: {type(e).__name__}: {str(e)[:200]}")
+            for k in ("dense", "cond4"):
+                if k in fns:
+                    diff = np.abs(fns[k](test[:1]) - variants[k](ones[0]).numpy()).max()
+                    log(f"  [{kind}] {k} {label}: max |diff| vs its TF function = {float(diff):.2e}")
+            np_inputs = [x.numpy() for x in ones]
+            results[label] = time_rounds(fns, np_inputs, args.rounds)
+        log(f"  [{kind}] LiteRT conversions + timing {time.time() - t1:.0f}s")
+
+    if not args.quick:
+        batch = tf.constant(np.concatenate([test] * (32 // len(test) + 1))[:32])
+        rounds32 = 3 if kind == "r50" else 10
+        results["tf b32"] = time_rounds(tf_fns, [batch], rounds32, warmup=1)
+        widths32 = {k: variants[k].call_with_widths(batch)[1].numpy() for k in ("cond4", "cond8")}
+        for k, w in widths32.items():
+            frac = np.mean(w / np.array(variants[k].gate_channels))
+            log(f"  [{kind}] {k} batch 32: mean executed width fraction {frac:.2f} (widest any sample needs)")
+    return cmacs.mean(), mac_ratio, results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few rounds, no dyn-range, no batch 32")
+    parser.add_argument("--models", default="r50,r20")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--images", type=int, default=None, help="test images cycled per round")
+    parser.add_argument("--calibration", type=int, default=None)
+    parser.add_argument("--pattern", choices=("nested", "independent"), default="nested")
+    parser.add_argument("--no-litert", action="store_true")
+    parser.add_argument("--tf-cond", action="store_true", help="also time cond8 with nested tf.cond in TF")
+    args = parser.parse_args()
+    args.rounds = args.rounds or (5 if args.quick else 11)
+    args.images = args.images or (8 if args.quick else 16)
+    args.calibration = args.calibration or (16 if args.quick else 32)
+
+    def log(text):
+        print(text, flush=True)
+
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")
+    log(f"TF {tf.__version__}, threads: intra {tf.config.threading.get_intra_op_parallelism_threads()} "
+        f"(0=all), {os.cpu_count()} CPUs; TF = BN-folded tf.function (FoldedModel) for every variant")
+    t0 = time.time()
+    for kind in args.models.split(","):
+        cratio, mac_ratio, results = bench_model(kind, args, log)
+        name = {"r50": "ResNet-50 224x224", "r20": "CIFAR ResNet-20 32x32"}[kind]
+        log(f"\n{name}: mean conditional MAC ratio {cratio:.3f}")
+        cols = list(results)
+        head = f"{'variant':8s} {'exec MACs':>9s} " + " ".join(f"{c + ' ms':>13s} {'ratio':>6s}" for c in cols)
+        log(head)
+        for k in mac_ratio:
+            row = f"{k:8s} {mac_ratio[k]:9.3f} "
+            for c in cols:
+                ms = results[c].get(k)
+                base = results[c].get("dense")
+                row += f"{ms:13.2f} {ms / base:6.3f} " if ms is not None and base else f"{'n/a':>13s} {'':6s} "
+            log(row)
+        log("targets: compact lite-fp32 ratio <= 1.15 x its exec MACs; best TF b1 ratio <= 1.25 x cond MAC ratio")
+        if "lite fp32" in results and "compact" in results["lite fp32"]:
+            r = results["lite fp32"]["compact"] / results["lite fp32"]["dense"]
+            log(f"  compact lite fp32: {r:.3f} vs {1.15 * mac_ratio['compact']:.3f} -> "
+                f"{'MET' if r <= 1.15 * mac_ratio['compact'] else 'NOT MET'}")
+        best = min((v / results["tf b1"]["dense"], k) for k, v in results["tf b1"].items() if k != "dense")
+        log(f"  best TF b1: {best[1]} {best[0]:.3f} vs {1.25 * cratio:.3f} -> "
+            f"{'MET' if best[0] <= 1.25 * cratio else 'NOT MET'}\n")
+    log(f"total {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

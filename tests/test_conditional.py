@@ -1,0 +1,160 @@
+"""Conditional execution: exact outputs, the right width branch, SavedModel round trip."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from bs_keras.gates import find_gates
+from bs_keras.macs import conditional_macs, gate_masks
+from bs_keras.models import cifar_resnet, imagenet_resnet
+from export.conditional import (
+    bucket_widths,
+    conditional_model,
+    folded_model,
+    set_gate_pattern,
+)
+
+
+def _perturb_bn(model, seed):
+    """Non-trivial (but well-scaled) BN statistics so that folding is tested."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.0, gamma.shape).astype("float32"),
+                    rng.normal(0, 0.1, beta.shape).astype("float32"),
+                    rng.normal(0, 0.1, mean.shape).astype("float32"),
+                    rng.uniform(0.8, 1.5, var.shape).astype("float32"),
+                ]
+            )
+
+
+def _model(kind):
+    keras.utils.set_random_seed(1)
+    if kind == "cifar8_zero_pad":
+        model = cifar_resnet(8, input_shape=(16, 16, 3))
+    elif kind == "cifar20_projection":
+        model = cifar_resnet(20, input_shape=(32, 32, 3), shortcut="projection")
+    else:
+        model = imagenet_resnet(50, width_multiplier=0.25, input_shape=(32, 32, 3), num_classes=10)
+    _perturb_bn(model, 2)
+    rng = np.random.default_rng(3)
+    images = rng.normal(size=(24,) + tuple(model.input_shape[1:])).astype("float32")
+    return model, images
+
+
+@pytest.fixture(scope="module", params=["cifar8_zero_pad", "cifar20_projection", "resnet50_w025"])
+def setup(request):
+    model, images = _model(request.param)
+    designs = set_gate_pattern(model, images, off=0.4, on=0.3, nested=request.param != "cifar20_projection")
+    calib, test = images[:16], images[16:]
+    cond = conditional_model(model, calib)
+    return model, cond, calib, test, designs
+
+
+def test_pattern_is_realistic(setup):
+    model, _, calib, _, designs = setup
+    masks = gate_masks(model, calib)
+    kinds = np.concatenate([designs[g.name] for g in find_gates(model)])
+    freq = np.concatenate([masks[g.name].mean(0) for g in find_gates(model)])
+    assert np.all(freq[kinds == 0] == 0) and np.all(freq[kinds == 1] == 1)
+    switching = freq[kinds == 2]
+    assert np.mean((switching > 0) & (switching < 1)) > 0.5
+
+
+def test_outputs_match_masked_keras_at_batch_1(setup):
+    model, cond, calib, test, _ = setup
+    images = np.concatenate([calib, test])
+    ref = model(images, training=False).numpy()
+    out = np.concatenate([cond(images[i : i + 1]).numpy() for i in range(len(images))])
+    assert np.abs(out - ref).max() < 1e-5
+    np.testing.assert_array_equal(out.argmax(1), ref.argmax(1))
+    # Batch N: widest width any sample needs, still exact.
+    np.testing.assert_allclose(cond(images).numpy(), ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(folded_model(model)(images).numpy(), ref, atol=1e-5, rtol=0)
+
+
+def test_chosen_widths_are_the_expected_buckets(setup):
+    """Independent recomputation from the Keras masks and calibration frequencies."""
+    model, cond, calib, test, _ = setup
+    images = np.concatenate([calib, test])
+    masks = gate_masks(model, images)
+    freq = gate_masks(model, calib)
+    chosen = cond.chosen_widths(images).numpy()
+    assert chosen.shape == (len(images), len(find_gates(model)))
+    for j, gate in enumerate(find_gates(model)):
+        order = np.argsort(-freq[gate.name].mean(0), kind="stable")
+        reordered = masks[gate.name][:, order]
+        last_open = np.array([np.flatnonzero(r).max() + 1 if r.any() else 0 for r in reordered])
+        buckets = np.array(bucket_widths(gate.channels, (0.25, 0.5, 0.75, 1.0), 8))
+        expected = np.array([buckets[buckets >= n].min() for n in last_open])
+        np.testing.assert_array_equal(chosen[:, j], expected, err_msg=gate.name)
+    # The width executed for a batch is the widest a sample needs.
+    _, executed = cond.call_with_widths(images)
+    np.testing.assert_array_equal(executed.numpy(), chosen.max(0))
+    # Executed MACs: between the conditional MACs and the static ones.
+    macs = cond.executed_macs(images)
+    cmacs = conditional_macs(model, images)
+    assert np.all(macs >= cmacs - 1e-6) and np.all(macs <= cond.static_macs)
+
+
+def test_hand_set_masks_choose_their_branch():
+    keras.utils.set_random_seed(0)
+    model = cifar_resnet(8, input_shape=(16, 16, 3))
+    open_counts = {}
+    for gate, n in zip(find_gates(model), (3, 9, 33)):  # widths 16, 32, 64
+        kernel, bias = gate.logits_dense.get_weights()
+        b = np.full_like(bias, -10.0)
+        b[np.random.default_rng(n).permutation(len(b))[:n]] = 10.0
+        gate.logits_dense.set_weights([np.zeros_like(kernel), b])
+        open_counts[gate.name] = n
+    images = np.random.default_rng(0).normal(size=(4, 16, 16, 3)).astype("float32")
+    cond = conditional_model(model, images)
+    assert [list(w) for w in cond.bucket_widths] == [[8, 16], [8, 16, 24, 32], [16, 32, 48, 64]]
+    out, executed = cond.call_with_widths(images[:1])
+    np.testing.assert_array_equal(executed.numpy(), [8, 16, 48])
+    np.testing.assert_allclose(out.numpy(), model(images[:1], training=False).numpy(), atol=1e-5)
+    # A different open set at the same count takes the same branch (channels reordered).
+    assert cond.permutations["stage1_block1_gate"].shape == (16,)
+
+
+def test_saved_model_round_trip(setup, tmp_path, request):
+    if "cifar20" in request.node.name:
+        pytest.skip("round trip covered by the other two models (keeps the suite fast)")
+    model, cond, calib, test, _ = setup
+    path = cond.save(str(tmp_path / "conditional"))
+    loaded = tf.saved_model.load(path)
+    ref = cond(test).numpy()
+    one = loaded.signatures["serving_default"](images=tf.constant(test[:1]))
+    (out1,) = one.values()
+    np.testing.assert_allclose(out1.numpy(), ref[:1], atol=1e-6, rtol=0)
+    many = loaded.signatures["serving_batch"](images=tf.constant(test))
+    (outn,) = many.values()
+    np.testing.assert_allclose(outn.numpy(), ref, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(loaded(tf.constant(test[:1])).numpy(), ref[:1], atol=1e-6, rtol=0)
+    ops = {op.type for f in loaded.signatures.values() for op in f.graph.get_operations()}
+    ops |= {n.op for f in loaded.signatures.values() for fd in f.graph.as_graph_def().library.function for n in fd.node_def}
+    assert not any("Random" in o for o in ops)
+
+
+def test_cli_conditional_mode(tmp_path):
+    from export import cli
+
+    model, images = _model("cifar8_zero_pad")
+    set_gate_pattern(model, images, off=0.4, on=0.3)
+    model_path = tmp_path / "gated.keras"
+    model.save(model_path)
+    calib = tmp_path / "calib.npy"
+    np.save(calib, images)
+    out = tmp_path / "out"
+    args = [str(model_path), "--out", str(out), "--mode", "conditional", "--calibration", str(calib)]
+    assert cli.main(args) == 0
+    loaded = tf.saved_model.load(str(out / "saved_model"))
+    (got,) = loaded.signatures["serving_default"](images=tf.constant(images[:1])).values()
+    np.testing.assert_allclose(got.numpy(), model(images[:1], training=False).numpy(), atol=1e-5)
+    assert (out / "conditional.json").exists()
+    with pytest.raises(SystemExit):
+        cli.main([str(model_path), "--out", str(tmp_path / "o2"), "--mode", "conditional"])
