@@ -7,7 +7,6 @@ sockets disabled and fails if anything tried to connect.
 
 import gzip
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -33,31 +32,8 @@ REAL_FASHION_MNIST = all(
     for files in data.FASHION_MNIST_FILES.values() for f in files
 )  # fmt: skip
 
-NETWORK_ATTEMPTS = []
+pytestmark = pytest.mark.usefixtures("offline")
 tfds.disable_progress_bar()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_network():
-    """Any Python-level network use raises, and is recorded."""
-
-    def refuse(*args, **kwargs):
-        NETWORK_ATTEMPTS.append(args)
-        raise OSError("network access attempted in an offline test")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(socket.socket, "connect", refuse)
-        mp.setattr(socket.socket, "connect_ex", refuse)
-        mp.setattr(socket, "create_connection", refuse)
-        mp.setattr(socket, "getaddrinfo", refuse)
-        yield
-
-
-@pytest.fixture(autouse=True)
-def assert_offline():
-    NETWORK_ATTEMPTS.clear()
-    yield
-    assert NETWORK_ATTEMPTS == [], "the test tried to reach the network"
 
 
 def unnormalize(images, info):

@@ -7,7 +7,6 @@ anything tried to connect.
 """
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from bs_keras import data
 from bs_keras import segmentation_data as sd
 from seg_fixtures import CITYSCAPES_SHAPE, write_cityscapes_archives
 
-NETWORK_ATTEMPTS = []
+pytestmark = pytest.mark.usefixtures("offline")
 tfds.disable_progress_bar()
 
 # The official Cityscapes labels table (cityscapesscripts/helpers/labels.py): name, id, trainId.
@@ -42,29 +41,6 @@ def official_train_id(label_id):
         if id_ % 256 == label_id:
             return train_id % 256  # -1 (license plate) is not evaluated: 255
     return 255
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_network():
-    """Any Python-level network use raises, and is recorded."""
-
-    def refuse(*args, **kwargs):
-        NETWORK_ATTEMPTS.append(args)
-        raise OSError("network access attempted in an offline test")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(socket.socket, "connect", refuse)
-        mp.setattr(socket.socket, "connect_ex", refuse)
-        mp.setattr(socket, "create_connection", refuse)
-        mp.setattr(socket, "getaddrinfo", refuse)
-        yield
-
-
-@pytest.fixture(autouse=True)
-def assert_offline():
-    NETWORK_ATTEMPTS.clear()
-    yield
-    assert NETWORK_ATTEMPTS == [], "the test tried to reach the network"
 
 
 def unnormalize(images, info):
