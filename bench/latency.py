@@ -24,7 +24,13 @@ executed MAC ratio (dense = 1, masked = its static MACs, compact = its static
 MACs, conditional = mean MACs of the chosen widths), and latency ratios vs
 dense.
 
+With `--model-path run/best.keras --dataset fashion_mnist` a model trained
+by train.py is measured too ("trained" in `--models`): its real gates, the
+dataset's training images for calibration and its test images for timing;
+"dense" is the same architecture ungated with the trained weights.
+
     python bench/latency.py [--quick] [--models r50,r20] [--rounds 15] [--pattern nested|independent]
+    python bench/latency.py --models trained --model-path runs/fashion_mnist_demo/best.keras --dataset fashion_mnist
 """
 
 import argparse
@@ -42,12 +48,30 @@ TARGET = 0.45  # mean conditional MAC ratio of the synthetic pattern
 COND_FRACTION = 0.3  # input-dependent channels per gate, open ~half the time
 
 
-def build(kind, seed=0):
+def build(kind, seed=0, model_path=None):
     import keras
 
     from bs_keras.models import cifar_resnet, imagenet_resnet
 
     keras.utils.set_random_seed(seed)
+    if kind == "trained":
+        import json
+
+        from bs_keras.data import get_dataset
+        from bs_keras.recipes import Recipe
+        from bs_keras.training import build_model
+
+        gated = keras.models.load_model(model_path)
+        config_path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json")
+        if not os.path.exists(config_path):
+            raise SystemExit(f"{config_path} not found: --model-path must be a model in a train.py run directory")
+        with open(config_path) as f:
+            recipe = Recipe.from_dict(json.load(f)["recipe"]).replace(gated=False)
+        dense = build_model(recipe, get_dataset(recipe.dataset).info)
+        for layer in dense.layers:
+            if layer.weights:
+                layer.set_weights(gated.get_layer(layer.name).get_weights())
+        return dense, gated
     if kind == "r50":
         dense = imagenet_resnet(50, gated=False)
         gated = imagenet_resnet(50, gated=True)
@@ -111,14 +135,22 @@ def bench_model(kind, args, log):
     from export.conditional import FoldedModel, conditional_model, set_gate_pattern
 
     t0 = time.time()
-    dense, gated = build(kind)
+    dense, gated = build(kind, model_path=args.model_path)
     shape = tuple(dense.input_shape[1:])
-    rng = np.random.default_rng(1)
-    calib = rng.normal(size=(args.calibration,) + shape).astype("float32")
-    test = rng.normal(size=(args.images,) + shape).astype("float32")
     dense_macs = count_macs(dense)
-    off, on = fractions(gated, dense_macs)
-    set_gate_pattern(gated, calib, off=off, on=on, nested=args.pattern == "nested", seed=0)
+    if kind == "trained":
+        from bs_keras.data import get_dataset
+
+        source = get_dataset(args.dataset)
+        calib = source.raw_train_images(args.calibration * 16)
+        test = np.concatenate([x for x, _ in source.eval(args.images).take(1)]).astype("float32")
+        off = on = float("nan")
+    else:
+        rng = np.random.default_rng(1)
+        calib = rng.normal(size=(args.calibration,) + shape).astype("float32")
+        test = rng.normal(size=(args.images,) + shape).astype("float32")
+        off, on = fractions(gated, dense_macs)
+        set_gate_pattern(gated, calib, off=off, on=on, nested=args.pattern == "nested", seed=0)
     cmacs = conditional_macs(gated, test, batch_size=8) / dense_macs
     compact = compact_model(gated, calib, round_to=8, batch_size=8)
     variants = {
@@ -197,7 +229,11 @@ def main():
     parser.add_argument("--pattern", choices=("nested", "independent"), default="nested")
     parser.add_argument("--no-litert", action="store_true")
     parser.add_argument("--tf-cond", action="store_true", help="also time cond8 with nested tf.cond in TF")
+    parser.add_argument("--model-path", help="a gated .keras model trained by train.py (for --models trained)")
+    parser.add_argument("--dataset", default="fashion_mnist", help="its dataset (calibration and test images)")
     args = parser.parse_args()
+    if "trained" in args.models.split(",") and not args.model_path:
+        parser.error("--models trained needs --model-path")
     args.rounds = args.rounds or (5 if args.quick else 11)
     args.images = args.images or (8 if args.quick else 16)
     args.calibration = args.calibration or (16 if args.quick else 32)
@@ -213,7 +249,8 @@ def main():
     t0 = time.time()
     for kind in args.models.split(","):
         cratio, mac_ratio, results = bench_model(kind, args, log)
-        name = {"r50": "ResNet-50 224x224", "r20": "CIFAR ResNet-20 32x32"}[kind]
+        name = {"r50": "ResNet-50 224x224", "r20": "CIFAR ResNet-20 32x32",
+                "trained": f"trained model {args.model_path} on {args.dataset}"}[kind]
         log(f"\n{name}: mean conditional MAC ratio {cratio:.3f}")
         cols = list(results)
         head = f"{'variant':8s} {'exec MACs':>9s} " + " ".join(f"{c + ' ms':>13s} {'ratio':>6s}" for c in cols)
