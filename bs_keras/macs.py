@@ -43,9 +43,15 @@ PASSTHROUGH = (
     _L.SpatialDropout2D,
     _L.SpatialDropout3D,
     _L.Identity,
+    _L.ZeroPadding1D,
     _L.ZeroPadding2D,
+    _L.ZeroPadding3D,
+    _L.MaxPooling1D,
     _L.MaxPooling2D,
+    _L.MaxPooling3D,
+    _L.AveragePooling1D,
     _L.AveragePooling2D,
+    _L.AveragePooling3D,
 )
 
 
@@ -290,8 +296,26 @@ def conditional_macs(model, x, batch_size=128):
     static = count_macs(model)
     masks = gate_masks(model, x, batch_size)
     n = len(next(iter(masks.values()))) if masks else len(np.asarray(x))
+    return macs_from_masks(static, gate_table(model), masks, n)
+
+
+def macs_from_masks(static, table, masks, n):
+    """Per-sample MACs: `static` minus what each closed channel controls.
+
+    Args:
+        static: `count_macs(model)`.
+        table: `gate_table(model)`.
+        masks: `{gate_name: (n, num_gates) 0/1 array}` of inference gates.
+        n: number of samples.
+    """
     macs = np.full((n,), float(static))
-    for info in gate_table(model):
-        closed = (1.0 - masks[info.gate.name]).sum(axis=-1) * info.gate.group_size
+    for info in table:
+        closed = (1.0 - np.asarray(masks[info.gate.name])).sum(axis=-1) * info.gate.group_size
         macs -= closed * info.macs_per_channel
     return macs
+
+
+def ungated_macs(model, static=None):
+    """MACs of the same network without its gates (static minus gate MLPs)."""
+    static = count_macs(model) if static is None else static
+    return static - sum(g.mlp_macs(g.hidden.kernel.shape[0]) for g in find_gates(model))

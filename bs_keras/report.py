@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from bs_keras.gates import find_gates, record_gates
-from bs_keras.macs import count_macs, gate_table
+from bs_keras.macs import count_macs, gate_table, macs_from_masks, ungated_macs
 
 
 def _per_sample_loss(outputs, labels):
@@ -41,7 +41,7 @@ def evaluate_model(model, dataset, max_batches=None):
     gates = find_gates(model)
     static = count_macs(model)
     table = gate_table(model) if gates else []
-    ungated = static - sum(g.mlp_macs(g.hidden.kernel.shape[0]) for g in gates)
+    ungated = ungated_macs(model, static)
     open_sums = {i.gate.name: np.zeros(i.gate.num_gates) for i in table}
     rows = {k: [] for k in ("macs", "label", "prediction", "correct", "loss")}
     n = 0
@@ -51,11 +51,10 @@ def evaluate_model(model, dataset, max_batches=None):
         with record_gates() as record:
             out = np.asarray(model(x, training=False))
         y = np.asarray(y).astype(np.int64).reshape(-1)
-        macs = np.full(len(y), float(static))
-        for info in table:
-            mask = np.asarray(record[info.gate][0])
-            open_sums[info.gate.name] += mask.sum(axis=0)
-            macs -= (1.0 - mask).sum(axis=-1) * info.gate.group_size * info.macs_per_channel
+        masks = {info.gate.name: np.asarray(record[info.gate][0]) for info in table}
+        for name, mask in masks.items():
+            open_sums[name] += mask.sum(axis=0)
+        macs = macs_from_masks(static, table, masks, len(y))
         pred = out.argmax(-1)
         rows["macs"].append(macs)
         rows["label"].append(y)

@@ -21,8 +21,8 @@ import tensorflow as tf
 from bs_keras import blocks
 from bs_keras.gates import find_gates, record_gates
 from bs_keras.gating import configure_gate_losses
-from bs_keras.macs import count_macs, gate_table
-from bs_keras.models import IMAGENET_SPECS, imagenet_resnet
+from bs_keras.macs import count_macs, gate_table, macs_from_masks, ungated_macs
+from bs_keras.models import IMAGENET_SPECS, _regularizer, imagenet_resnet
 
 IGNORE_LABEL = 255
 
@@ -157,7 +157,7 @@ def pspnet(
         seed=seed,
         name="backbone",
     )
-    reg = keras.regularizers.L2(weight_decay / 2.0) if weight_decay else None
+    reg = _regularizer(weight_decay)
     images = backbone.input
     features = backbone.output
     channels = features.shape[-1]
@@ -283,7 +283,7 @@ def evaluate_segmentation(model, dataset, num_classes, class_names=None, ignore_
     gates = find_gates(model)
     static = count_macs(model)
     table = gate_table(model) if gates else []
-    ungated = static - sum(g.mlp_macs(g.hidden.kernel.shape[0]) for g in gates)
+    ungated = ungated_macs(model, static)
     cm = np.zeros((num_classes, num_classes), np.int64)
     macs, examples = [], []
     for b, (x, y) in enumerate(dataset):
@@ -295,11 +295,8 @@ def evaluate_segmentation(model, dataset, num_classes, class_names=None, ignore_
         pred = np.asarray(tf.argmax(logits, axis=-1))
         y = np.asarray(y)
         cm += confusion_matrix(y, pred, num_classes, ignore_label)
-        per_image = np.full(len(y), float(static))
-        for info in table:
-            mask = np.asarray(record[info.gate][0])
-            per_image -= (1.0 - mask).sum(axis=-1) * info.gate.group_size * info.macs_per_channel
-        macs.append(per_image)
+        masks = {info.gate.name: np.asarray(record[info.gate][0]) for info in table}
+        macs.append(macs_from_masks(static, table, masks, len(y)))
         for i in range(len(y)):
             if len(examples) < keep_examples:
                 examples.append((np.asarray(x[i]), y[i], pred[i]))

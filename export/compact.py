@@ -40,7 +40,7 @@ import keras
 import numpy as np
 
 from bs_keras.gates import ChannelGate, find_gates
-from bs_keras.macs import gate_masks
+from bs_keras.macs import PASSTHROUGH, gate_masks
 
 _L = keras.layers
 
@@ -49,48 +49,14 @@ _L = keras.layers
 # logits tensor close to that of the trained logits.
 ON_LOGIT = 1.0
 
-# Layers between the producing convolution and the gate: per-channel maps.
-_BACKWARD_PASSTHROUGH = (
-    _L.BatchNormalization,
-    _L.ReLU,
-    _L.Activation,
-    _L.LeakyReLU,
-    _L.ELU,
-    _L.Dropout,
-    _L.SpatialDropout1D,
-    _L.SpatialDropout2D,
-    _L.SpatialDropout3D,
-    _L.Identity,
-    _L.ZeroPadding1D,
-    _L.ZeroPadding2D,
-    _L.ZeroPadding3D,
-    _L.MaxPooling1D,
-    _L.MaxPooling2D,
-    _L.MaxPooling3D,
-    _L.AveragePooling1D,
-    _L.AveragePooling2D,
-    _L.AveragePooling3D,
-)
+# Layers between the producing convolution and the gate: per-channel maps
+# (the same set the MAC accounting looks through).
+_BACKWARD_PASSTHROUGH = PASSTHROUGH
 # Layers between the gate and the consuming convolution: they must map a
-# closed (zero) channel to zero, or removing it would change the consumer.
-_FORWARD_PASSTHROUGH = (
-    _L.ReLU,
-    _L.LeakyReLU,
-    _L.ELU,
-    _L.Dropout,
-    _L.SpatialDropout1D,
-    _L.SpatialDropout2D,
-    _L.SpatialDropout3D,
-    _L.Identity,
-    _L.ZeroPadding1D,
-    _L.ZeroPadding2D,
-    _L.ZeroPadding3D,
-    _L.MaxPooling1D,
-    _L.MaxPooling2D,
-    _L.MaxPooling3D,
-    _L.AveragePooling1D,
-    _L.AveragePooling2D,
-    _L.AveragePooling3D,
+# closed (zero) channel to zero, or removing it would change the consumer
+# (Activation layers are checked one by one below).
+_FORWARD_PASSTHROUGH = tuple(
+    t for t in PASSTHROUGH if t not in (_L.BatchNormalization, _L.Activation)
 )
 _ZERO_PRESERVING_ACTIVATIONS = (
     "relu", "relu6", "linear", "leaky_relu", "elu", "selu", "tanh", "gelu", "silu", "swish",
