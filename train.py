@@ -57,6 +57,9 @@ def parse_args(argv=None):
     gated.add_argument("--plain", dest="gated", action="store_false", help="ungated baseline")
     g.add_argument("--width-multiplier", type=_number)
     g.add_argument("--group-size", type=_positive_int, help="channels switched by one gate (default 1)")
+    g.add_argument("--gate-granularity", choices=("channel", "block"),
+                   help="channel: per-channel gates (default, the paper); block: one gate per residual "
+                   "branch (the coarse ConvNet-AIG-style baseline)")
     g.add_argument("--image-size", type=_positive_int, help="resize images to this square size")
     g.add_argument("--crop-size", type=_positive_int, help="segmentation training crop (default 713 for Cityscapes)")
     g.add_argument("--aux-weight", type=_number, help="segmentation auxiliary-head loss weight (default 0.4)")
@@ -88,7 +91,7 @@ def parse_args(argv=None):
 
 
 RECIPE_FLAGS = (
-    "dataset", "model", "gated", "width_multiplier", "group_size", "image_size", "epochs", "batch_size",
+    "dataset", "model", "gated", "width_multiplier", "group_size", "gate_granularity", "image_size", "epochs", "batch_size",
     "lr", "lr_schedule", "optimizer", "weight_decay", "gamma", "lam", "prior_a", "prior_b",
     "l0_weighting", "seed", "validation_split", "limit_train", "limit_eval", "crop_size", "aux_weight",
     "init_from",

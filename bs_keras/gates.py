@@ -103,7 +103,9 @@ class ChannelGate(keras.layers.Layer):
         init_bias: initial bias of the logits; positive so that most gates
             start open (default 3.0: `sigmoid(3) = 0.95`).
         group_size: channels switched by one gate (default 1: per-channel
-            gates as in the paper; `channels` gives one gate per block).
+            gates as in the paper), or "all": one gate switches every
+            channel, i.e. the whole residual branch (block-level gating,
+            the coarse ConvNet-AIG-style baseline).
         prior_a: first Beta parameter of the batch-shaping prior.
         prior_b: second Beta parameter of the batch-shaping prior.
         bs_coef: initial weight of this gate's batch-shaping loss.
@@ -147,9 +149,12 @@ class ChannelGate(keras.layers.Layer):
             raise ValueError(
                 f"temperature must be positive. Received: temperature={temperature}"
             )
-        if int(group_size) != group_size or group_size < 1:
+        if group_size != "all" and (
+            isinstance(group_size, str) or int(group_size) != group_size or group_size < 1
+        ):
             raise ValueError(
-                f"group_size must be a positive integer. Received: group_size={group_size}"
+                "group_size must be a positive integer or 'all' (one gate for "
+                f"all channels). Received: group_size={group_size!r}"
             )
         if not (0 < prior_a < math.inf and 0 < prior_b < math.inf):
             raise ValueError(
@@ -164,7 +169,9 @@ class ChannelGate(keras.layers.Layer):
         self.hidden_units = int(hidden_units)
         self.temperature = float(temperature)
         self.init_bias = float(init_bias)
-        self.group_size = int(group_size)
+        self._group_size_arg = group_size if group_size == "all" else int(group_size)
+        # The resolved channels per gate (an int once built).
+        self.group_size = None if group_size == "all" else int(group_size)
         self.prior_a = float(prior_a)
         self.prior_b = float(prior_b)
         self._init_bs_coef = float(bs_coef)
@@ -188,6 +195,8 @@ class ChannelGate(keras.layers.Layer):
                 f"Received: x shape={x_shape}"
             )
         channels = h_shape[-1]
+        if self._group_size_arg == "all" and channels is not None:
+            self.group_size = int(channels)
         if channels is None or channels % self.group_size:
             raise ValueError(
                 f"The gated features have {channels} channels, which is not a "
@@ -300,7 +309,7 @@ class ChannelGate(keras.layers.Layer):
                 "hidden_units": self.hidden_units,
                 "temperature": self.temperature,
                 "init_bias": self.init_bias,
-                "group_size": self.group_size,
+                "group_size": self._group_size_arg,
                 "prior_a": self.prior_a,
                 "prior_b": self.prior_b,
                 "bs_coef": self._init_bs_coef,

@@ -12,6 +12,7 @@ MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18
 SEGMENTATION_DATASETS = ("cityscapes", "fashion_canvas")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("step", "cosine", "constant", "poly")
+GATE_GRANULARITIES = ("channel", "block")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Recipe:
     prior_b: float = 0.4
     l0_weighting: str = "macs"
     group_size: int = 1
+    gate_granularity: str = "channel"
     width_multiplier: float = 1.0
     image_size: int = None
     seed: int = 0
@@ -56,6 +58,11 @@ class Recipe:
     aux_weight: float = 0.4
     init_from: str = None
     description: str = ""
+
+    @property
+    def gate_group_size(self):
+        """`ChannelGate(group_size=...)` for this recipe ("all" for block gates)."""
+        return "all" if self.gate_granularity == "block" else self.group_size
 
     @property
     def task(self):
@@ -100,6 +107,12 @@ class Recipe:
             bad("lr_schedule", f"choose one of {', '.join(LR_SCHEDULES)}")
         if self.l0_weighting not in ("macs", "channels"):
             bad("l0_weighting", "choose 'macs' or 'channels'")
+        if self.gate_granularity not in GATE_GRANULARITIES:
+            bad("gate_granularity", "choose 'channel' (per-channel gates, the paper) or 'block' "
+                "(one gate per residual branch)")
+        if self.gate_granularity == "block" and self.group_size != 1:
+            bad("group_size", "--gate-granularity block already uses one gate per block; "
+                "leave --group-size at 1")
         for field in ("epochs", "batch_size", "group_size"):
             if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
                 bad(field, "must be a positive integer")

@@ -123,7 +123,7 @@ def build_model(recipe, info):
         gamma=recipe.gamma,
         lam=0.0,
         l0_weighting=recipe.l0_weighting,
-        gate_kwargs={"prior_a": recipe.prior_a, "prior_b": recipe.prior_b, "group_size": recipe.group_size},
+        gate_kwargs={"prior_a": recipe.prior_a, "prior_b": recipe.prior_b, "group_size": recipe.gate_group_size},
         seed=recipe.seed,
     )
     if depth in (18, 34, 50):
@@ -409,7 +409,7 @@ class SegmentationTask:
             input_shape=(*self.info.crop_size, self.info.channels),
             gated=r.gated, width_multiplier=r.width_multiplier, weight_decay=r.weight_decay,
             gamma=r.gamma, lam=0.0, l0_weighting=r.l0_weighting,
-            gate_kwargs={"prior_a": r.prior_a, "prior_b": r.prior_b, "group_size": r.group_size},
+            gate_kwargs={"prior_a": r.prior_a, "prior_b": r.prior_b, "group_size": r.gate_group_size},
             seed=r.seed,
         )  # fmt: skip
         if r.init_from:
