@@ -1,0 +1,169 @@
+"""Accuracy vs conditional MACs on Fashion-MNIST: the sweep behind docs/RESULTS.md.
+
+Trains, with the same epochs, schedule shape, data and seeds, through
+`train.py` (one subprocess per run, so every run starts clean):
+
+- plain ResNet-20 at width multipliers 1.0, 0.75, 0.5, 0.35;
+- gated ResNet-20, L0 only (gamma = 0), at each lambda;
+- gated ResNet-20, batch-shaping + L0 (the paper), at the same lambdas;
+- block-level gated ResNet-20 (one gate per residual branch,
+  `--gate-granularity block`), batch-shaping + L0, at the block lambdas.
+
+Every run is a normal train.py run directory under `--root`
+(`<family>_<knob>_s<seed>`); `report.py` reads them. The sweep is
+resumable: finished runs (with a report.json) are skipped, an interrupted
+run resumes from its last completed epoch. Wall time per run (including
+start-up and the final evaluation) goes into `<root>/sweep.json`.
+
+Budget: 4 epochs of 16,000 images (each epoch a fresh random 16,000 of the
+60,000 training images: 500 steps of batch 128), evaluated on the full
+10,000-image test set; about an hour for the default sweep on 2 CPU cores.
+
+    python bench/tradeoff.py                          # the default sweep
+    python bench/tradeoff.py --dry-run                # print the runs and their state
+    python bench/tradeoff.py --families bas_l0 --seeds 0 --lams 10
+    python report.py runs/tradeoff --out docs/results
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAMILIES = ("plain", "l0", "bas_l0", "block")
+WIDTHS = (1.0, 0.75, 0.5, 0.35)
+LAMS = (8.0, 20.0, 50.0)
+BLOCK_LAMS = (8.0, 20.0)
+SEEDS = (0, 1)
+# Shared by every run: only the family's own knob and the seed differ.
+COMMON = {"epochs": 4, "limit_train": 16000, "batch_size": 128, "lr": 0.1, "lr_schedule": "cosine",
+          "weight_decay": 5e-4}
+
+
+def _num(value):
+    return f"{value:g}".replace(".", "p")
+
+
+def plan(families=FAMILIES, seeds=SEEDS, widths=WIDTHS, lams=LAMS, block_lams=BLOCK_LAMS, common=None):
+    """The runs of the sweep: a list of `(name, train.py flags)`."""
+    common = {**COMMON, **(common or {})}
+    base = ["--recipe", "fashion_mnist_demo"]
+    for key, value in common.items():
+        base += [f"--{key.replace('_', '-')}", str(value)]
+    runs = []
+    for seed in seeds:
+        for family in families:
+            if family == "plain":
+                for w in widths:
+                    runs.append((f"plain_w{_num(w)}_s{seed}", base + ["--plain", "--width-multiplier", str(w)]))
+            elif family in ("l0", "bas_l0"):
+                for lam in lams:
+                    gamma = ["--gamma", "0"] if family == "l0" else []
+                    runs.append((f"{family}_lam{_num(lam)}_s{seed}", base + ["--lam", str(lam)] + gamma))
+            elif family == "block":
+                for lam in block_lams:
+                    runs.append((f"block_lam{_num(lam)}_s{seed}",
+                                 base + ["--lam", str(lam), "--gate-granularity", "block"]))
+            else:
+                raise ValueError(f"Unknown family {family!r}; choose from {', '.join(FAMILIES)}.")
+    return [(name, flags + ["--seed", str(name_seed(name))]) for name, flags in runs]
+
+
+def name_seed(name):
+    return int(name.rsplit("_s", 1)[1])
+
+
+def is_finished(run_dir):
+    return os.path.exists(os.path.join(run_dir, "report.json"))
+
+
+def _write_json(path, data):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _csv(text, convert):
+    try:
+        return tuple(convert(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default=os.path.join("runs", "tradeoff"), help="directory of the run directories")
+    p.add_argument("--families", type=lambda t: _csv(t, str), default=FAMILIES,
+                   help=f"comma-separated subset of {','.join(FAMILIES)}")
+    p.add_argument("--seeds", type=lambda t: _csv(t, int), default=SEEDS)
+    p.add_argument("--widths", type=lambda t: _csv(t, float), default=WIDTHS)
+    p.add_argument("--lams", type=lambda t: _csv(t, float), default=LAMS)
+    p.add_argument("--block-lams", type=lambda t: _csv(t, float), default=BLOCK_LAMS)
+    p.add_argument("--epochs", type=int, default=COMMON["epochs"])
+    p.add_argument("--limit-train", type=int, default=COMMON["limit_train"])
+    p.add_argument("--limit-eval", type=int, help="evaluate on fewer test images (quick checks only)")
+    p.add_argument("--dataset", help="another dataset than Fashion-MNIST (same recipe otherwise)")
+    p.add_argument("--dry-run", action="store_true", help="print the runs and whether they are done")
+    args = p.parse_args(argv)
+    bad = set(args.families) - set(FAMILIES)
+    if bad:
+        p.error(f"--families: unknown {sorted(bad)}; choose from {', '.join(FAMILIES)}")
+    if args.epochs < 1 or args.limit_train < 128:
+        p.error("--epochs must be >= 1 and --limit-train >= 128 (one batch)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    common = {"epochs": args.epochs, "limit_train": args.limit_train}
+    if args.limit_eval:
+        common["limit_eval"] = args.limit_eval
+    if args.dataset:
+        common["dataset"] = args.dataset
+    runs = plan(args.families, args.seeds, args.widths, args.lams, args.block_lams, common)
+    os.makedirs(args.root, exist_ok=True)
+    ledger_path = os.path.join(args.root, "sweep.json")
+    ledger = {"runs": {}}
+    if os.path.exists(ledger_path):
+        with open(ledger_path) as f:
+            ledger = json.load(f)
+    todo = [(n, f) for n, f in runs if not is_finished(os.path.join(args.root, n))]
+    print(f"{len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to do (root {args.root})")
+    if args.dry_run:
+        for name, flags in runs:
+            state = "done" if is_finished(os.path.join(args.root, name)) else "todo"
+            print(f"  [{state}] {name}: python train.py {' '.join(flags)}")
+        return 0
+    sweep_start = time.time()
+    for i, (name, flags) in enumerate(todo, 1):
+        run_dir = os.path.join(args.root, name)
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), *flags, "--run-dir", run_dir]
+        print(f"[{i}/{len(todo)}] {name} (elapsed {time.time() - sweep_start:.0f} s)", flush=True)
+        with open(os.path.join(args.root, f"{name}.log"), "a") as log:
+            start = time.time()
+            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            wall = time.time() - start
+        if rc != 0:
+            print(f"  {name} failed (exit {rc}); see {os.path.join(args.root, name + '.log')}", file=sys.stderr)
+            return rc
+        entry = ledger["runs"].get(name, {"wall_seconds": 0.0, "sessions": 0})
+        entry["wall_seconds"] += wall
+        entry["sessions"] += 1
+        entry["command"] = "python train.py " + " ".join(flags + ["--run-dir", run_dir])
+        ledger["runs"][name] = entry
+        _write_json(ledger_path, ledger)
+        with open(os.path.join(run_dir, "report.json")) as f:
+            ev = json.load(f)["evaluation"]
+        print(f"  accuracy {ev['accuracy']:.4f}  MACs {ev['macs_ratio']:.1%}  wall {wall:.0f} s", flush=True)
+    print(f"Sweep done in {time.time() - sweep_start:.0f} s. Next: python report.py {args.root} --out docs/results")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The trade-off sweep's plan (bench/tradeoff.py): valid train.py runs that
+differ only in the family's knob and the seed; finished runs are skipped."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("tradeoff", os.path.join(ROOT, "bench", "tradeoff.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tradeoff = _load()
+
+
+def _recipes():
+    out = {}
+    for name, flags in tradeoff.plan():
+        _, args = train.parse_args(flags)
+        out[name] = train.resolve_recipe(args)
+    return out
+
+
+def test_default_plan_families_and_seeds():
+    recipes = _recipes()
+    assert len(recipes) == 2 * (4 + 3 + 3 + 2)
+    plain = {k: r for k, r in recipes.items() if k.startswith("plain")}
+    assert sorted({r.width_multiplier for r in plain.values()}) == [0.35, 0.5, 0.75, 1.0]
+    assert all(not r.gated for r in plain.values())
+    l0 = [r for k, r in recipes.items() if k.startswith("l0_")]
+    bas = [r for k, r in recipes.items() if k.startswith("bas_l0_")]
+    block = [r for k, r in recipes.items() if k.startswith("block_")]
+    assert all(r.gated and r.gamma == 0 and r.gate_granularity == "channel" for r in l0)
+    assert all(r.gated and r.gamma == 0.75 and r.gate_granularity == "channel" for r in bas)
+    assert all(r.gated and r.gamma == 0.75 and r.gate_granularity == "block" for r in block)
+    assert sorted({r.lam for r in l0}) == sorted({r.lam for r in bas}) == [8.0, 20.0, 50.0]
+    assert {r.seed for r in recipes.values()} == {0, 1}
+    assert all(r.seed == tradeoff.name_seed(k) for k, r in recipes.items())
+
+
+def test_runs_differ_only_in_knob_and_seed():
+    recipes = _recipes()
+    knobs = {"gated", "width_multiplier", "lam", "gamma", "gate_granularity", "seed"}
+    shared = [{k: v for k, v in r.to_dict().items() if k not in knobs} for r in recipes.values()]
+    assert all(s == shared[0] for s in shared)
+    assert shared[0]["epochs"] == 4 and shared[0]["limit_train"] == 16000
+    assert shared[0]["dataset"] == "fashion_mnist" and shared[0]["model"] == "resnet20"
+
+
+def test_finished_runs_are_skipped(tmp_path, capsys):
+    root = tmp_path / "sweep"
+    done = root / "plain_w1_s0"
+    done.mkdir(parents=True)
+    (done / "report.json").write_text(json.dumps({"evaluation": {}}))
+    argv = ["--root", str(root), "--families", "plain", "--seeds", "0", "--dry-run"]
+    assert tradeoff.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "4 runs, 1 finished, 3 to do" in out
+    assert "[done] plain_w1_s0" in out and "[todo] plain_w0p35_s0" in out
+
+
+def test_bad_family_is_named(capsys):
+    with pytest.raises(SystemExit) as e:
+        tradeoff.parse_args(["--families", "plain,big"])
+    assert e.value.code == 2
+    assert "unknown ['big']" in capsys.readouterr().err
