@@ -1,0 +1,340 @@
+"""report.py / bs_keras.sweep_report on tiny fabricated run directories.
+
+The fabricated sweep uses an ungated full-width network of 1000 MACs, so
+MAC ratios are the MAC counts / 1000 and every expected number below is
+computable by hand.
+"""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import report as report_cli
+from bs_keras import sweep_report as sr
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+FULL = 1000.0
+
+
+def _recipe(gated, gamma, lam, width, seed, granularity):
+    r = {"dataset": "fashion_mnist", "model": "resnet20", "gated": gated, "gamma": gamma, "lam": lam,
+         "width_multiplier": width, "seed": seed, "epochs": 3, "limit_train": 16000}  # fmt: skip
+    if granularity is not None:
+        r["gate_granularity"] = granularity
+    return r
+
+
+def make_run(root, name, *, gated=True, gamma=0.75, lam=1.0, width=1.0, seed=0, granularity=None,
+             accuracy=0.9, macs=500.0, ungated=FULL, counts=((7, 2, 1),), per_sample=None, wall=50.0,
+             finished=True):  # fmt: skip
+    """A run directory as train.py writes it. counts: (on, cond, off) per gate layer."""
+    d = pathlib.Path(root) / name
+    d.mkdir(parents=True)
+    recipe = _recipe(gated, gamma, lam, width, seed, granularity)
+    (d / "config.json").write_text(json.dumps({"recipe": recipe, "runtime": {"strategy": "cpu"}}))
+    if not finished:
+        return d
+    layers = [
+        {"name": f"stage1_block{i + 1}_gate", "gates": sum(c), "channels": sum(c), "open_rate": 0.5,
+         "always_on": c[0], "conditional": c[1], "always_off": c[2], "macs_per_channel": 10.0}
+        for i, c in enumerate(counts if gated else ())
+    ]  # fmt: skip
+    total = sum(l["gates"] for l in layers)
+    cats = {k: (sum(l[k] for l in layers) / total if total else math.nan) for k in sr.CATEGORIES}
+    evaluation = {
+        "num_samples": 4, "accuracy": accuracy, "mean_loss": 0.5, "static_macs": int(ungated),
+        "ungated_macs": int(ungated), "mean_conditional_macs": macs, "macs_ratio": macs / ungated,
+        "min_conditional_macs": macs, "max_conditional_macs": macs, "gated": gated,
+        "gate_categories": cats, "layers": layers,
+    }  # fmt: skip
+    report = {"recipe": recipe, "epochs_completed": 3, "train_wall_seconds_this_session": wall,
+              "best": {"epoch": 3}, "evaluation": evaluation}  # fmt: skip
+    (d / "report.json").write_text(json.dumps(report))  # NaN for plain runs, as json.dump writes it
+    if per_sample is None:
+        per_sample = {"macs": np.full(4, macs), "correct": np.array([1, 1, 1, 0], bool),
+                      "loss": np.array([0.1, 0.2, 0.3, 2.0])}  # fmt: skip
+    n = len(per_sample["macs"])
+    arrays = {"label": np.arange(n) % 2, "prediction": np.zeros(n, np.int64), **per_sample}
+    np.savez_compressed(d / "per_sample.npz", **arrays)
+    return d
+
+
+# bas_lam1_s0's per-sample data: MAC ranks tie in pairs.
+BAS1_SAMPLES = {"macs": np.array([400.0, 400.0, 600.0, 600.0]), "correct": np.array([1, 1, 0, 1], bool),
+                "loss": np.array([0.1, 0.2, 2.0, 0.5])}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep") / "tradeoff"
+    make_run(root, "plain_w0.5_s0", gated=False, width=0.5, accuracy=0.80, macs=250, ungated=250)
+    make_run(root, "plain_w1_s0", gated=False, width=1.0, accuracy=0.90, macs=1000)
+    make_run(root, "plain_w1_s1", gated=False, width=1.0, seed=1, accuracy=0.92, macs=1000)
+    make_run(root, "bas_lam1_s0", lam=1, accuracy=0.88, macs=500, counts=[(2, 1, 1), (3, 3, 0)],
+             per_sample=BAS1_SAMPLES)  # fmt: skip
+    make_run(root, "bas_lam1_s1", lam=1, seed=1, accuracy=0.86, macs=700, counts=[(4, 6, 0)])
+    make_run(root, "bas_lam10_s0", lam=10, accuracy=0.70, macs=200, counts=[(2, 5, 3)])
+    make_run(root, "l0_lam1_s0", gamma=0.0, lam=1, accuracy=0.82, macs=400, counts=[(8, 1, 1)])
+    make_run(root, "l0_lam1_s1", gamma=0.0, lam=1, seed=1, accuracy=0.80, macs=420, counts=[(6, 3, 1)])
+    make_run(root, "l0_lam10_s0", gamma=0.0, lam=10, accuracy=0.60, macs=150, counts=[(2, 2, 6)])
+    make_run(root, "block_lam1_s0", lam=1, granularity="block", accuracy=0.75, macs=350, counts=[(1, 1, 1)])
+    make_run(root, "bas_lam3_s0", lam=3, finished=False)
+    (root / "sweep.json").write_text(json.dumps(
+        {"runs": {"bas_lam1_s0": {"wall_seconds": 123.0}, "bas_lam30_s0": {"wall_seconds": None}}}
+    ))  # fmt: skip
+    return root
+
+
+@pytest.fixture(scope="module")
+def summary(sweep):
+    s, runs, difficulty = sr.summarize([str(sweep)], max_macs=0.65)
+    return s
+
+
+def _run(summary, name):
+    return next(r for r in summary["runs"] if r["name"] == name)
+
+
+def _config(summary, key):
+    return next(c for c in summary["configs"] if c["config"] == key)
+
+
+# ----------------------------------------------------------- pure numbers
+
+
+def test_family_classification():
+    assert sr.run_family({"gated": False, "gamma": 0.75}) == "plain"
+    assert sr.run_family({"gated": True, "gamma": 0.0, "gate_granularity": "block"}) == "block"
+    assert sr.run_family({"gated": True, "gamma": 0.0}) == "l0"  # missing granularity: channel
+    assert sr.run_family({"gated": True, "gamma": 0.0, "gate_granularity": "channel"}) == "l0"
+    assert sr.run_family({"gated": True, "gamma": 0.75}) == "bas_l0"
+    assert sr.config_knob("plain", {"width_multiplier": 0.5, "lam": 3}) == ("width_multiplier", 0.5)
+    assert sr.config_knob("block", {"width_multiplier": 0.5, "lam": 3}) == ("lam", 3.0)
+
+
+def test_average_ranks_with_ties():
+    np.testing.assert_allclose(sr.average_ranks([10, 20, 10, 30, 20, 10]), [2, 4.5, 2, 6, 4.5, 2])
+
+
+def test_spearman_hand_example():
+    # MAC ranks [1.5, 1.5, 3.5, 3.5], loss ranks [1, 2, 4, 3]: rho = 4 / sqrt(4 * 5).
+    rho = sr.spearman(BAS1_SAMPLES["macs"], BAS1_SAMPLES["loss"])
+    assert rho == pytest.approx(4 / math.sqrt(20), abs=1e-12)
+    assert sr.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(sr.spearman([5, 5, 5], [1, 2, 3]))
+    assert math.isnan(sr.spearman([1, 2, 3], [7, 7, 7]))
+    assert math.isnan(sr.spearman([1], [2]))
+
+
+def test_spearman_matches_scipy_with_heavy_ties():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        macs = rng.integers(0, 4, 300) * 1e6  # 4 distinct values: heavy ties
+        loss = rng.integers(0, 6, 300) * 0.5 + 0.1 * macs / 1e6 + rng.normal(0, 0.3, 300) * (rng.random(300) < 0.5)
+        expected = stats.spearmanr(macs, loss).statistic
+        assert sr.spearman(macs, loss) == pytest.approx(expected, abs=1e-12)
+    x = rng.normal(size=50)
+    assert sr.spearman(x, x**3) == pytest.approx(1.0)
+
+
+def test_interpolate_hand_values():
+    pts = [(1.0, 0.91), (0.25, 0.80)]  # unsorted on purpose
+    assert sr.interpolate(pts, 0.6) == pytest.approx(0.80 + 0.35 / 0.75 * 0.11)
+    assert sr.interpolate(pts, 0.25) == pytest.approx(0.80)
+    assert sr.interpolate(pts, 1.0) == pytest.approx(0.91)
+    assert sr.interpolate(pts, 0.2) is None and sr.interpolate(pts, 1.01) is None
+    assert sr.interpolate([(0.0, 0.0), (0.5, 1.0), (0.5, 0.0), (1.0, 0.0)], 0.25) == pytest.approx(0.25)
+    assert sr.interpolate([(0.5, 0.7)], 0.5) == pytest.approx(0.7)
+    assert sr.interpolate([(0.5, 0.7)], 0.6) is None
+    assert sr.interpolate([], 0.5) is None
+
+
+def test_aggregate_uses_ddof_1_and_std_0_for_one_seed():
+    a = sr.aggregate([0.90, 0.92, None])
+    assert a["mean"] == pytest.approx(0.91) and a["n"] == 2
+    assert a["std"] == pytest.approx(math.sqrt(2 * 0.01**2 / 1))
+    assert a["min"] == pytest.approx(0.90) and a["max"] == pytest.approx(0.92)
+    assert sr.aggregate([0.5]) == {"mean": 0.5, "std": 0.0, "min": 0.5, "max": 0.5, "n": 1}
+    assert sr.aggregate([None, math.nan]) is None
+
+
+def test_gate_category_fractions():
+    layers = [{"name": "a", "gates": 4, "always_on": 2, "conditional": 1, "always_off": 1},
+              {"name": "b", "gates": 6, "always_on": 3, "conditional": 3, "always_off": 0}]  # fmt: skip
+    out = sr.gate_category_fractions(layers)
+    assert out["total"] == pytest.approx({"always_on": 0.5, "conditional": 0.4, "always_off": 0.1})
+    assert out["layers"][0] == pytest.approx(
+        {"name": "a", "gates": 4, "always_on": 0.5, "conditional": 0.25, "always_off": 0.25})
+    assert out["layers"][1]["conditional"] == pytest.approx(0.5)
+    assert sr.gate_category_fractions([])["total"] is None
+
+
+# --------------------------------------------------------- on the sweep
+
+
+def test_runs_missing_families_and_wall_times(summary):
+    names = [r["name"] for r in summary["runs"]]
+    assert len(names) == 10 and "bas_lam3_s0" not in names
+    assert {m["name"]: m["reason"] for m in summary["missing"]} == {
+        "bas_lam3_s0": "no report.json (unfinished)", "bas_lam30_s0": "in sweep.json, no run directory"}
+    assert {r["name"]: r["family"] for r in summary["runs"]}["block_lam1_s0"] == "block"
+    assert _run(summary, "l0_lam1_s0")["family"] == "l0"
+    assert _run(summary, "bas_lam10_s0")["family"] == "bas_l0"
+    assert _run(summary, "plain_w0.5_s0")["family"] == "plain"
+    assert summary["reference_macs"] == FULL
+    # Narrow plain runs are relative to the full-width network, not their own.
+    assert _run(summary, "plain_w0.5_s0")["macs_ratio"] == pytest.approx(0.25)
+    assert _run(summary, "plain_w0.5_s0")["own_macs_ratio"] == pytest.approx(1.0)
+    assert _run(summary, "plain_w0.5_s0")["conditional"] is None
+    bas = _run(summary, "bas_lam1_s0")
+    assert (bas["wall_seconds"], bas["wall_seconds_source"]) == (123.0, "sweep.json")
+    assert (_run(summary, "l0_lam1_s0")["wall_seconds"], _run(summary, "l0_lam1_s0")["wall_seconds_source"]) == (
+        50.0, "report.json")
+    assert bas["conditional"] == pytest.approx(0.4) and bas["always_off"] == pytest.approx(0.1)
+    assert [l["conditional"] for l in bas["layers"]] == pytest.approx([0.25, 0.5])
+
+
+def test_seed_aggregation(summary):
+    keys = [c["config"] for c in summary["configs"]]
+    assert keys == ["plain width=0.5", "plain width=1", "l0 lam=1", "l0 lam=10", "bas_l0 lam=1",
+                    "bas_l0 lam=10", "block lam=1"]  # fmt: skip
+    plain = _config(summary, "plain width=1")
+    assert plain["n"] == 2 and plain["seeds"] == [0, 1]
+    assert plain["accuracy"]["mean"] == pytest.approx(0.91)
+    assert plain["accuracy"]["std"] == pytest.approx(0.0141421356, abs=1e-9)
+    bas = _config(summary, "bas_l0 lam=1")
+    assert bas["macs_ratio"] == pytest.approx({"mean": 0.6, "std": math.sqrt(0.02), "min": 0.5, "max": 0.7, "n": 2})
+    assert bas["conditional"]["mean"] == pytest.approx(0.5) and bas["conditional"]["std"] == pytest.approx(
+        math.sqrt(0.02))
+    one = _config(summary, "bas_l0 lam=10")
+    assert one["n"] == 1 and one["accuracy"]["std"] == 0.0
+
+
+def test_claim_1a_and_1b(summary):
+    c = summary["claims"]["1a"]
+    assert c["plain_range"] == pytest.approx([0.25, 1.0])
+    bas = {r["lam"]: r for r in c["bas_l0"]}
+    assert bas[1.0]["plain_accuracy_at_same_macs"] == pytest.approx(0.80 + 0.35 / 0.75 * 0.11)
+    assert bas[1.0]["difference"] == pytest.approx(0.87 - (0.80 + 0.35 / 0.75 * 0.11))
+    assert bas[10.0]["plain_accuracy_at_same_macs"] is None and bas[10.0]["difference"] is None  # 0.2 < 0.25
+    l0 = {r["lam"]: r for r in c["l0"]}
+    assert l0[1.0]["macs_ratio"] == pytest.approx(0.41)
+    assert l0[1.0]["plain_accuracy_at_same_macs"] == pytest.approx(0.80 + 0.16 / 0.75 * 0.11)
+    assert l0[1.0]["difference"] == pytest.approx(0.81 - (0.80 + 0.16 / 0.75 * 0.11))
+    (block,) = summary["claims"]["1b"]
+    # Channel curve: (0.2, 0.70) lam 10, (0.6, 0.87) lam 1; block at 0.35.
+    assert block["bas_l0_accuracy_at_same_macs"] == pytest.approx(0.70 + 0.15 / 0.4 * 0.17)
+    assert block["difference_channel_minus_block"] == pytest.approx(0.70 + 0.15 / 0.4 * 0.17 - 0.75)
+
+
+def test_claim_2_conditional_fraction(summary):
+    rows = {r["lam"]: r for r in summary["claims"]["2"]}
+    assert sorted(rows) == [1.0, 10.0]
+    assert rows[1.0]["l0"]["mean"] == pytest.approx(0.2) and rows[1.0]["l0"]["std"] == pytest.approx(math.sqrt(0.02))
+    assert rows[1.0]["bas_l0"]["mean"] == pytest.approx(0.5)
+    assert rows[1.0]["difference"] == pytest.approx(0.3)
+    assert rows[10.0]["difference"] == pytest.approx(0.5 - 0.2)
+
+
+def test_claim_3_and_choices(summary, sweep):
+    rows = {r["run"]: r for r in summary["claims"]["3"]}
+    assert len(rows) == 7  # the gated runs
+    bas = rows["bas_lam1_s0"]
+    assert bas["spearman_macs_loss"] == pytest.approx(4 / math.sqrt(20))
+    assert bas["macs_ratio_correct"] == pytest.approx(1400 / 3 / FULL)
+    assert bas["macs_ratio_wrong"] == pytest.approx(0.6)
+    assert bas["difference_wrong_minus_correct"] == pytest.approx(0.6 - 1400 / 3 / FULL)
+    assert rows["l0_lam1_s0"]["spearman_macs_loss"] is None  # constant MACs
+    demo = summary["claims"]["demo"]
+    assert demo["lam"] == 1.0 and demo["accuracy"] == pytest.approx(0.87)
+    configs = summary["configs"]
+    assert sr.demo_choice(configs, 0.3)["lam"] == 10.0
+    assert sr.demo_choice(configs, 0.1) is None
+    assert summary["difficulty_run"] == "bas_lam1_s0"
+    _, runs, _ = sr.summarize([str(sweep)])
+    assert sr.pick_difficulty_run(runs, max_macs=0.3)["name"] == "bas_lam10_s0"
+    assert sr.pick_difficulty_run(runs, max_macs=0.1)["name"] == "bas_lam1_s0"  # fallback: best gated
+    assert sr.pick_difficulty_run(runs, "l0_lam10_s0")["name"] == "l0_lam10_s0"
+    with pytest.raises(sr.SweepError, match="plain"):
+        sr.pick_difficulty_run(runs, "plain_w1_s0")
+    with pytest.raises(sr.SweepError, match="not a finished run"):
+        sr.pick_difficulty_run(runs, "bas_lam3_s0")
+
+
+def test_gate_category_pairs_use_the_smallest_seed(sweep):
+    _, runs, _ = sr.summarize([str(sweep)])
+    pairs = sr.gate_category_pairs(runs)
+    assert [(lam, a["name"], b["name"]) for lam, a, b in pairs] == [
+        (1.0, "l0_lam1_s0", "bas_lam1_s0"), (10.0, "l0_lam10_s0", "bas_lam10_s0")]
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def test_cli_writes_everything(sweep, tmp_path, capsys):
+    out = tmp_path / "out" / "nested"
+    # A root and one of its run directories again: counted once.
+    code = report_cli.main([str(sweep), str(sweep / "plain_w1_s0"), "--out", str(out), "--max-macs", "0.65"])
+    assert code == 0
+    for name in ("tradeoff.png", "gate_categories.png", "difficulty.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000, name
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) >= {"runs", "configs", "claims", "missing", "reference_macs", "difficulty_run", "plots"}
+    assert len(summary["runs"]) == 10
+    assert summary["claims"]["demo"]["lam"] == 1.0
+    assert summary["plots"] == ["tradeoff.png", "gate_categories.png", "difficulty.png"]
+    md = (out / "results.md").read_text()
+    assert "ddof=1" in md and "| bas_lam1_s0 | bas_l0 | lam=1 | 0 | 0.8800 | 0.500 |" in md
+    assert "**lam = 1**" in md
+    printed = capsys.readouterr().out
+    assert "## Configurations" in printed
+    assert "| bas_l0 lam=1 | 2 | 0,1 | 0.8700 ± 0.0141 | 0.600 ± 0.141 |" in printed
+    assert not [p for p in os.listdir(out) if ".tmp" in p]
+
+
+def test_cli_explicit_difficulty_run(sweep, tmp_path):
+    out = tmp_path / "out"
+    assert report_cli.main([str(sweep), "--out", str(out), "--difficulty-run", "l0_lam10_s0"]) == 0
+    assert json.loads((out / "summary.json").read_text())["difficulty_run"] == "l0_lam10_s0"
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p / "nope", "does not exist"),
+        (lambda p: (p / "empty").mkdir() or p / "empty", "holds no run directories"),
+        (lambda p: make_run(p / "root", "r0", finished=False).parent, "no finished run"),
+    ],
+)
+def test_cli_bad_inputs_exit_2(make, message, tmp_path, capsys):
+    path = make(tmp_path)
+    assert report_cli.main([str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_unknown_difficulty_run_and_bad_max_macs(sweep, tmp_path, capsys):
+    assert report_cli.main([str(sweep), "--out", str(tmp_path / "o"), "--difficulty-run", "zzz"]) == 2
+    assert "--difficulty-run 'zzz' is not a finished run" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        report_cli.main([str(sweep), "--out", str(tmp_path / "o"), "--max-macs", "-1"])
+    assert e.value.code == 2
+    assert "must be a positive number" in capsys.readouterr().err
+
+
+def test_help_does_not_import_tensorflow():
+    code = ("import runpy, sys; sys.argv = ['report.py', '--help']\n"
+            "try:\n    runpy.run_path('report.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print('TF', 'tensorflow' in sys.modules)")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "--difficulty-run" in result.stdout and "TF False" in result.stdout, result.stderr
