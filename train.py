@@ -64,6 +64,9 @@ def parse_args(argv=None):
     g.add_argument("--crop-size", type=_positive_int, help="segmentation training crop (default 713 for Cityscapes)")
     g.add_argument("--aux-weight", type=_number, help="segmentation auxiliary-head loss weight (default 0.4)")
     g.add_argument("--init-from", help="segmentation: copy backbone weights from this ImageNet ResNet-50 .keras")
+    g.add_argument("--prune-from", help="static-pruning baseline: a trained plain .keras to magnitude-prune "
+                   "(|BN gamma|, same fraction per block) and fine-tune; needs --plain and --prune-macs")
+    g.add_argument("--prune-macs", type=_number, help="MACs of the pruned model as a fraction of the source's")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=_positive_int)
     t.add_argument("--batch-size", type=_positive_int, help="global batch size")
@@ -94,7 +97,7 @@ RECIPE_FLAGS = (
     "dataset", "model", "gated", "width_multiplier", "group_size", "gate_granularity", "image_size", "epochs", "batch_size",
     "lr", "lr_schedule", "optimizer", "weight_decay", "gamma", "lam", "prior_a", "prior_b",
     "l0_weighting", "seed", "validation_split", "limit_train", "limit_eval", "crop_size", "aux_weight",
-    "init_from",
+    "init_from", "prune_from", "prune_macs",
 )
 
 

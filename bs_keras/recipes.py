@@ -7,6 +7,7 @@ directory. `validate()` rejects bad values before anything is built.
 
 import dataclasses
 import math
+import os
 
 MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18", "resnet34", "resnet50", "pspnet50")
 SEGMENTATION_DATASETS = ("cityscapes", "fashion_canvas")
@@ -57,6 +58,8 @@ class Recipe:
     crop_size: int = None
     aux_weight: float = 0.4
     init_from: str = None
+    prune_from: str = None
+    prune_macs: float = None
     description: str = ""
 
     @property
@@ -135,6 +138,17 @@ class Recipe:
         for field in ("gamma_end", "lam_begin", "lam_end", "lr_decay_factor", "validation_split"):
             if not finite(getattr(self, field)) or not 0 <= getattr(self, field) <= 1:
                 bad(field, "must be between 0 and 1")
+        if (self.prune_from is None) != (self.prune_macs is None):
+            bad("prune_from" if self.prune_from is None else "prune_macs",
+                "--prune-from (a trained plain .keras) and --prune-macs (target MAC fraction) go together")
+        if self.prune_from is not None:
+            if not finite(self.prune_macs) or not 0 < self.prune_macs < 1:
+                bad("prune_macs", "must be a fraction between 0 and 1 (exclusive)")
+            if self.gated or self.task != "classification":
+                bad("prune_from", "pruning fine-tunes a plain classifier: add --plain")
+            if not os.path.isfile(self.prune_from):
+                bad("prune_from", "the file does not exist: give the .keras file of a trained plain run "
+                    "(e.g. runs/<run>/best.keras)")
         if self.lam_begin > self.lam_end:
             bad("lam_begin", f"must be <= lam_end ({self.lam_end})")
         if self.momentum >= 1:

@@ -126,9 +126,25 @@ def build_model(recipe, info):
         gate_kwargs={"prior_a": recipe.prior_a, "prior_b": recipe.prior_b, "group_size": recipe.gate_group_size},
         seed=recipe.seed,
     )
-    if depth in (18, 34, 50):
-        return imagenet_resnet(depth, **kwargs)
-    return cifar_resnet(depth, **kwargs)
+    builder = imagenet_resnet if depth in (18, 34, 50) else cifar_resnet
+    if recipe.prune_from:
+        return _pruned_model(recipe, builder, depth, kwargs)
+    return builder(depth, **kwargs)
+
+
+def _pruned_model(recipe, builder, depth, kwargs):
+    """`--prune-from`: the trained plain model, magnitude-pruned to `prune_macs`."""
+    from export.prune import magnitude_prune
+
+    source = keras.saving.load_model(recipe.prune_from, compile=False)
+    twin = builder(depth, **{**kwargs, "gated": True})
+    try:
+        return magnitude_prune(source, twin, recipe.prune_macs, name=f"{recipe.model}_pruned")
+    except ValueError as e:
+        raise RunError(
+            f"--prune-from={recipe.prune_from} does not match --model {recipe.model} "
+            f"--width-multiplier {recipe.width_multiplier} on {recipe.dataset}: {e}"
+        ) from e
 
 
 def learning_rate(recipe, steps_per_epoch):

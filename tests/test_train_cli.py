@@ -42,6 +42,11 @@ def _run(args, timeout=300, **kwargs):
         (["--strategy", "gpu9"], "--strategy='gpu9' is invalid"),
         (["--recipe", "nope"], "Unknown recipe 'nope'"),
         (["--evaluate"], "--evaluate needs --model-path"),
+        (["--prune-macs", "0.5"], "--prune-from (a trained plain .keras) and --prune-macs"),
+        (["--prune-from", "x.keras", "--prune-macs", "0.5"], "pruning fine-tunes a plain classifier: add --plain"),
+        (["--plain", "--prune-from", "x.keras", "--prune-macs", "1.5"], "--prune-macs=1.5 is invalid"),
+        (["--plain", "--prune-from", "missing.keras", "--prune-macs", "0.5"], "--prune-from='missing.keras' is invalid: the file does not exist"),
+        (["--gate-granularity", "block", "--group-size", "2"], "--group-size=2 is invalid"),
     ],
 )
 def test_bad_values_fail_fast_with_a_clear_message(args, message, tmp_path, capsys):
@@ -104,6 +109,24 @@ def test_train_writes_the_run_directory_and_report(tmp_path):
     # A different setting in the same run directory is refused.
     result = _run([*TINY, "--epochs", "3", "--lam", "0.9", "--run-dir", str(run_dir)])
     assert result.returncode == 2 and "different settings (epochs, lam)" in result.stderr
+
+
+def test_prune_from_a_plain_run_fine_tunes_a_narrower_model(tmp_path):
+    plain_dir, pruned_dir = tmp_path / "plain", tmp_path / "pruned"
+    result = _run([*TINY, "--plain", "--epochs", "1", "--run-dir", str(plain_dir)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = _run([*TINY, "--plain", "--epochs", "1", "--prune-from", str(plain_dir / "last.keras"),
+                   "--prune-macs", "0.5", "--run-dir", str(pruned_dir)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    full = json.loads((plain_dir / "report.json").read_text())["evaluation"]
+    pruned = json.loads((pruned_dir / "report.json").read_text())["evaluation"]
+    assert not pruned["gated"]
+    assert pruned["static_macs"] / full["static_macs"] == pytest.approx(0.5, abs=0.06)
+    model = keras.models.load_model(pruned_dir / "last.keras")
+    widths = [model.get_layer(f"stage{s}_block{b}_conv1").filters for s in (1, 2, 3) for b in (1, 2, 3)]
+    assert all(1 <= w < full_w for w, full_w in zip(widths, [4] * 3 + [8] * 3 + [16] * 3))
+    config = json.loads((pruned_dir / "config.json").read_text())["recipe"]
+    assert config["prune_macs"] == 0.5 and config["prune_from"].endswith("last.keras")
 
 
 def test_seed_makes_a_cpu_run_reproducible(tmp_path):
