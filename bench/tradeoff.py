@@ -7,7 +7,12 @@ Trains, with the same epochs, schedule shape, data and seeds, through
 - gated ResNet-20, L0 only (gamma = 0), at each lambda;
 - gated ResNet-20, batch-shaping + L0 (the paper), at the same lambdas;
 - block-level gated ResNet-20 (one gate per residual branch,
-  `--gate-granularity block`), batch-shaping + L0, at the block lambdas.
+  `--gate-granularity block`), batch-shaping + L0, at the block lambdas;
+- static pruning: the trained full-width plain run of the same seed,
+  magnitude-pruned (|BN gamma|, same fraction in every block) to 60 % and
+  40 % of its MACs, then retrained with the same 4-epoch recipe
+  (`--prune-from`, `export/prune.py`): its total training is twice the
+  others'.
 
 Every run is a normal train.py run directory under `--root`
 (`<family>_<knob>_s<seed>`); `report.py` reads them. The sweep is
@@ -33,10 +38,11 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = ("plain", "l0", "bas_l0", "block")
+FAMILIES = ("plain", "l0", "bas_l0", "block", "pruned")
 WIDTHS = (1.0, 0.75, 0.5, 0.35)
 LAMS = (8.0, 20.0, 50.0)
 BLOCK_LAMS = (8.0, 20.0)
+PRUNE_MACS = (0.6, 0.4)
 SEEDS = (0, 1)
 # Shared by every run: only the family's own knob and the seed differ.
 COMMON = {"epochs": 4, "limit_train": 16000, "batch_size": 128, "lr": 0.1, "lr_schedule": "cosine",
@@ -47,7 +53,8 @@ def _num(value):
     return f"{value:g}".replace(".", "p")
 
 
-def plan(families=FAMILIES, seeds=SEEDS, widths=WIDTHS, lams=LAMS, block_lams=BLOCK_LAMS, common=None):
+def plan(families=FAMILIES, seeds=SEEDS, widths=WIDTHS, lams=LAMS, block_lams=BLOCK_LAMS, common=None,
+         prune_macs=PRUNE_MACS, root=os.path.join("runs", "tradeoff")):
     """The runs of the sweep: a list of `(name, train.py flags)`."""
     common = {**COMMON, **(common or {})}
     base = ["--recipe", "fashion_mnist_demo"]
@@ -67,6 +74,12 @@ def plan(families=FAMILIES, seeds=SEEDS, widths=WIDTHS, lams=LAMS, block_lams=BL
                 for lam in block_lams:
                     runs.append((f"block_lam{_num(lam)}_s{seed}",
                                  base + ["--lam", str(lam), "--gate-granularity", "block"]))
+            elif family == "pruned":
+                # Needs the full-width plain run of this seed (planned first).
+                source = os.path.join(root, f"plain_w1_s{seed}", "last.keras")
+                for m in prune_macs:
+                    runs.append((f"pruned_p{_num(m)}_s{seed}",
+                                 base + ["--plain", "--prune-from", source, "--prune-macs", str(m)]))
             else:
                 raise ValueError(f"Unknown family {family!r}; choose from {', '.join(FAMILIES)}.")
     return [(name, flags + ["--seed", str(name_seed(name))]) for name, flags in runs]
@@ -105,6 +118,8 @@ def parse_args(argv=None):
     p.add_argument("--widths", type=lambda t: _csv(t, float), default=WIDTHS)
     p.add_argument("--lams", type=lambda t: _csv(t, float), default=LAMS)
     p.add_argument("--block-lams", type=lambda t: _csv(t, float), default=BLOCK_LAMS)
+    p.add_argument("--prune-macs", type=lambda t: _csv(t, float), default=PRUNE_MACS,
+                   help="MAC fractions of the pruned baselines")
     p.add_argument("--epochs", type=int, default=COMMON["epochs"])
     p.add_argument("--limit-train", type=int, default=COMMON["limit_train"])
     p.add_argument("--limit-eval", type=int, help="evaluate on fewer test images (quick checks only)")
@@ -126,7 +141,8 @@ def main(argv=None):
         common["limit_eval"] = args.limit_eval
     if args.dataset:
         common["dataset"] = args.dataset
-    runs = plan(args.families, args.seeds, args.widths, args.lams, args.block_lams, common)
+    runs = plan(args.families, args.seeds, args.widths, args.lams, args.block_lams, common,
+                prune_macs=args.prune_macs, root=args.root)
     os.makedirs(args.root, exist_ok=True)
     ledger_path = os.path.join(args.root, "sweep.json")
     ledger = {"runs": {}}

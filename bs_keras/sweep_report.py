@@ -14,10 +14,12 @@ subfolders of a sweep root):
 
 A run directory without `report.json` is unfinished and listed as missing.
 
-Each run belongs to a family: `plain` (not gated), `block` (gated,
+Each run belongs to a family: `plain` (not gated), `pruned` (not gated,
+started from a magnitude-pruned plain model: `prune_from`), `block` (gated,
 `gate_granularity == "block"`), `l0` (gated, channel gates, `gamma == 0`)
 or `bas_l0` (gated, channel gates, batch-shaping + L0). A configuration is
-a family plus its knob (`width_multiplier` for plain, `lam` otherwise);
+a family plus its knob (`width_multiplier` for plain, `prune_macs` for
+pruned, `lam` otherwise);
 its seeds are aggregated.
 
 MAC ratios are relative to the ungated full-width network (the
@@ -35,18 +37,21 @@ import os
 
 import numpy as np
 
-FAMILIES = ("plain", "l0", "bas_l0", "block")
+FAMILIES = ("plain", "pruned", "l0", "bas_l0", "block")
+KNOBS = {"plain": ("width_multiplier", "width"), "pruned": ("prune_macs", "macs")}
 FAMILY_LABELS = {
     "plain": "plain (width multiplier)",
     "l0": "L0 only (gamma = 0)",
     "bas_l0": "batch-shaping + L0",
     "block": "block gates",
+    "pruned": "magnitude-pruned plain, fine-tuned",
 }
 FAMILY_STYLE = {
     "plain": {"color": "#252525", "marker": "s"},
     "l0": {"color": "#1f78b4", "marker": "^"},
     "bas_l0": {"color": "#e31a1c", "marker": "o"},
     "block": {"color": "#33a02c", "marker": "D"},
+    "pruned": {"color": "#6a3d9a", "marker": "v"},
 }
 # Same colours as bs_keras.report.plot_report.
 CATEGORY_COLORS = {"always_on": "#2b8cbe", "conditional": "#fdae61", "always_off": "#bdbdbd"}
@@ -67,9 +72,9 @@ class SweepError(ValueError):
 
 
 def run_family(recipe):
-    """Family of a run from its recipe dict: plain, block, l0 or bas_l0."""
+    """Family of a run from its recipe dict: plain, pruned, block, l0 or bas_l0."""
     if not recipe.get("gated", True):
-        return "plain"
+        return "pruned" if recipe.get("prune_from") else "plain"
     if (recipe.get("gate_granularity") or "channel") == "block":
         return "block"
     if float(recipe.get("gamma", 0.0)) == 0.0:
@@ -78,14 +83,14 @@ def run_family(recipe):
 
 
 def config_knob(family, recipe):
-    """`(knob_name, value)`: width_multiplier for plain runs, lam otherwise."""
-    name = "width_multiplier" if family == "plain" else "lam"
-    return name, float(recipe.get(name, 1.0 if name == "width_multiplier" else 0.0))
+    """`(knob_name, value)`: width_multiplier (plain), prune_macs (pruned), else lam."""
+    name = KNOBS.get(family, ("lam",))[0]
+    return name, float(recipe.get(name) if recipe.get(name) is not None else (1.0 if family == "plain" else 0.0))
 
 
 def config_key(family, knob):
     """Printable configuration name, e.g. `bas_l0 lam=10`."""
-    return f"{family} {'width' if family == 'plain' else 'lam'}={knob:g}"
+    return f"{family} {KNOBS.get(family, (None, 'lam'))[1]}={knob:g}"
 
 
 def average_ranks(values):
@@ -347,10 +352,12 @@ def load_run(run_dir, name=None):
 def reference_macs(runs):
     """MACs of the ungated full-width network: `(macs, source, warning)`.
 
-    The largest `ungated_macs` among runs with `width_multiplier == 1`; when
+    The largest `ungated_macs` among unpruned runs with `width_multiplier == 1`; when
     there is none, None (each run's own ratio is used) and a warning.
     """
-    full = [r for r in runs if r["width_multiplier"] is not None and float(r["width_multiplier"]) == 1.0]
+    # Pruned runs have width 1 but a smaller static count: they are not the reference.
+    full = [r for r in runs if r["width_multiplier"] is not None and float(r["width_multiplier"]) == 1.0
+            and r["family"] != "pruned"]
     if not full:
         return None, "own", (
             "no run has width_multiplier 1, so MAC ratios are relative to each run's own "
@@ -453,7 +460,9 @@ def claim_1a(configs):
     `difference` (gated - plain).
     """
     plain = _curve(configs, "plain")
-    out = {"plain_range": [min(p[0] for p in plain), max(p[0] for p in plain)] if plain else None}
+    pruned = _curve(configs, "pruned")
+    out = {"plain_range": [min(p[0] for p in plain), max(p[0] for p in plain)] if plain else None,
+           "pruned_range": [min(p[0] for p in pruned), max(p[0] for p in pruned)] if pruned else None}
     for family in ("bas_l0", "l0"):
         rows = []
         for c in configs:
@@ -461,9 +470,12 @@ def claim_1a(configs):
                 continue
             x, acc = _mean(c["macs_ratio"]), _mean(c["accuracy"])
             ref = interpolate(plain, x)
+            ref_pruned = interpolate(pruned, x) if pruned else None
             rows.append({"config": c["config"], "lam": c["knob"], "n": c["n"], "macs_ratio": x, "accuracy": acc,
                          "plain_accuracy_at_same_macs": ref,
-                         "difference": None if ref is None else acc - ref})  # fmt: skip
+                         "difference": None if ref is None else acc - ref,
+                         "pruned_accuracy_at_same_macs": ref_pruned,
+                         "difference_vs_pruned": None if ref_pruned is None else acc - ref_pruned})  # fmt: skip
         out[family] = rows
     return out
 
@@ -598,7 +610,7 @@ def plot_tradeoff(runs, configs, path, reference_note="", max_macs=None):
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, color=style["color"], marker=style["marker"], ms=6,
                     capsize=3, lw=1.3, label=FAMILY_LABELS[family])  # fmt: skip
         for c, xi, yi in zip(members, x, y):
-            text = f"w={c['knob']:g}" if family == "plain" else f"λ={c['knob']:g}"
+            text = {"plain": "w", "pruned": "p"}.get(family, "λ") + f"={c['knob']:g}"
             ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7,
                         color=style["color"])  # fmt: skip
     ax.set_xlabel("mean conditional MACs / ungated full-width MACs" + reference_note)
@@ -760,9 +772,15 @@ def format_markdown(summary):
                + "; – outside that range. difference = gated - plain.")  # fmt: skip
     out.append("")
     rows = [[r["config"], r["n"], _f(r["macs_ratio"]), _f(r["accuracy"], 4), _f(r["plain_accuracy_at_same_macs"], 4),
-             _f(r["difference"], 4)] for fam in ("bas_l0", "l0") for r in c1[fam]]  # fmt: skip
-    out.append(_table(["config", "n", "MAC ratio", "accuracy", "plain at same MACs", "difference"], rows) if rows
+             _f(r["difference"], 4), _f(r.get("pruned_accuracy_at_same_macs"), 4), _f(r.get("difference_vs_pruned"), 4)]
+            for fam in ("bas_l0", "l0") for r in c1[fam]]  # fmt: skip
+    out.append(_table(["config", "n", "MAC ratio", "accuracy", "plain at same MACs", "difference",
+                       "pruned at same MACs", "difference vs pruned"], rows) if rows
                else "No gated channel configurations.")  # fmt: skip
+    prng = c1.get("pruned_range")
+    if prng:
+        out += ["", f"Pruned curve (magnitude-pruned full-width plain model, fine-tuned): MAC ratios "
+                f"{prng[0]:.3f}-{prng[1]:.3f}."]
     out += ["", "### 1b. Channel (BAS + L0) vs block gates at the same MAC ratio", ""]
     rows = [[r["config"], r["n"], _f(r["macs_ratio"]), _f(r["accuracy"], 4), _f(r["bas_l0_accuracy_at_same_macs"], 4),
              _f(r["difference_channel_minus_block"], 4)] for r in claims["1b"]]  # fmt: skip

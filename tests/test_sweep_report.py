@@ -23,21 +23,23 @@ PNG = b"\x89PNG\r\n\x1a\n"
 FULL = 1000.0
 
 
-def _recipe(gated, gamma, lam, width, seed, granularity):
+def _recipe(gated, gamma, lam, width, seed, granularity, prune=None):
     r = {"dataset": "fashion_mnist", "model": "resnet20", "gated": gated, "gamma": gamma, "lam": lam,
          "width_multiplier": width, "seed": seed, "epochs": 3, "limit_train": 16000}  # fmt: skip
     if granularity is not None:
         r["gate_granularity"] = granularity
+    if prune is not None:
+        r["prune_from"], r["prune_macs"] = "runs/plain_w1_s0/last.keras", prune
     return r
 
 
 def make_run(root, name, *, gated=True, gamma=0.75, lam=1.0, width=1.0, seed=0, granularity=None,
              accuracy=0.9, macs=500.0, ungated=FULL, counts=((7, 2, 1),), per_sample=None, wall=50.0,
-             finished=True):  # fmt: skip
+             finished=True, prune=None):  # fmt: skip
     """A run directory as train.py writes it. counts: (on, cond, off) per gate layer."""
     d = pathlib.Path(root) / name
     d.mkdir(parents=True)
-    recipe = _recipe(gated, gamma, lam, width, seed, granularity)
+    recipe = _recipe(gated, gamma, lam, width, seed, granularity, prune)
     (d / "config.json").write_text(json.dumps({"recipe": recipe, "runtime": {"strategy": "cpu"}}))
     if not finished:
         return d
@@ -86,6 +88,8 @@ def sweep(tmp_path_factory):
     make_run(root, "l0_lam10_s0", gamma=0.0, lam=10, accuracy=0.60, macs=150, counts=[(2, 2, 6)])
     make_run(root, "block_lam1_s0", lam=1, granularity="block", accuracy=0.75, macs=350, counts=[(1, 1, 1)])
     make_run(root, "bas_lam3_s0", lam=3, finished=False)
+    make_run(root, "pruned_p0.6_s0", gated=False, prune=0.6, accuracy=0.85, macs=600, ungated=600)
+    make_run(root, "pruned_p0.3_s0", gated=False, prune=0.3, accuracy=0.78, macs=300, ungated=300)
     (root / "sweep.json").write_text(json.dumps(
         {"runs": {"bas_lam1_s0": {"wall_seconds": 123.0}, "bas_lam30_s0": {"wall_seconds": None}}}
     ))  # fmt: skip
@@ -117,6 +121,10 @@ def test_family_classification():
     assert sr.run_family({"gated": True, "gamma": 0.75}) == "bas_l0"
     assert sr.config_knob("plain", {"width_multiplier": 0.5, "lam": 3}) == ("width_multiplier", 0.5)
     assert sr.config_knob("block", {"width_multiplier": 0.5, "lam": 3}) == ("lam", 3.0)
+    pruned = {"gated": False, "prune_from": "a.keras", "prune_macs": 0.4, "width_multiplier": 1.0}
+    assert sr.run_family(pruned) == "pruned"
+    assert sr.config_knob("pruned", pruned) == ("prune_macs", 0.4)
+    assert sr.config_key("pruned", 0.4) == "pruned macs=0.4"
 
 
 def test_average_ranks_with_ties():
@@ -182,7 +190,9 @@ def test_gate_category_fractions():
 
 def test_runs_missing_families_and_wall_times(summary):
     names = [r["name"] for r in summary["runs"]]
-    assert len(names) == 10 and "bas_lam3_s0" not in names
+    assert len(names) == 12 and "bas_lam3_s0" not in names
+    assert _run(summary, "pruned_p0.6_s0")["family"] == "pruned"
+    assert _run(summary, "pruned_p0.6_s0")["macs_ratio"] == pytest.approx(0.6)  # vs the full plain model
     assert {m["name"]: m["reason"] for m in summary["missing"]} == {
         "bas_lam3_s0": "no report.json (unfinished)", "bas_lam30_s0": "in sweep.json, no run directory"}
     assert {r["name"]: r["family"] for r in summary["runs"]}["block_lam1_s0"] == "block"
@@ -204,7 +214,7 @@ def test_runs_missing_families_and_wall_times(summary):
 
 def test_seed_aggregation(summary):
     keys = [c["config"] for c in summary["configs"]]
-    assert keys == ["plain width=0.5", "plain width=1", "l0 lam=1", "l0 lam=10", "bas_l0 lam=1",
+    assert keys == ["plain width=0.5", "plain width=1", "pruned macs=0.3", "pruned macs=0.6", "l0 lam=1", "l0 lam=10", "bas_l0 lam=1",
                     "bas_l0 lam=10", "block lam=1"]  # fmt: skip
     plain = _config(summary, "plain width=1")
     assert plain["n"] == 2 and plain["seeds"] == [0, 1]
@@ -229,6 +239,12 @@ def test_claim_1a_and_1b(summary):
     assert l0[1.0]["macs_ratio"] == pytest.approx(0.41)
     assert l0[1.0]["plain_accuracy_at_same_macs"] == pytest.approx(0.80 + 0.16 / 0.75 * 0.11)
     assert l0[1.0]["difference"] == pytest.approx(0.81 - (0.80 + 0.16 / 0.75 * 0.11))
+    # Pruned curve: (0.3, 0.78), (0.6, 0.85), relative to the full plain model's 1000 MACs.
+    assert c["pruned_range"] == pytest.approx([0.3, 0.6])
+    assert bas[1.0]["pruned_accuracy_at_same_macs"] == pytest.approx(0.85)
+    assert bas[1.0]["difference_vs_pruned"] == pytest.approx(0.02)
+    assert l0[1.0]["pruned_accuracy_at_same_macs"] == pytest.approx(0.78 + 0.11 / 0.3 * 0.07)
+    assert bas[10.0]["pruned_accuracy_at_same_macs"] is None
     (block,) = summary["claims"]["1b"]
     # Channel curve: (0.2, 0.70) lam 10, (0.6, 0.87) lam 1; block at 0.35.
     assert block["bas_l0_accuracy_at_same_macs"] == pytest.approx(0.70 + 0.15 / 0.4 * 0.17)
@@ -289,7 +305,7 @@ def test_cli_writes_everything(sweep, tmp_path, capsys):
         assert data.startswith(PNG) and len(data) > 5000, name
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) >= {"runs", "configs", "claims", "missing", "reference_macs", "difficulty_run", "plots"}
-    assert len(summary["runs"]) == 10
+    assert len(summary["runs"]) == 12
     assert summary["claims"]["demo"]["lam"] == 1.0
     assert summary["plots"] == ["tradeoff.png", "gate_categories.png", "difficulty.png"]
     md = (out / "results.md").read_text()

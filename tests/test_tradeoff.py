@@ -22,18 +22,27 @@ def _load():
 tradeoff = _load()
 
 
-def _recipes():
+def _recipes(root):
+    for seed in (0, 1):  # the pruned runs' sources must exist to validate
+        (root / f"plain_w1_s{seed}").mkdir(parents=True)
+        (root / f"plain_w1_s{seed}" / "last.keras").write_bytes(b"")
     out = {}
-    for name, flags in tradeoff.plan():
+    for name, flags in tradeoff.plan(root=str(root)):
         _, args = train.parse_args(flags)
         out[name] = train.resolve_recipe(args)
     return out
 
 
-def test_default_plan_families_and_seeds():
-    recipes = _recipes()
-    assert len(recipes) == 2 * (4 + 3 + 3 + 2)
+def test_default_plan_families_and_seeds(tmp_path):
+    recipes = _recipes(tmp_path)
+    assert len(recipes) == 2 * (4 + 3 + 3 + 2 + 2)
     plain = {k: r for k, r in recipes.items() if k.startswith("plain")}
+    pruned = {k: r for k, r in recipes.items() if k.startswith("pruned")}
+    assert all(not r.gated and r.width_multiplier == 1.0 for r in pruned.values())
+    assert sorted(r.prune_macs for r in pruned.values()) == [0.4, 0.4, 0.6, 0.6]
+    assert all(r.prune_from == str(tmp_path / f"plain_w1_s{r.seed}" / "last.keras") for r in pruned.values())
+    names = list(recipes)
+    assert all(names.index(f"plain_w1_s{r.seed}") < names.index(k) for k, r in pruned.items())
     assert sorted({r.width_multiplier for r in plain.values()}) == [0.35, 0.5, 0.75, 1.0]
     assert all(not r.gated for r in plain.values())
     l0 = [r for k, r in recipes.items() if k.startswith("l0_")]
@@ -47,9 +56,9 @@ def test_default_plan_families_and_seeds():
     assert all(r.seed == tradeoff.name_seed(k) for k, r in recipes.items())
 
 
-def test_runs_differ_only_in_knob_and_seed():
-    recipes = _recipes()
-    knobs = {"gated", "width_multiplier", "lam", "gamma", "gate_granularity", "seed"}
+def test_runs_differ_only_in_knob_and_seed(tmp_path):
+    recipes = _recipes(tmp_path)
+    knobs = {"gated", "width_multiplier", "lam", "gamma", "gate_granularity", "seed", "prune_from", "prune_macs"}
     shared = [{k: v for k, v in r.to_dict().items() if k not in knobs} for r in recipes.values()]
     assert all(s == shared[0] for s in shared)
     assert shared[0]["epochs"] == 4 and shared[0]["limit_train"] == 16000
