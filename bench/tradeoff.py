@@ -93,14 +93,6 @@ def is_finished(run_dir):
     return os.path.exists(os.path.join(run_dir, "report.json"))
 
 
-def _write_json(path, data):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _csv(text, convert):
     try:
         return tuple(convert(v) for v in text.split(",") if v.strip())
@@ -136,6 +128,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    sys.path.insert(0, ROOT)
+    from bs_keras.report import write_json
+
     common = {"epochs": args.epochs, "limit_train": args.limit_train}
     if args.limit_eval:
         common["limit_eval"] = args.limit_eval
@@ -173,7 +168,7 @@ def main(argv=None):
         entry["sessions"] += 1
         entry["command"] = "python train.py " + " ".join(flags + ["--run-dir", run_dir])
         ledger["runs"][name] = entry
-        _write_json(ledger_path, ledger)
+        write_json(ledger_path, ledger)
         with open(os.path.join(run_dir, "report.json")) as f:
             ev = json.load(f)["evaluation"]
         print(f"  accuracy {ev['accuracy']:.4f}  MACs {ev['macs_ratio']:.1%}  wall {wall:.0f} s", flush=True)

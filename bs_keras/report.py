@@ -124,13 +124,17 @@ def format_summary(summary):
     return "\n".join(lines)
 
 
-def write_json(path, data):
-    """Writes JSON atomically (temp file, then rename)."""
+def write_text(path, text):
+    """Writes a text file atomically (temp file, then rename)."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json(path, data, allow_nan=True):
+    """Writes JSON atomically (temp file, then rename)."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=allow_nan) + "\n")
 
 
 def write_report(summary, per_sample, out_dir, extra=None):
@@ -171,7 +175,7 @@ def plot_report(summary, per_sample, out_dir):
         ax.set_title("Gate categories per layer (evaluation set)")
         ax.legend(loc="upper right", fontsize=8)
         fig.tight_layout()
-        paths.append(_save(fig, os.path.join(out_dir, "gate_categories.png")))
+        paths.append(save_figure(fig, os.path.join(out_dir, "gate_categories.png")))
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
     macs = per_sample["macs"] / 1e6
@@ -185,12 +189,12 @@ def plot_report(summary, per_sample, out_dir):
     ax.set_title(f"Conditional MACs, mean {summary['macs_ratio']:.1%} of ungated")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(_save(fig, os.path.join(out_dir, "macs_histogram.png")))
+    paths.append(save_figure(fig, os.path.join(out_dir, "macs_histogram.png")))
     plt.close(fig)
     return paths
 
 
-def _save(fig, path):
+def save_figure(fig, path):
     tmp = f"{path[:-4]}.tmp-{os.getpid()}.png"
     fig.savefig(tmp, dpi=100)
     os.replace(tmp, path)

@@ -37,6 +37,8 @@ import os
 
 import numpy as np
 
+from bs_keras.report import save_figure, write_json, write_text
+
 FAMILIES = ("plain", "pruned", "l0", "bas_l0", "block")
 KNOBS = {"plain": ("width_multiplier", "width"), "pruned": ("prune_macs", "macs")}
 FAMILY_LABELS = {
@@ -579,13 +581,6 @@ def _plt():
     return plt
 
 
-def _save(fig, path):
-    tmp = f"{path[:-4]}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
-    return path
-
-
 def plot_tradeoff(runs, configs, path, reference_note="", max_macs=None):
     """Accuracy vs mean conditional MAC ratio for every family."""
     plt = _plt()
@@ -619,7 +614,7 @@ def plot_tradeoff(runs, configs, path, reference_note="", max_macs=None):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -666,7 +661,7 @@ def plot_gate_categories(pairs, path):
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
     fig.tight_layout(rect=(0, 0.06 / len(pairs), 1, 1))
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -702,7 +697,7 @@ def plot_difficulty(run, path):
     right.set_title("MACs per class (box: quartiles, whiskers 1.5 IQR)", fontsize=9)
     right.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -737,7 +732,7 @@ def format_markdown(summary):
     out = ["# Trade-off sweep results", ""]
     ref = summary["reference_macs"]
     out.append(
-        f"MAC ratio = mean conditional MACs per test sample / "
+        "MAC ratio = mean conditional MACs per test sample / "
         + (f"{_macs_text(ref)} MACs of the ungated full-width network." if ref else "each run's own ungated MACs.")
     )
     out.append(f"Aggregates: mean ± std over seeds; {STD_NOTE}.")
@@ -826,13 +821,6 @@ def _json_ready(x):
     return x
 
 
-def _write_text(path, text):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def summarize(paths, difficulty_run=None, max_macs=0.6):
     """Loads the runs and computes everything but the plots.
 
@@ -891,12 +879,8 @@ def write_sweep_report(paths, out_dir, difficulty_run=None, max_macs=0.6, log=pr
         summary["warnings"].append("difficulty.png not written: no gated run with per_sample.npz")
     summary["plots"] = [os.path.basename(p) for p in plots]
     text = format_markdown(summary)
-    tmp = os.path.join(out_dir, f"summary.json.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(_json_ready(summary), f, indent=2, sort_keys=True, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, os.path.join(out_dir, "summary.json"))
-    _write_text(os.path.join(out_dir, "results.md"), text)
+    write_json(os.path.join(out_dir, "summary.json"), _json_ready(summary), allow_nan=False)
+    write_text(os.path.join(out_dir, "results.md"), text)
     log(text)
     log(f"Wrote {', '.join(summary['plots'] + ['summary.json', 'results.md'])} to {out_dir}")
     return summary
