@@ -6,17 +6,28 @@
         --calibration fashion_mnist
     python -m export best.keras --out exported/compact --mode compact --round-to 8 \\
         --calibration fashion_mnist --calibration-samples 2000
+    python -m export best.keras --out exported/cond --mode conditional --format tflite \\
+        --quantize none,dynamic --calibration fashion_mnist
 
 Inputs of every exported signature are float32 (batch, H, W, C) images
 preprocessed as in training (pixels / 255, minus the dataset mean, divided by
 its std); see export.json in the output directory.
 
+Modes (--mode) and formats (--format, --quantize):
+
+  mode         what is exported                           saved_model  tflite --quantize
+  masked       the model as trained (0/1 gate masks)      yes          none float16 dynamic int8
+  compact      always-off channels removed (calibration)  yes          none float16 dynamic int8
+  conditional  per block a branch between precompiled     yes          none float16 dynamic
+               widths, BN folded, batch-1 TFLite          (any batch)  (batch 1; no int8)
+
 Output directory (written to a temporary sibling, renamed when complete):
   saved_model/          --format saved_model: signatures serving_default and serving_with_gates
+                        (conditional: serving_default is batch 1, plus serving_batch)
   model[_QUANT].tflite  --format tflite: one file per --quantize value, same two signatures
   compact.keras         --mode compact: the compacted Keras model
   compaction.json       --mode compact: gate categories per layer
-  conditional.json      --mode conditional: per-block widths, parity (saved_model format only)
+  conditional.json      --mode conditional: per-block widths, executed MACs
   parity.json           parity with Keras inference (also printed)
   export.json           what was exported: input spec, preprocessing, outputs, files
   export_log.txt        this run's log
@@ -90,7 +101,8 @@ def build_parser():
         "--mode", choices=MODES, default="masked",
         help="masked: the model as trained (gates multiply by 0/1); compact: remove always-off "
              "channels and fixed gates measured on the calibration data; conditional: per-block "
-             "branches between precompiled widths (SavedModel only)",
+             "branches between precompiled widths (SavedModel, or batch-1 TFLite: none, float16, "
+             "dynamic)",
     )  # fmt: skip
     p.add_argument(
         "--calibration",
@@ -130,9 +142,12 @@ def validate_args(parser, args):
     # --- conditional mode (export.conditional) ---
     if args.mode == "conditional" and not args.calibration:
         parser.error("--mode conditional needs --calibration (channels are ordered by open frequency)")
-    if args.mode == "conditional" and args.format != "saved_model":
-        parser.error("--mode conditional exports --format saved_model only "
-                     "(TFLite: export.conditional.FoldedModel.to_tflite)")
+    if args.mode == "conditional" and "int8" in args.quantize:
+        parser.error(
+            "--mode conditional --format tflite supports --quantize none, float16, dynamic; int8 is "
+            "not supported (the converter quantizes only the width branches the calibration data "
+            "visits and leaves the rest in float32: not a full-integer model)"
+        )
     # --- end conditional ---
     if args.round_to and args.mode != "compact":
         parser.error("--round-to applies to --mode compact")
@@ -240,23 +255,52 @@ def _compact(model, images, round_to, calibration, tmp, files, log):
     return compact, expand
 
 
-def _convert_tflite(sm_dir, quantize, images, threads, tmp, files, log):
-    """Converts the SavedModel, writes the .tflite into `tmp`; returns (runner, size)."""
+def _write_tflite(convert, quantize, threads, tmp, files, log, what=""):
+    """Runs `convert()`, writes the .tflite into `tmp`; returns (runner, size)."""
     from export import tflite
 
     start = time.time()
     try:
-        flatbuffer = tflite.convert_saved_model(sm_dir, quantize, representative_images=images)
+        flatbuffer = convert()
     except ValueError:
         raise
     except Exception as e:  # converter errors have many types
-        raise ExportError(f"TFLite conversion ({quantize}) failed: {type(e).__name__}: {e}") from e
+        raise ExportError(f"TFLite conversion ({quantize}{what}) failed: {type(e).__name__}: {e}") from e
     name = tflite.tflite_filename(quantize)
     with open(os.path.join(tmp, name), "wb") as f:
         f.write(flatbuffer)
     files.append(name)
-    log(f"tflite     {name}: {len(flatbuffer) / 1024:.0f} KiB in {time.time() - start:.1f} s")
+    log(f"tflite     {name}: {len(flatbuffer) / 1024:.0f} KiB in {time.time() - start:.1f} s"
+        + (f" ({what.strip(', ')})" if what else ""))
     return tflite.TFLiteRunner(flatbuffer, num_threads=threads), len(flatbuffer)
+
+
+def _convert_tflite(sm_dir, quantize, images, threads, tmp, files, log):
+    """Converts the SavedModel, writes the .tflite into `tmp`; returns (runner, size)."""
+    from export import tflite
+
+    def convert():
+        return tflite.convert_saved_model(sm_dir, quantize, representative_images=images)
+
+    return _write_tflite(convert, quantize, threads, tmp, files, log)
+
+
+def _summary_head(args, input_shape):
+    """The export.json fields every mode shares."""
+    from export import savedmodel
+
+    return {
+        "model": os.path.abspath(args.model),
+        "format": args.format,
+        "mode": args.mode,
+        "quantize": args.quantize if args.format == "tflite" else ["none"],
+        "input": {
+            "name": savedmodel.INPUT_NAME,
+            "dtype": "float32",
+            "shape": input_shape,
+            "preprocessing": _preprocessing(args.calibration),
+        },
+    }
 
 
 def _summary(args, exported, spec, files):
@@ -268,16 +312,7 @@ def _summary(args, exported, spec, files):
     if functions.static_macs is not None:
         with_gates.append(savedmodel.MACS_OUTPUT)
     return {
-        "model": os.path.abspath(args.model),
-        "format": args.format,
-        "mode": args.mode,
-        "quantize": args.quantize if args.format == "tflite" else ["none"],
-        "input": {
-            "name": savedmodel.INPUT_NAME,
-            "dtype": "float32",
-            "shape": [None if d is None else int(d) for d in spec.shape],
-            "preprocessing": _preprocessing(args.calibration),
-        },
+        **_summary_head(args, [None if d is None else int(d) for d in spec.shape]),
         "signatures": {
             savedmodel.SERVING_DEFAULT: functions.output_names,
             savedmodel.SERVING_WITH_GATES: with_gates,
@@ -289,8 +324,6 @@ def _summary(args, exported, spec, files):
 
 def run_export(args, log):
     """The export itself; returns the summary dict. Raises ExportError."""
-    import numpy as np
-
     from export import calibration as calib_lib
     from export import parity, savedmodel
 
@@ -313,12 +346,10 @@ def run_export(args, log):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
     try:
-        if args.mode == "conditional":  # --- conditional mode (export.conditional) ---
-            from export.conditional import export_conditional
-
-            export_conditional(model, images, tmp, log=log)
-            _publish(tmp, out)
-            return {"mode": "conditional", "files": ["saved_model", "conditional.json"]}
+        if args.mode == "conditional":
+            summary = _conditional(args, model, spec, images, tmp, log)
+            _finish(args, summary, tmp, out, start, log)
+            return summary
         files, variants = [], []
         exported, expand = model, None
         if args.mode == "compact":
@@ -341,35 +372,111 @@ def run_export(args, log):
                 runner, size = _convert_tflite(sm_dir, q, images, args.threads, tmp, files, log)
                 variants.append((f"tflite {q}", runner, {"expand": expand, "size_bytes": size}))
 
-        if images is not None:
-            parity_images, parity_source = images[: args.parity_samples], repr(args.calibration)
-        else:
-            rng = np.random.default_rng(0)
-            shape = (args.parity_samples, *spec.shape[1:])
-            parity_images = rng.standard_normal(shape).astype(np.float32)
-            parity_source = "seeded N(0, 1) inputs (no --calibration)"
-        rows = parity.parity_rows(model, parity_images, variants, latency_runs=args.latency_runs)
-        log(f"\nparity with Keras inference of '{model.name}' on {len(parity_images)} "
-            f"samples from {parity_source}:")  # fmt: skip
-        log(parity.format_table(rows))
-        _write_json(
-            os.path.join(tmp, "parity.json"),
-            {"samples": int(len(parity_images)), "source": parity_source,
-             "rows": [r.as_dict() for r in rows]},
-        )  # fmt: skip
-        files.append("parity.json")
+        _parity(args, model, spec, images, variants, tmp, files, log)
 
         summary = _summary(args, exported, spec, files + ["export.json", "export_log.txt"])
         if args.format == "tflite":
             shutil.rmtree(sm_dir)
-        _write_json(os.path.join(tmp, "export.json"), summary)
-        log(f"\nwrote {args.out} ({', '.join(summary['files'])}) in {time.time() - start:.1f} s")
-        with open(os.path.join(tmp, "export_log.txt"), "w") as f:
-            f.write(log.text())
-        _publish(tmp, out)
+        _finish(args, summary, tmp, out, start, log)
         return summary
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _parity(args, model, spec, images, variants, tmp, files, log):
+    """Runs, prints and writes (parity.json) the parity table; returns its rows."""
+    import numpy as np
+
+    from export import parity
+
+    if images is not None:
+        parity_images, parity_source = images[: args.parity_samples], repr(args.calibration)
+    else:
+        rng = np.random.default_rng(0)
+        shape = (args.parity_samples, *spec.shape[1:])
+        parity_images = rng.standard_normal(shape).astype(np.float32)
+        parity_source = "seeded N(0, 1) inputs (no --calibration)"
+    rows = parity.parity_rows(model, parity_images, variants, latency_runs=args.latency_runs)
+    log(f"\nparity with Keras inference of '{model.name}' on {len(parity_images)} "
+        f"samples from {parity_source}:")  # fmt: skip
+    log(parity.format_table(rows))
+    _write_json(
+        os.path.join(tmp, "parity.json"),
+        {"samples": int(len(parity_images)), "source": parity_source,
+         "rows": [r.as_dict() for r in rows]},
+    )  # fmt: skip
+    files.append("parity.json")
+    return rows
+
+
+def _finish(args, summary, tmp, out, start, log):
+    """Writes export.json and export_log.txt, then moves `tmp` into place."""
+    _write_json(os.path.join(tmp, "export.json"), summary)
+    log(f"\nwrote {args.out} ({', '.join(summary['files'])}) in {time.time() - start:.1f} s")
+    with open(os.path.join(tmp, "export_log.txt"), "w") as f:
+        f.write(log.text())
+    _publish(tmp, out)
+
+
+def _conditional(args, model, spec, images, tmp, log):
+    """--mode conditional: writes the SavedModel or .tflite files, conditional.json and
+    parity.json into `tmp`; returns the export.json summary."""
+    from export import conditional as cond_lib
+    from export import savedmodel
+
+    module = cond_lib.conditional_model(model, images)
+    files, variants = [], []
+    if args.format == "saved_model":
+        sm_dir = os.path.join(tmp, "saved_model")
+        module.save(sm_dir)
+        runner = cond_lib.ConditionalRunner(sm_dir)
+        found = savedmodel.random_ops(runner.loaded)
+        if found:
+            raise ExportError(f"the exported graph contains random ops {found}; refusing to export")
+        files.append("saved_model")
+        variants.append(("saved_model", runner, {}))
+        signatures = {
+            cond_lib.SERVING_DEFAULT: [1, *spec.shape[1:]],
+            cond_lib.SERVING_BATCH: [None, *spec.shape[1:]],
+            cond_lib.SERVING_WITH_GATES: [None, *spec.shape[1:]],
+        }
+        log(f"saved_model signatures {', '.join(signatures)} (conditional)")
+    else:
+        variants.append(("tf conditional", cond_lib.ConditionalRunner(module), {}))
+        signatures = {
+            cond_lib.SERVING_DEFAULT: [1, *spec.shape[1:]],
+            cond_lib.SERVING_WITH_GATES: [1, *spec.shape[1:]],
+        }
+        for q in args.quantize:
+            runner, size = _write_tflite(lambda q=q: module.to_tflite(q, with_gates=True), q, args.threads,
+                                         tmp, files, log, what=", conditional")
+            variants.append((f"tflite {q}", runner, {"size_bytes": size}))
+
+    parity_images = images[: args.parity_samples]
+    info = cond_lib.describe(module, parity_images, calibration_samples=len(images))
+    _write_json(os.path.join(tmp, "conditional.json"), info)
+    files.append("conditional.json")
+    log(f"conditional {len(info['gates'])} gated blocks, widths "
+        + "; ".join(f"{g['gate']} {g['widths']}" for g in info["gates"][:3])
+        + ("; ..." if len(info["gates"]) > 3 else "")
+        + f"\n           executed MACs at batch 1 on {len(parity_images)} samples: "
+        f"{info['mean_executed_mac_ratio']:.3f} of {info['static_macs'] / 1e6:.2f} M static")  # fmt: skip
+
+    _parity(args, model, spec, images, variants, tmp, files, log)
+    output = module.output_name
+    return {
+        **_summary_head(args, signatures[cond_lib.SERVING_DEFAULT]),
+        "signatures": {
+            name: {
+                "input_shape": shape,
+                "outputs": [output] if name != cond_lib.SERVING_WITH_GATES
+                else [output, *module.gate_names, cond_lib.EXECUTED_MACS, cond_lib.WIDTHS],
+            }
+            for name, shape in signatures.items()
+        },
+        "static_macs": int(module.static_macs),
+        "files": files + ["export.json", "export_log.txt"],
+    }
 
 
 def _publish(tmp, out):

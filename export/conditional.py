@@ -35,8 +35,14 @@ Example:
 ```python
 cond = conditional_model(model, calibration_images, widths=(0.25, 0.5, 0.75, 1.0))
 probs = cond(images)                       # == model(images, training=False)
-cond.save("exported/conditional")          # SavedModel, signatures below
+outputs = cond.with_gates(images)          # also gate masks, executed MACs, widths
+cond.save("exported/conditional")          # serving_default (batch 1), serving_batch, serving_with_gates
+tflite = cond.to_tflite("dynamic", with_gates=True)   # batch 1, LiteRT IF branches
 ```
+
+`python -m export MODEL.keras --mode conditional --calibration ... [--format tflite]`
+writes these (`export.cli`); `ConditionalRunner` puts the module or its
+SavedModel behind the parity-table interface of `export.parity`.
 """
 
 import math
@@ -48,12 +54,22 @@ import tensorflow as tf
 from bs_keras.blocks import ZeroPadShortcut
 from bs_keras.gates import ChannelGate, find_gates
 from bs_keras.macs import count_macs, gate_masks, gate_table
+from export.savedmodel import _output_names
 
 _L = keras.layers
 
 SERVING_DEFAULT = "serving_default"  # fixed batch 1
 SERVING_BATCH = "serving_batch"  # any batch size
+SERVING_WITH_GATES = "serving_with_gates"  # also gate masks, executed MACs and widths
 INPUT_NAME = "images"
+EXECUTED_MACS = "executed_macs"
+WIDTHS = "widths"
+TFLITE_QUANTIZATIONS = ("none", "float16", "dynamic")
+INT8_UNSUPPORTED = (
+    "int8 (full-integer) quantization of a conditional model is not supported: the converter "
+    "only quantizes the width branches that the calibration images visit and leaves the rest "
+    "(and the gate MLPs) in float32 between quantize/dequantize ops. Use none, float16 or dynamic."
+)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -218,8 +234,9 @@ class FoldedModel(tf.Module):
         self.gate_names = []
         self.gate_channels = []
         self.bucket_widths = []
-        self.permutations = {}
-        self._gate_fns = []  # per gate: fn(env) -> per-sample needed width index
+        self.permutations = {}  # gate name -> channel order (new position -> old channel)
+        self.gate_orders = {}  # gate name -> gate (group) order, same convention
+        self._gate_fns = []  # per gate: (needed_index, mask_of, id of the gate's input)
         skip = set()  # node ids handled elsewhere
         alias = {}  # tensor id -> tensor id (folded BN outputs)
         segments = {}  # consumer conv node id -> segment step
@@ -286,6 +303,7 @@ class FoldedModel(tf.Module):
                 gperm = np.arange(gate.num_gates)
             cperm = (gperm[:, None] * gs + np.arange(gs)[None, :]).reshape(-1)
             self.permutations[gate.name] = cperm
+            self.gate_orders[gate.name] = gperm
             k1, b1 = k1[..., cperm], b1[cperm]
             k2 = k2[:, :, cperm, :]
             wl, bl = wl[:, gperm], bl[gperm]
@@ -346,7 +364,7 @@ class FoldedModel(tf.Module):
                 index = tf.reduce_max(needed_index(x_gate))
                 return _select(index, fns, nested_cond=self._constants or self.branching == "cond"), index
 
-            self._gate_fns.append((needed_index, id(x_t)))
+            self._gate_fns.append((needed_index, mask_of, id(x_t)))
             segments[id(cnode)] = ("segment", segment, [id(conv1.input_tensors[0]), id(x_t)], id(out_t))
 
         # The rest of the graph.
@@ -401,6 +419,7 @@ class FoldedModel(tf.Module):
             skip.add(id(node))
         self._input_id = id(model.inputs[0])
         self._output_id = id(model.outputs[0])
+        self.output_name = _output_names(model)[0]
         self._alias = alias
         self.static_macs = int(count_macs(model))
         self._macs_per_channel = {i.gate.name: i.macs_per_channel for i in gate_table(model)} if self.gate_names else {}
@@ -455,7 +474,7 @@ class FoldedModel(tf.Module):
         """Per-sample widths `(N, num_gates)` int32 the gates need (batch 1 each)."""
         _, env, _ = self._forward(images)
         cols = []
-        for (needed_index, x_id), ws in zip(self._gate_fns, self.bucket_widths):
+        for (needed_index, _, x_id), ws in zip(self._gate_fns, self.bucket_widths):
             cols.append(tf.gather(tf.constant(ws, tf.int32), needed_index(env[self._resolve(x_id)])))
         return tf.stack(cols, axis=1)
 
@@ -472,6 +491,46 @@ class FoldedModel(tf.Module):
             macs -= (c - widths[:, j]) * self._macs_per_channel[name]
         return macs
 
+    def _with_gates(self, images):
+        out, env, indices = self._forward(images)
+        batch = tf.shape(out)[:1]
+        result = {self.output_name: out}
+        macs = tf.fill(batch, tf.constant(self.static_macs, tf.int64))
+        widths = []
+        for (_, mask_of, x_id), name, ws, c, index in zip(
+            self._gate_fns, self.gate_names, self.bucket_widths, self.gate_channels, indices
+        ):
+            mask = mask_of(env[self._resolve(x_id)])  # reordered gates
+            original = np.argsort(self.gate_orders[name]).astype(np.int32)
+            result[name] = tf.gather(mask, original, axis=1)
+            width = tf.gather(tf.constant(ws, tf.int32), index)
+            widths.append(width)
+            # int64 arithmetic: exact, and no float16 overflow in TFLite.
+            per_channel = int(round(self._macs_per_channel[name]))
+            macs = macs - tf.cast(c - width, tf.int64) * tf.constant(per_channel, tf.int64)
+        result[EXECUTED_MACS] = macs
+        if widths:
+            result[WIDTHS] = tf.tile(tf.stack(widths)[None, :], tf.concat([batch, [1]], 0))
+        else:
+            result[WIDTHS] = tf.zeros(tf.concat([batch, [0]], 0), tf.int32)
+        return result
+
+    @tf.function
+    def with_gates(self, images):
+        """What the `serving_with_gates` signature returns, as a dict of tensors.
+
+        - `output_name` (e.g. "probabilities"): the model output;
+        - one `(batch, num_gates)` float32 0/1 mask per gate, named after
+          the gate layer, in the Keras model's gate order (as
+          `bs_keras.macs.gate_masks`);
+        - `executed_macs` int64 `(batch,)`: MACs of the executed widths
+          (static MACs minus the channels beyond each block's branch width);
+        - `widths` int32 `(batch, num_gates)`: the executed branch width per
+          gated block (the same for every sample of a batch: the widest any
+          sample needs).
+        """
+        return self._with_gates(images)
+
     def signatures(self, dynamic_batch=True):
         spec1 = tf.TensorSpec((1,) + self.input_shape, tf.float32, name=INPUT_NAME)
         sigs = {SERVING_DEFAULT: self.__call__.get_concrete_function(spec1)}
@@ -480,52 +539,107 @@ class FoldedModel(tf.Module):
             sigs[SERVING_BATCH] = self.__call__.get_concrete_function(spec)
         return sigs
 
-    def save(self, path, dynamic_batch=True):
-        """SavedModel with `serving_default` (batch 1) and `serving_batch` (any batch).
+    def _serving_signatures(self, serving, dynamic_batch=True):
+        spec1 = tf.TensorSpec((1,) + self.input_shape, tf.float32, name=INPUT_NAME)
+        spec = tf.TensorSpec((None,) + self.input_shape, tf.float32, name=INPUT_NAME)
+        sigs = {SERVING_DEFAULT: serving.serve_default.get_concrete_function(spec1)}
+        if dynamic_batch:
+            sigs[SERVING_BATCH] = serving.serve_default.get_concrete_function(spec)
+        sigs[SERVING_WITH_GATES] = serving.serve_with_gates.get_concrete_function(spec if dynamic_batch else spec1)
+        return sigs
 
-        Only the serving function is saved (not `call_with_widths` etc.): the
-        reloaded object is callable and has the two signatures.
+    def save(self, path, dynamic_batch=True):
+        """SavedModel with signatures `serving_default` (batch 1), `serving_batch`
+        (any batch) and `serving_with_gates` (any batch; see `with_gates`).
+
+        The first two return `{output_name: output}`. Only the serving
+        functions are saved (not `call_with_widths` etc.); the reloaded
+        object is also callable (returns the output tensor).
         """
         serving = _Serving(self)
-        spec1 = tf.TensorSpec((1,) + self.input_shape, tf.float32, name=INPUT_NAME)
-        sigs = {SERVING_DEFAULT: serving.__call__.get_concrete_function(spec1)}
-        if dynamic_batch:
-            spec = tf.TensorSpec((None,) + self.input_shape, tf.float32, name=INPUT_NAME)
-            sigs[SERVING_BATCH] = serving.__call__.get_concrete_function(spec)
-        tf.saved_model.save(serving, path, signatures=sigs)
+        signatures = self._serving_signatures(serving, dynamic_batch)
+        for batch in (1, None) if dynamic_batch else (1,):  # the reloaded object's __call__
+            serving.__call__.get_concrete_function(
+                tf.TensorSpec((batch,) + self.input_shape, tf.float32, name=INPUT_NAME))
+        tf.saved_model.save(serving, path, signatures=signatures)
         return path
 
-    def to_tflite(self, quantize="none"):
-        """TFLite flatbuffer of the batch-1 function ("none" or "dynamic_range").
+    def to_tflite(self, quantize="none", with_gates=False):
+        """TFLite flatbuffer of the batch-1 function.
 
-        Traced with the weights as constants (the converter does not freeze
-        variables read inside `switch_case` branches).
+        Args:
+            quantize: "none" (float32), "float16" (float16 weights) or
+                "dynamic" (alias "dynamic_range": int8 weights, activations
+                quantized on the fly). "int8" is refused: the converter
+                quantizes only the branches the calibration data visits and
+                leaves a float32 / int8 mix, not a full-integer model.
+            with_gates: False: one signature `serving_default` with one
+                output (the model output). True: signatures
+                `serving_default` (`{output_name: output}`) and
+                `serving_with_gates` (see `with_gates`), both batch 1, over
+                one set of weights.
+
+        Traced with nested `tf.cond` (LiteRT IF) instead of `switch_case`:
+        the converter does not freeze variables read inside `switch_case`
+        branches.
         """
-        if quantize not in ("none", "dynamic_range"):
-            raise ValueError(f"quantize must be 'none' or 'dynamic_range'. Received: {quantize!r}")
+        quantize = {"dynamic_range": "dynamic"}.get(quantize, quantize)
+        if quantize == "int8":
+            raise ValueError(INT8_UNSUPPORTED)
+        if quantize not in TFLITE_QUANTIZATIONS:
+            raise ValueError(f"quantize must be one of {TFLITE_QUANTIZATIONS}. Received: {quantize!r}")
         spec = tf.TensorSpec((1,) + self.input_shape, tf.float32, name=INPUT_NAME)
+        tmp = None
         self._constants = True
         try:
-            fn = tf.function(lambda images: self._forward(images)[0]).get_concrete_function(spec)
+            if with_gates:
+                import tempfile
+
+                tmp = tempfile.mkdtemp(prefix="conditional_tflite_")
+                serving = _Serving(self)
+                tf.saved_model.save(serving, tmp, signatures=self._serving_signatures(serving, False))
+                converter = tf.lite.TFLiteConverter.from_saved_model(
+                    tmp, signature_keys=[SERVING_DEFAULT, SERVING_WITH_GATES]
+                )
+            else:
+                fn = tf.function(lambda images: self._forward(images)[0]).get_concrete_function(spec)
+                converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], self)
+            if quantize != "none":
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            if quantize == "float16":
+                converter.target_spec.supported_types = [tf.float16]
+            return converter.convert()
         finally:
             self._constants = False
-        converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], self)
-        if quantize == "dynamic_range":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        return converter.convert()
+            if tmp:
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 class _Serving(tf.Module):
-    """What `FoldedModel.save` writes: the weights and one serving function."""
+    """What `FoldedModel.save` writes: the weights and the serving functions."""
 
     def __init__(self, folded):
         super().__init__(name="conditional_serving")
         self._vars = list(folded._vars)
-        self._forward = folded._forward  # a bound method: not tracked
+        self._forward = folded._forward  # bound methods: not tracked
+        self._with_gates = folded._with_gates
+        self._output_name = folded.output_name
 
     @tf.function
     def __call__(self, images):
         return self._forward(images)[0]
+
+    # No method name may be a prefix of another: with `serve` and
+    # `serve_with_gates` the TF 2.21 TFLite converter kept only one signature.
+    @tf.function
+    def serve_default(self, images):
+        return {self._output_name: self._forward(images)[0]}
+
+    @tf.function
+    def serve_with_gates(self, images):
+        return self._with_gates(images)
 
 
 def _select(index, fns, nested_cond=False, offset=0):
@@ -654,45 +768,68 @@ def set_gate_pattern(model, images, off=0.4, on=0.3, nested=True, seed=0, spread
 # --------------------------------------------------------------------------- CLI support
 
 
-def export_conditional(model, calibration_images, out_dir, parity_images=None, log=print, **kwargs):
-    """Writes `out_dir/saved_model` (conditional module) and `out_dir/conditional.json`.
+class ConditionalRunner:
+    """A conditional model behind the parity runner interface (`export.parity`).
 
-    Checks the reloaded SavedModel against Keras inference on `parity_images`
-    (default: the first 32 calibration images), batch 1 and whole batch.
-    Returns the summary dict.
+    Args:
+        model: a `FoldedModel`, or the path of a SavedModel written by
+            `FoldedModel.save`.
+
+    `__call__(images)` returns `{output_name: output}` (batches of
+    `batch_size`: exact, every batch runs the widest width a sample needs);
+    `with_gates(images)` returns the `with_gates` outputs computed one sample
+    at a time, so that `widths` and `executed_macs` are the batch-1 ones.
     """
-    import json
-    import os
 
-    module = conditional_model(model, calibration_images, **kwargs)
-    sm_dir = os.path.join(out_dir, "saved_model")
-    module.save(sm_dir)
-    loaded = tf.saved_model.load(sm_dir)
-    images = np.asarray(calibration_images if parity_images is None else parity_images, np.float32)[:32]
-    ref = np.asarray(model(images, training=False))
-    one = loaded.signatures[SERVING_DEFAULT]
-    batch = loaded.signatures[SERVING_BATCH]
-    out1 = np.concatenate([next(iter(one(images=tf.constant(images[i : i + 1])).values())).numpy()
-                           for i in range(len(images))])
-    outn = next(iter(batch(images=tf.constant(images)).values())).numpy()
-    err = float(max(np.abs(out1 - ref).max(), np.abs(outn - ref).max()))
-    dense = module.static_macs
-    executed = module.executed_macs(images)
+    def __init__(self, model, batch_size=64):
+        self.batch_size = batch_size
+        if isinstance(model, FoldedModel):
+            self.module = model
+            self._serve = lambda x: {model.output_name: model(x)}
+            self._gates = model.with_gates
+        else:
+            import os
+
+            # Keep the loaded object alive: its signatures reference its variables.
+            self.loaded = tf.saved_model.load(os.fspath(model))
+            sigs = self.loaded.signatures
+            self._serve = lambda x: sigs[SERVING_DEFAULT if x.shape[0] == 1 else SERVING_BATCH](images=x)
+            self._gates = lambda x: sigs[SERVING_WITH_GATES](images=x)
+
+    @staticmethod
+    def _run(fn, images, batch_size):
+        images = np.asarray(images, np.float32)
+        chunks = [
+            {k: np.asarray(v) for k, v in fn(tf.constant(images[i : i + batch_size])).items()}
+            for i in range(0, len(images), batch_size)
+        ]
+        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+    def __call__(self, images):
+        return self._run(self._serve, images, self.batch_size)
+
+    def with_gates(self, images):
+        return self._run(self._gates, images, 1)
+
+
+def describe(module, images=None, calibration_samples=None):
+    """What `python -m export --mode conditional` writes to conditional.json.
+
+    Per gated block the gate, its channels and the precompiled widths;
+    with `images`, the mean executed MACs at batch 1 on them.
+    """
     summary = {
-        "mode": "conditional",
-        "signatures": {SERVING_DEFAULT: [1, *module.input_shape], SERVING_BATCH: [None, *module.input_shape]},
-        "input": INPUT_NAME,
+        "branching": "tf.switch_case (SavedModel); nested tf.cond (TFLite IF)",
+        "calibration_samples": calibration_samples,
         "gates": [
             {"gate": g, "channels": int(c), "widths": [int(w) for w in ws]}
             for g, c, ws in zip(module.gate_names, module.gate_channels, module.bucket_widths)
         ],
-        "parity_max_abs_diff": err,
-        "parity_samples": int(len(images)),
-        "static_macs": int(dense),
-        "mean_executed_macs": float(executed.mean()),
+        "static_macs": int(module.static_macs),
     }
-    with open(os.path.join(out_dir, "conditional.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    log(f"conditional SavedModel: {len(module.gate_names)} gated blocks; max |diff| vs Keras on "
-        f"{len(images)} samples {err:.2e}; executed MACs {executed.mean() / dense:.3f} of static")
+    if images is not None:
+        executed = module.executed_macs(images)
+        summary["mean_executed_macs"] = float(executed.mean())
+        summary["mean_executed_mac_ratio"] = float(executed.mean() / module.static_macs)
+        summary["executed_macs_samples"] = int(len(images))
     return summary

@@ -8,8 +8,11 @@ model) `parity_rows` reports against the Keras model's inference outputs:
 - `top1_agreement`: fraction of samples with the same arg-max class;
 - `gate_agreement`: fraction of all (sample, gate) decisions that agree
   (from the `serving_with_gates` outputs; a compacted variant's masks are
-  first expanded to the original layout);
-- `mean_macs`: mean per-sample MACs the variant reports executing;
+  first expanded to the original layout; None, shown "-", when a variant
+  does not return every gate's mask);
+- `mean_macs`: mean per-sample MACs the variant reports executing
+  (`conditional_macs`: the gated model's, closed channels skipped;
+  `executed_macs` for the conditional export: the executed branch widths);
 - `size_bytes` and `latency_ms` (median batch-1 call) where measured.
 """
 
@@ -22,6 +25,10 @@ import numpy as np
 from bs_keras.gates import find_gates
 from bs_keras.macs import conditional_macs, gate_masks
 from export.savedmodel import MACS_OUTPUT, _output_names
+
+# Extra outputs of the conditional export (export.conditional.FoldedModel.with_gates).
+EXECUTED_MACS = "executed_macs"
+NOT_MASKS = (MACS_OUTPUT, EXECUTED_MACS, "widths")
 
 
 @dataclasses.dataclass
@@ -85,12 +92,13 @@ def compare(reference, outputs, output_name, gate_names, expand=None):
     top1 = float(np.mean(flat_ref.argmax(-1) == flat_got.argmax(-1))) if len(ref) else math.nan
     gates = None
     if gate_names:
-        masks = {k: outputs[k] for k in outputs if k != output_name and k != MACS_OUTPUT}
+        masks = {k: outputs[k] for k in outputs if k not in (output_name, *NOT_MASKS)}
         if expand is not None:
             masks = expand(masks, len(ref))
-        agree = [np.asarray(masks[g]) == np.asarray(reference[g]) for g in gate_names]
-        gates = float(np.concatenate([a.reshape(-1) for a in agree]).mean())
-    macs = float(np.mean(outputs[MACS_OUTPUT])) if MACS_OUTPUT in outputs else None
+        if all(g in masks for g in gate_names):
+            agree = [np.asarray(masks[g]) == np.asarray(reference[g]) for g in gate_names]
+            gates = float(np.concatenate([a.reshape(-1) for a in agree]).mean())
+    macs = next((float(np.mean(outputs[k])) for k in (MACS_OUTPUT, EXECUTED_MACS) if k in outputs), None)
     return {
         "max_abs_diff": float(np.max(np.abs(ref - got))) if ref.size else 0.0,
         "top1_agreement": top1,

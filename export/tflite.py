@@ -11,7 +11,9 @@
 - `int8`: full-integer ops (`TFLITE_BUILTINS_INT8`) calibrated on a
   representative dataset; input and output stay float32.
 
-The models run with `ai_edge_litert.interpreter.Interpreter` (`TFLiteRunner`).
+The models run with `ai_edge_litert.interpreter.Interpreter` (`TFLiteRunner`;
+it also runs the batch-1 conditional models of `export.conditional`, one
+sample per call).
 """
 
 import os
@@ -98,12 +100,16 @@ class TFLiteRunner:
         self._runners = {s: self.interpreter.get_signature_runner(s) for s in SIGNATURES}
         details = self._runners[SERVING_DEFAULT].get_input_details()[INPUT_NAME]
         shape = [None if d < 0 else int(d) for d in details["shape_signature"]]
+        # A batch-1 model (the conditional export) runs one sample per call.
+        self.fixed_batch = shape[0] if shape[0] is not None else None
         shape[0] = None
         self.spec = tf.TensorSpec(shape, tf.as_dtype(details["dtype"]), name=INPUT_NAME)
 
     def run(self, images, signature=SERVING_DEFAULT, batch_size=64):
         check_images(images, self.spec, signature)
         runner = self._runners[signature]
+        if self.fixed_batch:
+            batch_size = self.fixed_batch
         chunks = [
             {k: np.array(v) for k, v in runner(**{INPUT_NAME: images[i : i + batch_size]}).items()}
             for i in range(0, max(len(images), 1), batch_size)

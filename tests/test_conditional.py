@@ -1,12 +1,14 @@
 """Conditional execution: exact outputs, the right width branch, SavedModel round trip."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from bs_keras.gates import find_gates
-from bs_keras.macs import conditional_macs, gate_masks
+from bs_keras.macs import conditional_macs, gate_masks, gate_table
 from bs_keras.models import cifar_resnet, imagenet_resnet
 from export.conditional import (
     bucket_widths,
@@ -156,5 +158,48 @@ def test_cli_conditional_mode(tmp_path):
     (got,) = loaded.signatures["serving_default"](images=tf.constant(images[:1])).values()
     np.testing.assert_allclose(got.numpy(), model(images[:1], training=False).numpy(), atol=1e-5)
     assert (out / "conditional.json").exists()
+    # serving_with_gates reports the Keras gate decisions in the Keras gate order.
+    outputs = loaded.signatures["serving_with_gates"](images=tf.constant(images))
+    for name, mask in gate_masks(model, images).items():
+        np.testing.assert_array_equal(outputs[name].numpy(), mask)
+    rows = {r["name"]: r for r in json.loads((out / "parity.json").read_text())["rows"]}
+    assert rows["saved_model"]["max_abs_diff"] < 1e-5 and rows["saved_model"]["gate_agreement"] == 1.0
     with pytest.raises(SystemExit):
         cli.main([str(model_path), "--out", str(tmp_path / "o2"), "--mode", "conditional"])
+
+
+def test_to_tflite_with_gates_and_quantizations():
+    """Both signatures over one set of weights; float16 and dynamic convert; int8 is refused.
+
+    Under dynamic-range quantization gate decisions near the threshold may flip, but the
+    branch a block runs is always the one its own (quantized) gate masks call for.
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    model, images = _model("cifar8_zero_pad")
+    set_gate_pattern(model, images, off=0.4, on=0.3)
+    cond = conditional_model(model, images[:16])
+    with pytest.raises(ValueError, match="Use none, float16 or dynamic"):
+        cond.to_tflite("int8")
+    flatbuffer = cond.to_tflite("float16", with_gates=True)
+    runner = Interpreter(model_content=flatbuffer).get_signature_runner("serving_with_gates")
+    got = runner(images=images[16:17])
+    expected = cond.with_gates(images[16:17])
+    assert set(got) == set(expected) == {"probabilities", *cond.gate_names, "executed_macs", "widths"}
+    np.testing.assert_allclose(got["probabilities"], expected["probabilities"].numpy(), atol=2e-3)
+    assert expected["executed_macs"].numpy()[0] == int(cond.executed_macs(images[16:17])[0])
+
+    runner = Interpreter(model_content=cond.to_tflite("dynamic", with_gates=True)).get_signature_runner(
+        "serving_with_gates"
+    )
+    per_channel = {i.gate.name: i.macs_per_channel for i in gate_table(model)}
+    for k in range(8):
+        got = runner(images=images[k : k + 1])
+        macs = cond.static_macs
+        for j, name in enumerate(cond.gate_names):
+            reordered = got[name][0][cond.gate_orders[name]]
+            needed = (np.flatnonzero(reordered).max() + 1) if reordered.any() else 0
+            buckets = np.array(cond.bucket_widths[j])
+            assert got["widths"][0, j] == buckets[buckets >= needed].min(), (k, name)
+            macs -= (cond.gate_channels[j] - got["widths"][0, j]) * per_channel[name]
+        assert got["executed_macs"][0] == round(macs)

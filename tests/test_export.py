@@ -283,6 +283,11 @@ def _leftovers(parent):
         (["--quantize", "int4"], "expected one or more of none, float16, dynamic, int8"),
         (["--format", "onnx"], "invalid choice: 'onnx'"),
         (["--calibration-samples", "0"], "must be a positive integer"),
+        (["--mode", "conditional"], "conditional needs --calibration"),
+        (["--mode", "conditional", "--format", "tflite", "--quantize", "none,int8", "--calibration", "c.npy"],
+         "supports --quantize none, float16, dynamic; int8 is not supported"),
+        (["--mode", "conditional", "--quantize", "dynamic", "--calibration", "c.npy"],
+         "applies to --format tflite"),
     ],
 )
 def test_cli_rejects_bad_combinations(trained_path, tmp_path, capsys, extra, message):
@@ -373,3 +378,54 @@ def test_python_m_export_compact_with_image_folder(trained_path, tmp_path):
     loaded = savedmodel.SavedModelRunner(out / "saved_model")
     calib = load_calibration(str(folder), SHAPE)
     np.testing.assert_allclose(loaded(calib)["probabilities"], np.asarray(compact(calib)), atol=1e-6)
+
+
+def test_cli_conditional_tflite(trained, trained_path, images, tmp_path, capsys):
+    """--mode conditional --format tflite: batch-1 .tflite files with per-block IF branches."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    np.save(tmp_path / "calib.npy", synthetic(48, 3)[0])
+    out = tmp_path / "cond"
+    args = [trained_path, "--out", out, "--mode", "conditional", "--format", "tflite",
+            "--quantize", "none,dynamic", "--calibration", tmp_path / "calib.npy", "--latency-runs", "2"]  # fmt: skip
+    code, stdout, err = _cli(args, capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(out)) == sorted(
+        ["model.tflite", "model_dynamic.tflite", "conditional.json", "parity.json", "export.json",
+         "export_log.txt"]
+    )  # fmt: skip
+    assert "| tflite dynamic |" in stdout and "| tf conditional |" in stdout
+    assert not _leftovers(tmp_path)
+
+    # The float32 file, run with LiteRT one sample at a time (its input is batch 1), equals
+    # the Keras masked model on held-out images, and reports the Keras gate decisions.
+    interpreter = Interpreter(model_path=str(out / "model.tflite"), num_threads=2)
+    assert set(interpreter.get_signature_list()) == {"serving_default", "serving_with_gates"}
+    serve = interpreter.get_signature_runner("serving_default")
+    with_gates = interpreter.get_signature_runner("serving_with_gates")
+    assert list(serve.get_input_details()["images"]["shape"]) == [1, *SHAPE]
+    got = np.concatenate([serve(images=images[i : i + 1])["probabilities"] for i in range(len(images))])
+    expected = np.asarray(trained(images, training=False))
+    assert np.max(np.abs(got - expected)) < 1e-5
+    reference = gate_masks(trained, images)
+    gated = [with_gates(images=images[i : i + 1]) for i in range(len(images))]
+    agree = np.mean([np.array_equal(g[name][0], reference[name][i])
+                     for i, g in enumerate(gated) for name in reference])  # fmt: skip
+    assert agree >= 0.999
+    widths = np.concatenate([g["widths"] for g in gated])
+    blocks = json.loads((out / "conditional.json").read_text())["gates"]
+    assert widths.shape == (len(images), len(blocks))
+    for j, block in enumerate(blocks):
+        assert set(widths[:, j]) <= set(block["widths"]) and block["widths"][-1] == block["channels"]
+
+    rows = {r["name"]: r for r in json.loads((out / "parity.json").read_text())["rows"]}
+    for name in ("tf conditional", "tflite none"):
+        assert rows[name]["max_abs_diff"] < 1e-5 and rows[name]["top1_agreement"] == 1.0
+        assert rows[name]["gate_agreement"] >= 0.999
+    assert rows["tflite dynamic"]["top1_agreement"] >= 0.9
+    assert rows["tflite dynamic"]["size_bytes"] < 0.45 * rows["tflite none"]["size_bytes"]
+    # Executed MACs (chosen widths) lie between the gated model's conditional MACs and the static ones.
+    summary = json.loads((out / "export.json").read_text())
+    assert rows["keras"]["mean_macs"] <= rows["tflite none"]["mean_macs"] <= summary["static_macs"]
+    assert summary["input"]["shape"] == [1, *SHAPE] and summary["quantize"] == ["none", "dynamic"]
+    assert "widths" in summary["signatures"]["serving_with_gates"]["outputs"]
