@@ -37,10 +37,12 @@ import subprocess
 import sys
 import time
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("plain", "l0", "bas_l0", "block", "pruned")
 WIDTHS = (1.0, 0.75, 0.5, 0.35)
-LAMS = (8.0, 20.0, 50.0)
+LAMS = (8.0, 12.0, 20.0)
 BLOCK_LAMS = (8.0, 20.0)
 PRUNE_MACS = (0.6, 0.4)
 SEEDS = (0, 1)

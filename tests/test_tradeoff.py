@@ -51,7 +51,7 @@ def test_default_plan_families_and_seeds(tmp_path):
     assert all(r.gated and r.gamma == 0 and r.gate_granularity == "channel" for r in l0)
     assert all(r.gated and r.gamma == 0.75 and r.gate_granularity == "channel" for r in bas)
     assert all(r.gated and r.gamma == 0.75 and r.gate_granularity == "block" for r in block)
-    assert sorted({r.lam for r in l0}) == sorted({r.lam for r in bas}) == [8.0, 20.0, 50.0]
+    assert sorted({r.lam for r in l0}) == sorted({r.lam for r in bas}) == [8.0, 12.0, 20.0]
     assert {r.seed for r in recipes.values()} == {0, 1}
     assert all(r.seed == tradeoff.name_seed(k) for k, r in recipes.items())
 
