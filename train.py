@@ -74,6 +74,7 @@ def parse_args(argv=None):
     t.add_argument("--lr-schedule", help="step, cosine, poly or constant")
     t.add_argument("--optimizer", help="sgd or adam")
     t.add_argument("--weight-decay", type=_number, help="SGD-style weight decay (not on gates)")
+    t.add_argument("--clipnorm", type=_number, help="clip the global gradient norm to this (default off)")
     t.add_argument("--gamma", type=_number, help="batch-shaping weight at the start (annealed to 0)")
     t.add_argument("--lam", type=_number, help="target L0 weight (ramped up)")
     t.add_argument("--prior-a", type=_number, help="Beta prior parameter a (default 0.6)")
@@ -95,7 +96,7 @@ def parse_args(argv=None):
 
 RECIPE_FLAGS = (
     "dataset", "model", "gated", "width_multiplier", "group_size", "gate_granularity", "image_size", "epochs", "batch_size",
-    "lr", "lr_schedule", "optimizer", "weight_decay", "gamma", "lam", "prior_a", "prior_b",
+    "lr", "lr_schedule", "optimizer", "weight_decay", "clipnorm", "gamma", "lam", "prior_a", "prior_b",
     "l0_weighting", "seed", "validation_split", "limit_train", "limit_eval", "crop_size", "aux_weight",
     "init_from", "prune_from", "prune_macs",
 )

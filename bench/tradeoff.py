@@ -7,7 +7,8 @@ Trains, with the same epochs, schedule shape, data and seeds, through
 - gated ResNet-20, L0 only (gamma = 0), at each lambda;
 - gated ResNet-20, batch-shaping + L0 (the paper), at the same lambdas;
 - block-level gated ResNet-20 (one gate per residual branch,
-  `--gate-granularity block`), batch-shaping + L0, at the block lambdas;
+  `--gate-granularity block`), batch-shaping + L0, at the block lambdas,
+  with global gradient-norm clipping at 10 (without it they diverge);
 - static pruning: the trained full-width plain run of the same seed,
   magnitude-pruned (|BN gamma|, same fraction in every block) to 60 % and
   40 % of its MACs, then retrained with the same 4-epoch recipe
@@ -44,6 +45,11 @@ FAMILIES = ("plain", "l0", "bas_l0", "block", "pruned")
 WIDTHS = (1.0, 0.75, 0.5, 0.35)
 LAMS = (8.0, 12.0, 20.0)
 BLOCK_LAMS = (8.0, 20.0)
+# Block gates need gradient clipping: without it block_lam8 diverged (NaN in
+# epoch 3). A gate that shuts a whole branch for a whole batch leaves the
+# branch's last BN with zero batch variance, which amplifies its backward pass
+# ~1/sqrt(eps). 10 is ~4x the measured global gradient norm of these runs.
+BLOCK_CLIPNORM = 10.0
 PRUNE_MACS = (0.6, 0.4)
 SEEDS = (0, 1)
 # Shared by every run: only the family's own knob and the seed differ.
@@ -74,8 +80,8 @@ def plan(families=FAMILIES, seeds=SEEDS, widths=WIDTHS, lams=LAMS, block_lams=BL
                     runs.append((f"{family}_lam{_num(lam)}_s{seed}", base + ["--lam", str(lam)] + gamma))
             elif family == "block":
                 for lam in block_lams:
-                    runs.append((f"block_lam{_num(lam)}_s{seed}",
-                                 base + ["--lam", str(lam), "--gate-granularity", "block"]))
+                    runs.append((f"block_lam{_num(lam)}_s{seed}", base + [
+                    "--lam", str(lam), "--gate-granularity", "block", "--clipnorm", str(BLOCK_CLIPNORM)]))
             elif family == "pruned":
                 # Needs the full-width plain run of this seed (planned first).
                 source = os.path.join(root, f"plain_w1_s{seed}", "last.keras")
@@ -165,6 +171,9 @@ def main(argv=None):
         if rc != 0:
             print(f"  {name} failed (exit {rc}); see {os.path.join(args.root, name + '.log')}", file=sys.stderr)
             return rc
+        if os.path.exists(ledger_path):  # another driver may have written meanwhile
+            with open(ledger_path) as f:
+                ledger = json.load(f)
         entry = ledger["runs"].get(name, {"wall_seconds": 0.0, "sessions": 0})
         entry["wall_seconds"] += wall
         entry["sessions"] += 1

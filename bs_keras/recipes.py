@@ -39,6 +39,7 @@ class Recipe:
     lr_decay_factor: float = 0.1
     warmup_epochs: float = 0.0
     weight_decay: float = 5e-4
+    clipnorm: float = None
     gamma: float = 0.75
     gamma_end: float = 0.2
     lam: float = 0.2
@@ -149,6 +150,8 @@ class Recipe:
             if not os.path.isfile(self.prune_from):
                 bad("prune_from", "the file does not exist: give the .keras file of a trained plain run "
                     "(e.g. runs/<run>/best.keras)")
+        if self.clipnorm is not None and (not finite(self.clipnorm) or self.clipnorm <= 0):
+            bad("clipnorm", "must be a finite number > 0 (global gradient-norm clipping)")
         if self.lam_begin > self.lam_end:
             bad("lam_begin", f"must be <= lam_end ({self.lam_end})")
         if self.momentum >= 1:

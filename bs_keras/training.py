@@ -168,9 +168,13 @@ def learning_rate(recipe, steps_per_epoch):
 
 def build_optimizer(recipe, steps_per_epoch):
     lr = learning_rate(recipe, steps_per_epoch)
+    # Optional global-norm clipping: a gate that closes a whole branch for a
+    # whole batch leaves the next BN with zero batch variance, whose backward
+    # pass amplifies gradients ~1/sqrt(eps) (seen as NaN with block gates).
+    clip = {"global_clipnorm": recipe.clipnorm} if recipe.clipnorm else {}
     if recipe.optimizer == "adam":
-        return keras.optimizers.Adam(lr)
-    return keras.optimizers.SGD(lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
+        return keras.optimizers.Adam(lr, **clip)
+    return keras.optimizers.SGD(lr, momentum=recipe.momentum, nesterov=recipe.nesterov, **clip)
 
 
 def gate_callback(recipe):

@@ -58,7 +58,10 @@ def test_default_plan_families_and_seeds(tmp_path):
 
 def test_runs_differ_only_in_knob_and_seed(tmp_path):
     recipes = _recipes(tmp_path)
-    knobs = {"gated", "width_multiplier", "lam", "gamma", "gate_granularity", "seed", "prune_from", "prune_macs"}
+    knobs = {"gated", "width_multiplier", "lam", "gamma", "gate_granularity", "seed", "prune_from", "prune_macs",
+             "clipnorm"}
+    assert {r.clipnorm for k, r in recipes.items() if k.startswith("block")} == {10.0}
+    assert {r.clipnorm for k, r in recipes.items() if not k.startswith("block")} == {None}
     shared = [{k: v for k, v in r.to_dict().items() if k not in knobs} for r in recipes.values()]
     assert all(s == shared[0] for s in shared)
     assert shared[0]["epochs"] == 4 and shared[0]["limit_train"] == 16000

@@ -122,3 +122,20 @@ def test_scheduler_on_a_model_without_gates_fails_clearly():
     x, y = _quadrant_task(n=16)
     with pytest.raises(ValueError, match="no ChannelGate"):
         model.fit(x, y, epochs=1, verbose=0, callbacks=[bs_keras.GateLossScheduler(Constant(0.5), 0.0)])
+
+
+def test_clipnorm_bounds_the_step_of_a_gradient_spike():
+    from bs_keras import recipes, training
+
+    base = recipes.get_recipe("fashion_mnist_demo").replace(lr_schedule="constant", lr=0.1, momentum=0.0)
+    steps = {}
+    for clip in (None, 10.0):
+        recipe = base.replace(clipnorm=clip) if clip else base
+        opt = training.build_optimizer(recipe.validate(), steps_per_epoch=10)
+        v = keras.Variable(np.zeros(4, np.float32))
+        opt.apply_gradients([(np.full(4, 300.0, np.float32), v)])  # global norm 600
+        steps[clip] = float(np.linalg.norm(v.numpy()))
+    assert steps[None] == pytest.approx(0.1 * 600.0)
+    assert steps[10.0] == pytest.approx(0.1 * 10.0)
+    with pytest.raises(ValueError, match="--clipnorm=0.0 is invalid"):
+        base.replace(clipnorm=0.0).validate()
