@@ -44,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("plain", "l0", "bas_l0", "block", "pruned")
 WIDTHS = (1.0, 0.75, 0.5, 0.35)
 LAMS = (8.0, 12.0, 20.0)
-BLOCK_LAMS = (8.0, 20.0)
+BLOCK_LAMS = (1.0, 3.0, 8.0)
 # Block gates need gradient clipping: without it block_lam8 diverged (NaN in
 # epoch 3). A gate that shuts a whole branch for a whole batch leaves the
 # branch's last BN with zero batch variance, which amplifies its backward pass

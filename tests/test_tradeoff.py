@@ -35,7 +35,7 @@ def _recipes(root):
 
 def test_default_plan_families_and_seeds(tmp_path):
     recipes = _recipes(tmp_path)
-    assert len(recipes) == 2 * (4 + 3 + 3 + 2 + 2)
+    assert len(recipes) == 2 * (4 + 3 + 3 + 3 + 2)
     plain = {k: r for k, r in recipes.items() if k.startswith("plain")}
     pruned = {k: r for k, r in recipes.items() if k.startswith("pruned")}
     assert all(not r.gated and r.width_multiplier == 1.0 for r in pruned.values())
