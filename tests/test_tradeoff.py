@@ -85,3 +85,14 @@ def test_bad_family_is_named(capsys):
         tradeoff.parse_args(["--families", "plain,big"])
     assert e.value.code == 2
     assert "unknown ['big']" in capsys.readouterr().err
+
+
+def test_default_demo_is_the_chosen_sweep_point(tmp_path):
+    """`python train.py` trains exactly the sweep's BAS+L0 run at the demo
+    lambda (seed 0), so the README can quote that run's result."""
+    _, args = train.parse_args([])
+    demo = train.resolve_recipe(args)
+    name = f"bas_l0_lam{tradeoff._num(demo.lam)}_s0"
+    assert demo.lam in tradeoff.LAMS
+    recipes = _recipes(tmp_path)
+    assert recipes[name].to_dict() == demo.to_dict()
