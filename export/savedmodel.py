@@ -236,17 +236,22 @@ class SavedModelRunner:
     def run(self, images, signature=SERVING_DEFAULT, batch_size=256):
         check_images(images, self._spec(signature), signature)
         fn = self.loaded.signatures[signature]
-        chunks = [
-            {k: v.numpy() for k, v in fn(**{INPUT_NAME: tf.constant(images[i : i + batch_size])}).items()}
-            for i in range(0, max(len(images), 1), batch_size)
-        ]
-        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+        return run_in_chunks(lambda batch: fn(**{INPUT_NAME: tf.constant(batch)}), images, batch_size)
 
     def __call__(self, images):
         return self.run(images, SERVING_DEFAULT)
 
     def with_gates(self, images):
         return self.run(images, SERVING_WITH_GATES)
+
+
+def run_in_chunks(call, images, batch_size):
+    """`call(batch) -> {name: array}` over `images` in chunks, outputs concatenated."""
+    chunks = [
+        {k: np.array(v) for k, v in call(images[i : i + batch_size]).items()}  # copies
+        for i in range(0, max(len(images), 1), batch_size)
+    ]
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
 
 def graph_op_types(loaded_or_path):

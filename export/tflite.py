@@ -22,7 +22,9 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from export.savedmodel import INPUT_NAME, SERVING_DEFAULT, SERVING_WITH_GATES, SIGNATURES, check_images
+from export.savedmodel import (
+    INPUT_NAME, SERVING_DEFAULT, SERVING_WITH_GATES, SIGNATURES, check_images, run_in_chunks,
+)
 
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 REPRESENTATIVE_LIMIT = 200
@@ -110,11 +112,7 @@ class TFLiteRunner:
         runner = self._runners[signature]
         if self.fixed_batch:
             batch_size = self.fixed_batch
-        chunks = [
-            {k: np.array(v) for k, v in runner(**{INPUT_NAME: images[i : i + batch_size]}).items()}
-            for i in range(0, max(len(images), 1), batch_size)
-        ]
-        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+        return run_in_chunks(lambda batch: runner(**{INPUT_NAME: batch}), images, batch_size)
 
     def __call__(self, images):
         return self.run(images, SERVING_DEFAULT)
