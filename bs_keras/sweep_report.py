@@ -382,6 +382,7 @@ def load_sweep(paths):
     names = [os.path.basename(os.path.normpath(d)) for d in run_dirs]
     dup = {n for n in names if names.count(n) > 1}
     runs, missing = [], []
+    ledgers = {}  # root -> its sweep.json runs, read once
     for d, n in zip(run_dirs, names):
         if n in dup:
             n = os.path.join(os.path.basename(os.path.dirname(os.path.normpath(d))), n)
@@ -389,8 +390,10 @@ def load_sweep(paths):
         if run.get("missing"):
             missing.append({k: run[k] for k in ("name", "path", "reason")})
             continue
-        sweep_runs, _ = _sweep_wall_seconds(os.path.dirname(os.path.normpath(d)))
-        entry = sweep_runs.get(os.path.basename(os.path.normpath(d))) or {}
+        root = os.path.dirname(os.path.normpath(d))
+        if root not in ledgers:
+            ledgers[root] = _sweep_wall_seconds(root)[0]
+        entry = ledgers[root].get(os.path.basename(os.path.normpath(d))) or {}
         wall = _finite_or_none(entry.get("wall_seconds")) if isinstance(entry, dict) else None
         if wall is not None:
             run["wall_seconds"], run["wall_seconds_source"] = wall, "sweep.json"

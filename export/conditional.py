@@ -54,7 +54,7 @@ import tensorflow as tf
 from bs_keras.blocks import ZeroPadShortcut
 from bs_keras.gates import ChannelGate, find_gates
 from bs_keras.macs import count_macs, gate_masks, gate_table
-from export.savedmodel import _output_names
+from export.savedmodel import output_names
 
 _L = keras.layers
 
@@ -419,7 +419,7 @@ class FoldedModel(tf.Module):
             skip.add(id(node))
         self._input_id = id(model.inputs[0])
         self._output_id = id(model.outputs[0])
-        self.output_name = _output_names(model)[0]
+        self.output_name = output_names(model)[0]
         self._alias = alias
         self.static_macs = int(count_macs(model))
         self._macs_per_channel = {i.gate.name: i.macs_per_channel for i in gate_table(model)} if self.gate_names else {}

@@ -24,7 +24,7 @@ import numpy as np
 
 from bs_keras.gates import find_gates
 from bs_keras.macs import conditional_macs, gate_masks
-from export.savedmodel import MACS_OUTPUT, _output_names
+from export.savedmodel import MACS_OUTPUT, output_names
 
 # Extra outputs of the conditional export (export.conditional.FoldedModel.with_gates).
 EXECUTED_MACS = "executed_macs"
@@ -51,7 +51,7 @@ class KerasRunner:
     def __init__(self, model, batch_size=128):
         self.model = model
         self.batch_size = batch_size
-        self.output_name = _output_names(model)[0]
+        self.output_name = output_names(model)[0]
         self.gates = find_gates(model)
 
     def _predict(self, images):

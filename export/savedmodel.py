@@ -59,7 +59,7 @@ def describe_spec(spec):
     return f"{spec.dtype.name} `{spec.name}` of shape ({dims})"
 
 
-def _output_names(model):
+def output_names(model):
     """Output names of the signatures for the model's output structure."""
     outputs = model.output
     if isinstance(outputs, dict):
@@ -74,7 +74,7 @@ def _output_names(model):
 
 
 def _as_dict(model, outputs):
-    names = _output_names(model)
+    names = output_names(model)
     if isinstance(outputs, dict):
         return dict(outputs)
     if isinstance(outputs, (list, tuple)):
@@ -118,7 +118,7 @@ class ServingFunctions:
         self.spec = input_spec(model)
         self.check_shape = check_shape
         self.gates = find_gates(model)
-        self.output_names = _output_names(model)
+        self.output_names = output_names(model)
         clash = {g.name for g in self.gates} & {*self.output_names, MACS_OUTPUT}
         if clash:
             raise ValueError(f"Gate names clash with output names: {sorted(clash)}")
