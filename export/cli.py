@@ -45,6 +45,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 FORMATS = ("saved_model", "tflite")
 MODES = ("masked", "compact", "conditional")
+# --mode conditional --widths: fitted to the calibration data, or fixed fractions.
+COND_FRACTIONS = {"quarters": (0.25, 0.5, 0.75, 1.0), "eighths": tuple(i / 8 for i in range(1, 9))}
+COND_WIDTHS = ("auto", *COND_FRACTIONS)
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 
 
@@ -111,6 +114,14 @@ def build_parser():
     p.add_argument("--calibration-samples", type=_positive_int, default=256)
     p.add_argument("--round-to", type=_positive_int, help="compact: keep widths a multiple of this")
     p.add_argument(
+        "--widths", choices=COND_WIDTHS, default=None,
+        help="conditional: precompiled widths per block. auto (default): at most --max-widths widths "
+             "fitted to the widths the calibration data needs, plus the full width; quarters / "
+             "eighths: fixed fractions of each block",
+    )  # fmt: skip
+    p.add_argument("--max-widths", type=_positive_int, default=None,
+                   help="conditional, --widths auto: widths per block besides the full one (default 6)")
+    p.add_argument(
         "--parity-samples", type=_positive_int, default=128,
         help="samples for the parity table (calibration images, else seeded N(0, 1) inputs)",
     )  # fmt: skip
@@ -148,6 +159,12 @@ def validate_args(parser, args):
             "visits and leaves the rest in float32: not a full-integer model)"
         )
     # --- end conditional ---
+    if args.mode != "conditional" and (args.widths or args.max_widths):
+        parser.error("--widths and --max-widths apply to --mode conditional")
+    if args.max_widths and args.widths not in (None, "auto"):
+        parser.error("--max-widths applies to --widths auto")
+    args.widths = args.widths or "auto"
+    args.max_widths = args.max_widths or 6
     if args.round_to and args.mode != "compact":
         parser.error("--round-to applies to --mode compact")
     out = os.path.abspath(args.out)
@@ -423,7 +440,8 @@ def _conditional(args, model, spec, images, tmp, log):
     from export import conditional as cond_lib
     from export import savedmodel
 
-    module = cond_lib.conditional_model(model, images)
+    widths = {"auto": "auto", **COND_FRACTIONS}[args.widths]
+    module = cond_lib.conditional_model(model, images, widths=widths, max_widths=args.max_widths)
     files, variants = [], []
     if args.format == "saved_model":
         sm_dir = os.path.join(tmp, "saved_model")

@@ -170,6 +170,56 @@ def bucket_widths(channels, widths, multiple_of=8, group_size=1):
     return sorted(out)
 
 
+def calibrated_widths(needed, channels, max_widths=6, multiple_of=8, group_size=1):
+    """Precompiled widths fitted to the widths calibration samples need.
+
+    Args:
+        needed: `(N,)` channels each calibration sample needs in this block
+            (end of its last open channel in the reordered block).
+        channels: the block's gated width (always a width: the fallback for
+            inputs that need more than any calibration sample did).
+        max_widths: at most this many widths besides `channels`.
+        multiple_of, group_size: as `bucket_widths`.
+
+    Returns the sorted widths minimising the calibration samples' total
+    executed channels (each sample runs the smallest width covering it);
+    an exact dynamic programme over the distinct rounded needs.
+    """
+    if max_widths < 1:
+        raise ValueError(f"max_widths must be >= 1. Received: {max_widths}")
+    step = int(multiple_of or 1)
+    step = step * group_size // math.gcd(step, group_size)
+    rounded = np.minimum(channels, np.maximum(step, np.ceil(np.asarray(needed) / step) * step)).astype(int)
+    values, counts = np.unique(rounded, return_counts=True)
+    m, k_max = len(values), min(max_widths, len(values))
+    if m == 0:
+        return [channels]
+    # cost[k][j]: least executed channels for values[:j+1] with k+1 widths, the last values[j].
+    inf = float("inf")
+    cost = np.full((k_max, m), inf)
+    back = np.zeros((k_max, m), int)
+    csum = np.concatenate([[0], np.cumsum(counts)])
+    for j in range(m):
+        cost[0, j] = values[j] * csum[j + 1]
+    for k in range(1, k_max):
+        for j in range(k, m):
+            cands = [cost[k - 1, i] + values[j] * (csum[j + 1] - csum[i + 1]) for i in range(k - 1, j)]
+            best = int(np.argmin(cands))
+            cost[k, j], back[k, j] = cands[best], best + k - 1
+    # The full width is free: values[j+1:] may fall through to it.
+    best, k, j = channels * csum[m], -1, -1
+    for kk in range(k_max):
+        for jj in range(kk, m):
+            total = cost[kk, jj] + channels * (csum[m] - csum[jj + 1])
+            if total < best:
+                best, k, j = total, kk, jj
+    chosen = []
+    while k >= 0:
+        chosen.append(int(values[j]))
+        j, k = back[k, j], k - 1
+    return sorted(set(chosen) | {channels})
+
+
 # --------------------------------------------------------------------------- the module
 
 
@@ -182,8 +232,11 @@ class FoldedModel(tf.Module):
             frequencies (channel reordering); only for `mode="conditional"`.
         mode: "conditional" (per-block width branches, see module doc) or
             "masked" (full convolutions x 0/1 mask: the model as trained).
-        widths: fractions of each gated width to precompile.
+        widths: fractions of each gated width to precompile, or "auto":
+            per block at most `max_widths` widths fitted to the widths the
+            calibration images need (`calibrated_widths`), plus the full width.
         multiple_of: round every width up to a multiple of this.
+        max_widths: for `widths="auto"`.
         batch_size: batch size for measuring the gates.
         branching: "switch_case" (one `Case` op per block) or "cond" (a
             balanced tree of `tf.cond`); TFLite export always uses "cond"
@@ -199,12 +252,14 @@ class FoldedModel(tf.Module):
         multiple_of=8,
         batch_size=64,
         branching="switch_case",
+        max_widths=6,
         name=None,
     ):
         super().__init__(name=name)
         if branching not in ("switch_case", "cond"):
             raise ValueError(f"branching must be 'switch_case' or 'cond'. Received: {branching!r}")
         self.branching = branching
+        self.width_choice = f"auto (at most {max_widths} + full)" if isinstance(widths, str) else list(widths)
         if mode not in ("conditional", "masked"):
             raise ValueError(f"mode must be 'conditional' or 'masked'. Received: {mode!r}")
         if len(model.inputs) != 1 or len(model.outputs) != 1:
@@ -228,6 +283,9 @@ class FoldedModel(tf.Module):
                 raise ValueError("mode='conditional' needs calibration_images.")
             masks = gate_masks(model, calibration_images, batch_size=batch_size)
             freqs = {k: v.mean(axis=0) for k, v in masks.items()}
+        auto = isinstance(widths, str)
+        if auto and widths != "auto":
+            raise ValueError(f"widths must be fractions in (0, 1] or 'auto'. Received: {widths!r}")
 
         self._vars = []
         self._steps = []  # (fn, input ids, output id)
@@ -315,7 +373,11 @@ class FoldedModel(tf.Module):
             b2v = var(b2, f"{prefix}/conv2_bias")
             conv1_run = _conv_fn(conv1.operation)
             conv2_run = _conv_fn(cnode.operation)
-            if mode == "conditional":
+            if mode == "conditional" and auto:
+                reordered = masks[gate.name][:, gperm] > 0
+                last = np.where(reordered.any(axis=1), gate.num_gates - np.argmax(reordered[:, ::-1], axis=1), 0)
+                ws = calibrated_widths(last * gs, channels, max_widths, multiple_of, gs)
+            elif mode == "conditional":
                 ws = bucket_widths(channels, widths, multiple_of, gs)
             else:
                 ws = [channels]
@@ -328,28 +390,49 @@ class FoldedModel(tf.Module):
             self.gate_channels.append(channels)
             self.bucket_widths.append(ws)
             relu = relu1 is not None
-            ws_t = np.asarray(ws, np.int32)
-            ranks = np.arange(1, gate.num_gates + 1, dtype=np.float32)
+            # Per gate (group), the index of the smallest branch covering it.
+            group_end = (np.arange(gate.num_gates) + 1) * gs
+            bucket_of = np.searchsorted(np.asarray(ws), group_end).astype(np.int32)
 
-            def mask_of(x, g_wh=g_wh, g_hb=g_hb, g_wl=g_wl, g_bl=g_bl):
-                pooled = tf.reduce_mean(x, axis=[1, 2])
-                z = tf.nn.relu(tf.matmul(pooled, g_wh()) + g_hb())
-                return tf.cast(tf.matmul(z, g_wl()) + g_bl() > 0, tf.float32)
+            def logits_of(x, g_wh=g_wh, g_hb=g_hb, g_wl=g_wl, g_bl=g_bl):
+                if self._constants or None in x.shape[1:3]:
+                    pooled = tf.reduce_mean(x, axis=[1, 2])
+                else:  # measured faster than reduce_mean in TF on CPU
+                    pooled = tf.reshape(tf.nn.avg_pool2d(x, x.shape[1:3], 1, "VALID"), [-1, x.shape[-1]])
+                # bias_add (not +): Grappler fuses MatMul + BiasAdd (+ Relu).
+                z = tf.nn.relu(tf.nn.bias_add(tf.matmul(pooled, g_wh()), g_hb()))
+                return tf.nn.bias_add(tf.matmul(z, g_wl()), g_bl())
 
-            def needed_index(x, mask_of=mask_of, ws_t=ws_t, ranks=ranks, gs=gs):
-                mask = mask_of(x)
-                needed = tf.cast(tf.reduce_max(mask * ranks, axis=1), tf.int32) * gs
-                return tf.reduce_sum(tf.cast(needed[:, None] > ws_t[None, :], tf.int32), axis=1)
+            def mask_of(x, logits_of=logits_of):
+                return tf.cast(logits_of(x) > 0, tf.float32)
 
-            def segment(x_in, x_gate, mask_of=mask_of, needed_index=needed_index, branches=branches,
-                        conv1_run=conv1_run, conv2_run=conv2_run, b2v=b2v, relu=relu, gs=gs):
-                mask = mask_of(x_gate)
-                if gs > 1:
-                    mask = tf.repeat(mask, gs, axis=1)
-                mask = mask[:, None, None, :]
+            def needed_index(x, logits_of=logits_of, bucket_of=bucket_of):
+                return tf.reduce_max(tf.where(logits_of(x) > 0, bucket_of, 0), axis=1)
+
+            b1_full = var(b1, f"{prefix}/conv1_bias")
+
+            def segment(x_in, x_gate, logits_of=logits_of, bucket_of=bucket_of, branches=branches,
+                        conv1_run=conv1_run, conv2_run=conv2_run, b2v=b2v, relu=relu, gs=gs,
+                        b1_full=b1_full):
+                is_open = logits_of(x_gate) > 0
+                index = tf.reduce_max(tf.where(is_open, bucket_of, 0))
+                # At batch 1 a closed channel's conv1 bias is set to -1e30, so the
+                # fused Conv2D + BiasAdd + Relu outputs exactly 0 there: no mask
+                # multiply (one op fewer per block and no pass over the features).
+                fold = relu and x_in.shape[0] == 1 and not self._constants
+                if fold:
+                    open_c = tf.repeat(is_open[0], gs) if gs > 1 else is_open[0]
+                    bias = tf.where(open_c, b1_full(), -1e30)
+                else:
+                    mask = tf.cast(is_open, tf.float32)
+                    if gs > 1:
+                        mask = tf.repeat(mask, gs, axis=1)
+                    mask = mask[:, None, None, :]
 
                 def branch(w, k1v, b1v, k2v):
                     def run():
+                        if fold:
+                            return conv2_run(tf.nn.relu(conv1_run(x_in, k1v(), bias[:w])), k2v(), b2v())
                         h = conv1_run(x_in, k1v(), b1v())
                         if relu:
                             h = tf.nn.relu(h)
@@ -361,7 +444,6 @@ class FoldedModel(tf.Module):
                 fns = [branch(*b) for b in branches]
                 if len(fns) == 1:
                     return fns[0](), tf.constant(0, tf.int32)
-                index = tf.reduce_max(needed_index(x_gate))
                 return _select(index, fns, nested_cond=self._constants or self.branching == "cond"), index
 
             self._gate_fns.append((needed_index, mask_of, id(x_t)))
@@ -677,12 +759,12 @@ def _pool_fn(op):
 
 def conditional_model(
     model, calibration_images, widths=(0.25, 0.5, 0.75, 1.0), multiple_of=8, batch_size=64,
-    branching="switch_case",
+    branching="switch_case", max_widths=6,
 ):
     """A `FoldedModel` in conditional mode (see module doc)."""
     return FoldedModel(
         model, calibration_images, mode="conditional", widths=widths, multiple_of=multiple_of,
-        batch_size=batch_size, branching=branching,
+        batch_size=batch_size, branching=branching, max_widths=max_widths,
     )
 
 
@@ -821,6 +903,7 @@ def describe(module, images=None, calibration_samples=None):
     summary = {
         "branching": "tf.switch_case (SavedModel); nested tf.cond (TFLite IF)",
         "calibration_samples": calibration_samples,
+        "width_choice": module.width_choice,
         "gates": [
             {"gate": g, "channels": int(c), "widths": [int(w) for w in ws]}
             for g, c, ws in zip(module.gate_names, module.gate_channels, module.bucket_widths)

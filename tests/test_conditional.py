@@ -1,5 +1,6 @@
 """Conditional execution: exact outputs, the right width branch, SavedModel round trip."""
 
+import itertools
 import json
 
 import keras
@@ -12,6 +13,7 @@ from bs_keras.macs import conditional_macs, gate_masks, gate_table
 from bs_keras.models import cifar_resnet, imagenet_resnet
 from export.conditional import (
     bucket_widths,
+    calibrated_widths,
     conditional_model,
     folded_model,
     set_gate_pattern,
@@ -103,6 +105,56 @@ def test_chosen_widths_are_the_expected_buckets(setup):
     assert np.all(macs >= cmacs - 1e-6) and np.all(macs <= cond.static_macs)
 
 
+def test_calibrated_widths_are_optimal():
+    """Brute force over every set of at most K candidate widths (the rounded needs)."""
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        channels = int(rng.choice([16, 32, 64]))
+        k = int(rng.integers(1, 4))
+        needed = rng.integers(0, channels + 1, size=int(rng.integers(1, 25)))
+        got = calibrated_widths(needed, channels, max_widths=k)
+        rounded = np.minimum(channels, np.maximum(8, -(-needed // 8) * 8))
+
+        def executed(widths):
+            ws = np.array(sorted(set(widths) | {channels}))
+            return sum(ws[ws >= n].min() for n in rounded)
+
+        candidates = sorted(set(rounded.tolist()))
+        best = min(
+            executed(c) for r in range(1, min(k, len(candidates)) + 1)
+            for c in itertools.combinations(candidates, r)
+        )  # fmt: skip
+        assert executed(got) == best
+        assert channels in got and len(got) <= k + 1 and all(w % 8 == 0 for w in got)
+    with pytest.raises(ValueError, match="max_widths"):
+        calibrated_widths([8], 16, max_widths=0)
+
+
+def test_auto_widths_fit_the_calibration_data(setup):
+    model, fixed, calib, test, _ = setup
+    cond = conditional_model(model, calib, widths="auto", max_widths=3)
+    images = np.concatenate([calib, test])
+    ref = model(images, training=False).numpy()
+    out = np.concatenate([cond(images[i : i + 1]).numpy() for i in range(len(images))])
+    assert np.abs(out - ref).max() < 1e-5
+    np.testing.assert_allclose(cond(images).numpy(), ref, atol=1e-5, rtol=0)
+    freq = gate_masks(model, calib)
+    for j, gate in enumerate(find_gates(model)):
+        ws = list(cond.bucket_widths[j])
+        assert gate.channels in ws and len(ws) <= 4 and all(w % 8 == 0 for w in ws)
+        # Every fitted width below the full one is a width some calibration sample needs.
+        order = np.argsort(-freq[gate.name].mean(0), kind="stable")
+        reordered = freq[gate.name][:, order]
+        needs = {max(8, -(-(np.flatnonzero(r).max() + 1 if r.any() else 0) // 8) * 8) for r in reordered}
+        assert set(ws) - {gate.channels} <= needs
+    # With as many widths as eighths has, fitted widths execute no more on the calibration set.
+    fitted = conditional_model(model, calib, widths="auto", max_widths=8)
+    eighths = conditional_model(model, calib, widths=[i / 8 for i in range(1, 9)])
+    assert fitted.executed_macs(calib).sum() <= eighths.executed_macs(calib).sum()
+    with pytest.raises(ValueError, match="auto"):
+        conditional_model(model, calib, widths="fitted")
+
+
 def test_hand_set_masks_choose_their_branch():
     keras.utils.set_random_seed(0)
     model = cifar_resnet(8, input_shape=(16, 16, 3))
@@ -157,7 +209,7 @@ def test_cli_conditional_mode(tmp_path):
     loaded = tf.saved_model.load(str(out / "saved_model"))
     (got,) = loaded.signatures["serving_default"](images=tf.constant(images[:1])).values()
     np.testing.assert_allclose(got.numpy(), model(images[:1], training=False).numpy(), atol=1e-5)
-    assert (out / "conditional.json").exists()
+    assert "auto" in json.loads((out / "conditional.json").read_text())["width_choice"]  # the default
     # serving_with_gates reports the Keras gate decisions in the Keras gate order.
     outputs = loaded.signatures["serving_with_gates"](images=tf.constant(images))
     for name, mask in gate_masks(model, images).items():
@@ -166,6 +218,9 @@ def test_cli_conditional_mode(tmp_path):
     assert rows["saved_model"]["max_abs_diff"] < 1e-5 and rows["saved_model"]["gate_agreement"] == 1.0
     with pytest.raises(SystemExit):
         cli.main([str(model_path), "--out", str(tmp_path / "o2"), "--mode", "conditional"])
+    for bad in (["--widths", "eighths"], ["--mode", "conditional", "--widths", "eighths", "--max-widths", "3"]):
+        with pytest.raises(SystemExit):
+            cli.main([str(model_path), "--out", str(tmp_path / "o3"), "--calibration", str(calib), *bad])
 
 
 def test_to_tflite_with_gates_and_quantizations():
