@@ -776,6 +776,16 @@ def folded_model(model):
 # --------------------------------------------------------------------------- synthetic gate patterns
 
 
+def _between_samples(values, q):
+    """A threshold near the q-quantile of `values` halfway between two of them, so
+    that no sample sits on it (float rounding would decide its gate)."""
+    v = np.sort(np.asarray(values, np.float64))
+    if len(v) == 1:
+        return float(v[0]) - 1.0
+    lo = min(int(np.floor(q * (len(v) - 1))), len(v) - 2)
+    return float((v[lo] + v[lo + 1]) / 2)
+
+
 def set_gate_pattern(model, images, off=0.4, on=0.3, nested=True, seed=0, spread=(0.2, 0.8)):
     """Sets every gate's logits to a synthetic always-off / always-on / conditional mix.
 
@@ -787,7 +797,8 @@ def set_gate_pattern(model, images, off=0.4, on=0.3, nested=True, seed=0, spread
     hidden features and open when `z @ u` exceeds evenly spread quantiles
     (`spread`) of its values on `images` (a correlated, prefix-friendly
     pattern); with `nested=False` each has its own random column and opens
-    above the median (independent channels).
+    above the median (independent channels). Thresholds lie halfway between
+    two samples' values, never on one.
 
     Returns `{gate_name: array of 0 (off) / 1 (on) / 2 (conditional)}`.
     """
@@ -815,12 +826,12 @@ def set_gate_pattern(model, images, off=0.4, on=0.3, nested=True, seed=0, spread
                 qs = np.linspace(spread[0], spread[1], len(cond)) if len(cond) > 1 else [0.5]
                 for c, q in zip(rng.permutation(cond), qs):
                     kernel[:, c] = u
-                    bias[c] = -np.quantile(s, q)
+                    bias[c] = -_between_samples(s, q)
             else:
                 for c in cond:
                     u = rng.normal(size=(z.shape[1],))
                     kernel[:, c] = u
-                    bias[c] = -np.median(z @ u)
+                    bias[c] = -_between_samples(z @ u, 0.5)
         gate.logits_dense.set_weights([kernel, bias])
         designs[gate.name] = kinds
 

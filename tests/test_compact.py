@@ -31,8 +31,8 @@ def design_gates(model, images, designs, seed=0):
     """Sets each gate's logits so its gates are OFF / ON / COND as designed.
 
     OFF/ON: zero kernel column, bias -4/+4. COND: a random kernel column and
-    a bias at the 40th percentile of its logits on `images`, so that it opens
-    for about 60% of them. Gates are set in graph order (a gate changes the
+    a bias between the 40th-percentile neighbours of its logits on `images`,
+    so that it opens for about 60% of them. Gates are set in graph order (a gate changes the
     inputs of the later ones).
     """
     rng = np.random.default_rng(seed)
@@ -46,7 +46,11 @@ def design_gates(model, images, designs, seed=0):
         logits = np.asarray(gate.gate_logits(block_input))
         bias = np.where(design == ON, 4.0, -4.0).astype("float32")
         cond = design == COND
-        bias[cond] = -np.percentile(logits[:, cond], 40, axis=0)
+        # Halfway between two neighbouring samples' logits (not at a sample's own logit,
+        # where float rounding differences between equal graphs would decide the gate).
+        ranked = np.sort(logits[:, cond], axis=0)
+        k = max(1, int(round(0.4 * len(ranked))))
+        bias[cond] = -(ranked[k - 1] + ranked[k]) / 2
         gate.logits_dense.set_weights([kernel, bias])
 
 
