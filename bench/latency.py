@@ -27,10 +27,9 @@ dense model's), it times at batch 1 (and batch 32 in TF):
   MACs cost as a plain static model, the bound no conditional scheme beats.
 
 Every variant runs as the same BN-folded TF re-implementation
-(`export.conditional.FoldedModel`, a `tf.function`; column "tf-xla b1": the
-same function with `jit_compile=True` for dense / cond / narrow, ratios vs
-dense under XLA), and in
-LiteRT fp32 and
+(`export.conditional.FoldedModel`, a `tf.function`; with `--xla` also a
+column "tf-xla b1": the same function with `jit_compile=True` for dense /
+cond / narrow, ratios vs dense under XLA), and in LiteRT fp32 and
 dynamic-range (`ai_edge_litert` Interpreter, 2 threads) from that function,
 batch 1. Latencies are medians over interleaved rounds (each round runs every
 variant on the same sequence of test images, so the conditional ones see
@@ -80,8 +79,8 @@ VARIANTS = ("dense", "masked", "compact", "cond4", "cond8", "cond", "cond8ch", "
 COND_WIDTHS = {"cond4": (0.25, 0.5, 0.75, 1.0), "cond8": [i / 8 for i in range(1, 9)],
                "cond": "auto", "cond8ch": [i / 512 for i in range(1, 513)]}
 # With --xla, timed under XLA too: the baseline, the reference and the CLI's
-# conditional default. Opt-in: compiling the R50 conditional model once took
-# ~1 min and once did not finish in 5 minutes on the 2-core machine.
+# conditional default. Opt-in: compiling the R50 conditional model worked in
+# one session's runs and once did not finish in 5 minutes on the 2-core machine.
 XLA_VARIANTS = ("dense", "cond", "narrow")
 COND_FRACTION = 0.3  # input-dependent channels per gate, open ~half the time
 
@@ -273,8 +272,6 @@ def bench_model(kind, args, log):
         fn(ones[0])
     results = {"tf b1": time_rounds(tf_fns, ones, args.rounds)}
     if args.xla:
-        import tensorflow as tf
-
         t1 = time.time()
         xla_fns = {k: tf.function(lambda x, v=variants[k]: v._forward(x)[0], jit_compile=True)
                    for k in XLA_VARIANTS if k in variants}  # fmt: skip
@@ -282,9 +279,9 @@ def bench_model(kind, args, log):
             t2 = time.time()
             fn(ones[0])
             log(f"  [{kind}] {k} tf-xla: compiled in {time.time() - t2:.0f}s")
-        for k in (k for k in ("cond",) if k in xla_fns):
-            diff = np.abs(xla_fns[k](ones[0]).numpy() - variants[k](ones[0]).numpy()).max()
-            log(f"  [{kind}] {k} tf-xla: max |diff| vs its TF function = {float(diff):.2e}")
+        if "cond" in xla_fns:
+            diff = np.abs(xla_fns["cond"](ones[0]).numpy() - variants["cond"](ones[0]).numpy()).max()
+            log(f"  [{kind}] cond tf-xla: max |diff| vs its TF function = {float(diff):.2e}")
         results["tf-xla b1"] = time_rounds(xla_fns, ones, args.rounds)
         log(f"  [{kind}] XLA compilation + timing {time.time() - t1:.0f}s")
 
