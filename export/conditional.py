@@ -152,6 +152,12 @@ def _is_relu(op):
         return False
 
 
+def _width_step(multiple_of, group_size):
+    """Widths are multiples of both `multiple_of` and the gate group size."""
+    step = int(multiple_of or 1)
+    return step * group_size // math.gcd(step, group_size)
+
+
 def bucket_widths(channels, widths, multiple_of=8, group_size=1):
     """Precompiled widths in channels: fractions of `channels` rounded up.
 
@@ -159,8 +165,7 @@ def bucket_widths(channels, widths, multiple_of=8, group_size=1):
     `group_size`) and capped at `channels`; the full width is always
     included, so every mask is covered. Sorted, unique.
     """
-    step = int(multiple_of or 1)
-    step = step * group_size // math.gcd(step, group_size)
+    step = _width_step(multiple_of, group_size)
     out = set()
     for f in widths:
         if not 0 < f <= 1:
@@ -187,8 +192,7 @@ def calibrated_widths(needed, channels, max_widths=6, multiple_of=8, group_size=
     """
     if max_widths < 1:
         raise ValueError(f"max_widths must be >= 1. Received: {max_widths}")
-    step = int(multiple_of or 1)
-    step = step * group_size // math.gcd(step, group_size)
+    step = _width_step(multiple_of, group_size)
     rounded = np.minimum(channels, np.maximum(step, np.ceil(np.asarray(needed) / step) * step)).astype(int)
     values, counts = np.unique(rounded, return_counts=True)
     m, k_max = len(values), min(max_widths, len(values))
@@ -406,16 +410,20 @@ class FoldedModel(tf.Module):
             def mask_of(x, logits_of=logits_of):
                 return tf.cast(logits_of(x) > 0, tf.float32)
 
-            def needed_index(x, logits_of=logits_of, bucket_of=bucket_of):
-                return tf.reduce_max(tf.where(logits_of(x) > 0, bucket_of, 0), axis=1)
+            def index_of(is_open, bucket_of=bucket_of):
+                """Per sample, the index of the smallest branch covering its open gates."""
+                return tf.reduce_max(tf.where(is_open, bucket_of, 0), axis=1)
 
-            b1_full = var(b1, f"{prefix}/conv1_bias")
+            def needed_index(x, logits_of=logits_of, index_of=index_of):
+                return index_of(logits_of(x) > 0)
 
-            def segment(x_in, x_gate, logits_of=logits_of, bucket_of=bucket_of, branches=branches,
+            b1_full = branches[-1][2]  # the full width's conv1 bias (the last width is `channels`)
+
+            def segment(x_in, x_gate, logits_of=logits_of, index_of=index_of, branches=branches,
                         conv1_run=conv1_run, conv2_run=conv2_run, b2v=b2v, relu=relu, gs=gs,
                         b1_full=b1_full):
                 is_open = logits_of(x_gate) > 0
-                index = tf.reduce_max(tf.where(is_open, bucket_of, 0))
+                index = tf.reduce_max(index_of(is_open))
                 # At batch 1 a closed channel's conv1 bias is set to -1e30, so the
                 # fused Conv2D + BiasAdd + Relu outputs exactly 0 there: no mask
                 # multiply (one op fewer per block and no pass over the features).
