@@ -55,8 +55,12 @@ def design_gates(model, images, designs, seed=0):
 
 
 def assert_same_outputs(compact, masked, images):
-    """The compact model's probabilities equal the masked model's (1e-5)."""
-    np.testing.assert_allclose(np.asarray(compact(images)), np.asarray(masked(images)), atol=1e-5, rtol=0)
+    """The compact model's probabilities equal the masked model's up to float32 rounding.
+
+    atol 1e-5 plus rtol 1e-4: a ResNet-50's summation-order differences reached
+    1.06e-5 on a probability of 0.62 in one CI run; a flipped gate moves them by >0.01.
+    """
+    np.testing.assert_allclose(np.asarray(compact(images)), np.asarray(masked(images)), atol=1e-5, rtol=1e-4)
 
 
 def categories(model, images):
