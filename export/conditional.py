@@ -346,6 +346,14 @@ class FoldedModel(tf.Module):
                 bn2 = bnode.operation
                 skip.add(id(bnode))
                 alias[id(bnode.output_tensors[0])] = id(out_t)
+            # A ReLU right after conv2 [-> BN] runs inside the branches, where it
+            # fuses with the convolution (Conv2D + BiasAdd + Relu): one op fewer per block.
+            last_t = bnode.output_tensors[0] if bn2 is not None else out_t
+            rnode = only_consumer(last_t)
+            relu2 = rnode is not None and _is_relu(rnode.operation)
+            if relu2:
+                skip.add(id(rnode))
+                alias[id(rnode.output_tensors[0])] = id(out_t)
             for n in chain:
                 skip.add(id(n))
             skip.add(id(node))
@@ -419,18 +427,21 @@ class FoldedModel(tf.Module):
 
             b1_full = branches[-1][2]  # the full width's conv1 bias (the last width is `channels`)
 
-            def segment(x_in, x_gate, logits_of=logits_of, index_of=index_of, branches=branches,
-                        conv1_run=conv1_run, conv2_run=conv2_run, b2v=b2v, relu=relu, gs=gs,
-                        b1_full=b1_full):
+            def segment(x_in, x_gate, logits_of=logits_of, branches=branches, conv1_run=conv1_run,
+                        conv2_run=conv2_run, b2v=b2v, relu=relu, relu2=relu2, gs=gs, b1_full=b1_full,
+                        bucket_row=bucket_of[None], channels=channels):
                 is_open = logits_of(x_gate) > 0
-                index = tf.reduce_max(index_of(is_open))
+                # One max over the batch and the gates; same-shape select (no broadcasting).
+                index = tf.reduce_max(tf.where(is_open, bucket_row, np.zeros_like(bucket_row)))
                 # At batch 1 a closed channel's conv1 bias is set to -1e30, so the
                 # fused Conv2D + BiasAdd + Relu outputs exactly 0 there: no mask
                 # multiply (one op fewer per block and no pass over the features).
                 fold = relu and x_in.shape[0] == 1 and not self._constants
                 if fold:
-                    open_c = tf.repeat(is_open[0], gs) if gs > 1 else is_open[0]
-                    bias = tf.where(open_c, b1_full(), -1e30)
+                    open_c = tf.reshape(is_open, [-1])
+                    if gs > 1:
+                        open_c = tf.repeat(open_c, gs)
+                    bias = tf.where(open_c, b1_full(), np.full(channels, -1e30, np.float32))
                 else:
                     mask = tf.cast(is_open, tf.float32)
                     if gs > 1:
@@ -440,12 +451,14 @@ class FoldedModel(tf.Module):
                 def branch(w, k1v, b1v, k2v):
                     def run():
                         if fold:
-                            return conv2_run(tf.nn.relu(conv1_run(x_in, k1v(), bias[:w])), k2v(), b2v())
-                        h = conv1_run(x_in, k1v(), b1v())
-                        if relu:
-                            h = tf.nn.relu(h)
-                        h = h * mask[..., :w]
-                        return conv2_run(h, k2v(), b2v())
+                            h = tf.nn.relu(conv1_run(x_in, k1v(), bias[:w]))
+                        else:
+                            h = conv1_run(x_in, k1v(), b1v())
+                            if relu:
+                                h = tf.nn.relu(h)
+                            h = h * mask[..., :w]
+                        y = conv2_run(h, k2v(), b2v())
+                        return tf.nn.relu(y) if relu2 else y
 
                     return run
 

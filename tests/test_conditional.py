@@ -81,6 +81,18 @@ def test_outputs_match_masked_keras_at_batch_1(setup):
     np.testing.assert_allclose(folded_model(model)(images).numpy(), ref, atol=1e-5, rtol=0)
 
 
+def test_block_relus_run_inside_the_branches(setup):
+    """Outside the width branches only the stem's ReLU, one ReLU per residual Add and
+    the gate MLPs' hidden ReLUs remain: conv1's ReLU and a ReLU right after conv2
+    [+ BN] run in the branch, fused with their convolution."""
+    model, cond, calib, _, _ = setup
+    adds = sum(isinstance(layer, keras.layers.Add) for layer in model.layers)
+    fn = cond.__call__.get_concrete_function(tf.TensorSpec((1,) + calib.shape[1:], tf.float32))
+    top = [op.type for op in fn.graph.get_operations()]
+    assert top.count("Relu") == adds + 1 + len(find_gates(model))
+    assert "Case" in top or "StatelessCase" in top
+
+
 def test_chosen_widths_are_the_expected_buckets(setup):
     """Independent recomputation from the Keras masks and calibration frequencies."""
     model, cond, calib, test, _ = setup
