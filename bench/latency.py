@@ -24,7 +24,15 @@ dense model's), it times at batch 1 (and batch 32 in TF):
   the first conv's output of a basic block) statically cut to one fraction
   f of its channels, widths multiples of 8, f chosen so that its MAC ratio
   is the gated model's mean conditional MAC ratio: what ideal per-sample
-  MACs cost as a plain static model, the bound no conditional scheme beats.
+  MACs cost as a plain static model, the bound no conditional scheme beats;
+- narrow+g: a diagnostic: the conditional module of a gated copy whose gates
+  are fixed to the narrow widths (zero gate kernels): the narrow model plus
+  every gate MLP (pooling included) and a 2-way branch per block, always
+  taking the narrow width. narrow+g - narrow is the cost of gating itself,
+  cond - narrow+g the cost of per-sample widths (printed under the table);
+- with `--group-sizes 8,32`: masked/gG and cond/gG on a gated model whose
+  gates each switch G consecutive channels (same pattern fractions), each
+  compared with its own mean conditional MAC ratio.
 
 Every variant runs as the same BN-folded TF re-implementation
 (`export.conditional.FoldedModel`, a `tf.function`; with `--xla` also a
@@ -56,8 +64,8 @@ dataset's training images for calibration and its test images for timing;
 "dense" is the same architecture ungated with the trained weights.
 
     python bench/latency.py [--quick] [--models r50,r20] [--rounds 15] [--pattern nested|independent]
-        [--variants dense,masked,compact,cond4,cond8,cond,cond8ch,narrow]   (default all but cond8ch; --quick: no narrow)
-        [--xla]
+        [--variants dense,masked,compact,cond4,cond8,cond,cond8ch,narrow,narrow+g]   (default all but cond8ch; --quick: no narrow*)
+        [--xla] [--group-sizes 8]
     python bench/latency.py --models trained --model-path runs/fashion_mnist_demo/best.keras --dataset fashion_mnist
 """
 
@@ -73,7 +81,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 TARGET = 0.45  # mean conditional MAC ratio of the synthetic pattern
-VARIANTS = ("dense", "masked", "compact", "cond4", "cond8", "cond", "cond8ch", "narrow")
+VARIANTS = ("dense", "masked", "compact", "cond4", "cond8", "cond", "cond8ch", "narrow", "narrow+g")
 # Precompiled widths per variant, as fractions of each gated width (rounded
 # up to multiples of 8): quarters, eighths, and every multiple of 8 channels.
 COND_WIDTHS = {"cond4": (0.25, 0.5, 0.75, 1.0), "cond8": [i / 8 for i in range(1, 9)],
@@ -85,7 +93,7 @@ XLA_VARIANTS = ("dense", "cond", "narrow")
 COND_FRACTION = 0.3  # input-dependent channels per gate, open ~half the time
 
 
-def build(kind, seed=0, model_path=None):
+def build(kind, seed=0, model_path=None, group_size=1):
     import keras
 
     from bs_keras.models import cifar_resnet, imagenet_resnet
@@ -111,10 +119,10 @@ def build(kind, seed=0, model_path=None):
         return dense, gated
     if kind == "r50":
         dense = imagenet_resnet(50, gated=False)
-        gated = imagenet_resnet(50, gated=True)
+        gated = imagenet_resnet(50, gated=True, gate_kwargs={"group_size": group_size})
     else:
         dense = cifar_resnet(20, gated=False)
-        gated = cifar_resnet(20, gated=True)
+        gated = cifar_resnet(20, gated=True, gate_kwargs={"group_size": group_size})
     # Same convolution / BN weights (gated model's extra gate weights aside).
     for layer in dense.layers:
         if layer.weights:
@@ -157,19 +165,26 @@ def narrow_widths(gated, dense_macs, target, multiple_of=8):
     return ws, ratio(ws)
 
 
-def build_narrow(kind, widths, calib, model_path=None):
-    """The statically narrowed dense model: a fresh gated copy whose gates are set to
-    "first `w` channels always on, the rest always off", compacted (the gates, having
-    no conditional channel, disappear)."""
+def narrow_gated(kind, widths, model_path=None):
+    """A fresh gated copy whose gates are set to "first `w` channels always on, the
+    rest always off" (zero gate kernels: the gate MLPs still run)."""
     from bs_keras.gates import find_gates
-    from export.compact import compact_model
 
     _, gated = build(kind, model_path=model_path)
     for gate, w in zip(find_gates(gated), widths):
         kernel, bias = gate.logits_dense.get_weights()
         on = np.arange(len(bias)) < w // gate.group_size
         gate.logits_dense.set_weights([np.zeros_like(kernel), np.where(on, 10.0, -10.0).astype(bias.dtype)])
-    narrow = compact_model(gated, calib[:2], batch_size=2)
+    return gated
+
+
+def build_narrow(kind, widths, calib, model_path=None):
+    """The statically narrowed dense model: `narrow_gated` compacted (the gates,
+    having no conditional channel, disappear)."""
+    from bs_keras.gates import find_gates
+    from export.compact import compact_model
+
+    narrow = compact_model(narrow_gated(kind, widths, model_path), calib[:2], batch_size=2)
     if find_gates(narrow):
         raise AssertionError("the narrow reference still has gates")
     return narrow
@@ -212,6 +227,7 @@ def bench_model(kind, args, log):
 
     from bs_keras.macs import conditional_macs, count_macs, gate_table
     from export.compact import compact_model
+    from bs_keras.gates import find_gates
     from export.conditional import FoldedModel, conditional_model, set_gate_pattern
 
     t0 = time.time()
@@ -257,9 +273,41 @@ def bench_model(kind, args, log):
         assert abs(mac_ratio["narrow"] - expected) < 1e-6, (mac_ratio["narrow"], expected)
         log(f"  [{kind}] narrow: gated widths {[i.channels for i in gate_table(gated)][:4]}... -> "
             f"{widths[:4]}... (MAC ratio {mac_ratio['narrow']:.3f} for target {cmacs.mean():.3f})")
+        if "narrow+g" in want:
+            # The conditional module of the narrow-gated copy: every gate computed, every
+            # block a 2-way branch, but always the narrow width.
+            variants["narrow+g"] = conditional_model(
+                narrow_gated(kind, widths, args.model_path), calib[:4], widths="auto", batch_size=4)
+            mac_ratio["narrow+g"] = variants["narrow+g"].executed_macs(test, batch_size=8).mean() / dense_macs
+            # Same convolutions; the gate MLPs add a few MACs.
+            assert 0 <= mac_ratio["narrow+g"] - mac_ratio["narrow"] < 0.01, mac_ratio
+    # Gate groups (g channels per gate): the same pattern fractions on a gated model
+    # whose gates each switch g consecutive channels; rows "masked/g8", "cond/g8".
+    gated_of, group_cmacs = {k: gated for k in variants}, {}
+    for g in args.group_sizes:
+        if kind == "trained":
+            log(f"  [{kind}] --group-sizes: skipped (the trained model's gates are fixed)")
+            break
+        _, gated_g = build(kind, group_size=g)
+        off_g, on_g = fractions(gated_g, dense_macs)
+        set_gate_pattern(gated_g, calib, off=off_g, on=on_g, nested=args.pattern == "nested", seed=0)
+        group_cmacs[g] = conditional_macs(gated_g, test, batch_size=8).mean() / dense_macs
+        for k in ("masked", "cond"):
+            if k not in want:
+                continue
+            name = f"{k}/g{g}"
+            if k == "masked":
+                variants[name] = FoldedModel(gated_g, mode="masked")
+                mac_ratio[name] = count_macs(gated_g) / dense_macs
+            else:
+                variants[name] = conditional_model(gated_g, calib, widths="auto", batch_size=8)
+                mac_ratio[name] = variants[name].executed_macs(test, batch_size=8).mean() / dense_macs
+            gated_of[name] = gated_g
+        log(f"  [{kind}] group size {g}: {find_gates(gated_g)[0].num_gates} gates in the first block, "
+            f"mean conditional MAC ratio {group_cmacs[g]:.3f}")
     # Exactness check on the test images (batch 1).
-    ref = gated(test[:4], training=False).numpy()
-    for k in [k for k in ("masked", *COND_WIDTHS) if k in variants]:
+    for k in [k for k in variants if k.split("/")[0] in ("masked", *COND_WIDTHS)]:
+        ref = gated_of[k](test[:4], training=False).numpy()
         got = np.concatenate([variants[k](test[i : i + 1]).numpy() for i in range(4)])
         err = float(np.abs(got - ref).max())
         log(f"  [{kind}] {k}: max |diff| vs Keras gated model = {err:.2e}")
@@ -314,7 +362,7 @@ def bench_model(kind, args, log):
         for k, w in widths32.items():
             frac = np.mean(w / np.array(variants[k].gate_channels))
             log(f"  [{kind}] {k} batch 32: mean executed width fraction {frac:.2f} (widest any sample needs)")
-    return cmacs.mean(), mac_ratio, results
+    return cmacs.mean(), mac_ratio, results, group_cmacs
 
 
 def main():
@@ -330,6 +378,11 @@ def main():
                         help="also time dense, cond and narrow under XLA (jit_compile; slow to compile)")
     parser.add_argument("--tf-cond", action="store_true", help="also time cond8 with nested tf.cond in TF")
     parser.add_argument(
+        "--group-sizes", default="",
+        help="comma-separated gate group sizes g > 1: also time masked and cond (fitted widths) on a "
+             "gated model whose gates switch g channels each (rows masked/gG, cond/gG)",
+    )  # fmt: skip
+    parser.add_argument(
         "--variants", default=None,
         help=f"comma-separated subset of {','.join(VARIANTS)} (dense is always timed; default all "
              "but cond8ch, --quick: also without narrow)",
@@ -340,12 +393,18 @@ def main():
     if "trained" in args.models.split(",") and not args.model_path:
         parser.error("--models trained needs --model-path")
     if args.variants is None:
-        args.variants = [v for v in VARIANTS if v != "cond8ch" and not (args.quick and v == "narrow")]
+        args.variants = [v for v in VARIANTS if v != "cond8ch" and not (args.quick and v.startswith("narrow"))]
     else:
         args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
         unknown = sorted(set(args.variants) - set(VARIANTS))
         if unknown:
             parser.error(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
+    try:
+        args.group_sizes = [int(g) for g in args.group_sizes.split(",") if g.strip()]
+    except ValueError:
+        parser.error(f"--group-sizes: comma-separated integers, e.g. 4,8. Received: {args.group_sizes!r}")
+    if any(g < 2 for g in args.group_sizes):
+        parser.error("--group-sizes: sizes must be >= 2 (g = 1 is the main model)")
     args.rounds = args.rounds or (5 if args.quick else 11)
     args.images = args.images or (8 if args.quick else 16)
     args.calibration = args.calibration or (16 if args.quick else 32)
@@ -360,15 +419,15 @@ def main():
         f"(0=all), {os.cpu_count()} CPUs; TF = BN-folded tf.function (FoldedModel) for every variant")
     t0 = time.time()
     for kind in args.models.split(","):
-        cratio, mac_ratio, results = bench_model(kind, args, log)
+        cratio, mac_ratio, results, group_cmacs = bench_model(kind, args, log)
         name = {"r50": "ResNet-50 224x224", "r20": "CIFAR ResNet-20 32x32",
                 "trained": f"trained model {args.model_path} on {args.dataset}"}[kind]
         log(f"\n{name}: mean conditional MAC ratio {cratio:.3f}")
         cols = list(results)
-        head = f"{'variant':8s} {'exec MACs':>9s} " + " ".join(f"{c + ' ms':>13s} {'ratio':>6s}" for c in cols)
+        head = f"{'variant':10s} {'exec MACs':>9s} " + " ".join(f"{c + ' ms':>13s} {'ratio':>6s}" for c in cols)
         log(head)
         for k in mac_ratio:
-            row = f"{k:8s} {mac_ratio[k]:9.3f} "
+            row = f"{k:10s} {mac_ratio[k]:9.3f} "
             for c in cols:
                 ms = results[c].get(k)
                 base = results[c].get("dense")
@@ -381,15 +440,27 @@ def main():
                 f"{'MET' if r <= 1.15 * mac_ratio['compact'] else 'NOT MET'}")
         for col in (c for c in ("tf b1", "tf-xla b1") if c in results):
             gated_rows = [(v / results[col]["dense"], k) for k, v in results[col].items()
-                          if k not in ("dense", "narrow")]  # fmt: skip
+                          if k not in ("dense", "narrow", "narrow+g") and "/g" not in k]  # fmt: skip
             if gated_rows:
                 best = min(gated_rows)
                 log(f"  best {col}: {best[1]} {best[0]:.3f} vs {1.25 * cratio:.3f} -> "
                     f"{'MET' if best[0] <= 1.25 * cratio else 'NOT MET'}")
+            for g, gc in group_cmacs.items():
+                if f"cond/g{g}" in results[col]:
+                    r = results[col][f"cond/g{g}"] / results[col]["dense"]
+                    log(f"  cond/g{g} {col}: {r:.3f} vs 1.25 x its conditional MAC ratio {gc:.3f} = "
+                        f"{1.25 * gc:.3f} (latency / conditional MACs {r / gc:.2f}; g=1 cond: "
+                        f"{results[col]['cond'] / results[col]['dense'] / cratio:.2f})"
+                        if "cond" in results[col] else f"  cond/g{g} {col}: {r:.3f} (cond MACs {gc:.3f})")
         if "narrow" in results["tf b1"]:
             line = ", ".join(f"{c} {results[c]['narrow'] / results[c]['dense']:.3f}"
                              for c in cols if "narrow" in results[c])  # fmt: skip
             log(f"  narrow (static, MAC ratio {mac_ratio['narrow']:.3f} ~ conditional {cratio:.3f}): latency ratio {line}")
+        if "narrow+g" in results["tf b1"] and "cond" in results["tf b1"]:
+            for c in (c for c in cols if {"narrow", "narrow+g", "cond"} <= set(results[c])):
+                n, ng, cd = (results[c][k] / results[c]["dense"] for k in ("narrow", "narrow+g", "cond"))
+                log(f"  {c}: gating overhead (narrow+g - narrow) {ng - n:+.3f}, per-sample widths "
+                    f"(cond - narrow+g) {cd - ng:+.3f}")
         log("")
     log(f"total {time.time() - t0:.0f}s")
 

@@ -167,6 +167,31 @@ def test_auto_widths_fit_the_calibration_data(setup):
         conditional_model(model, calib, widths="fitted")
 
 
+def test_gate_groups_run_exactly():
+    """Gates that switch 4 channels each: reordering by group, widths in whole
+    groups, exact at batch 1 and batch N."""
+    keras.utils.set_random_seed(4)
+    model = cifar_resnet(8, input_shape=(16, 16, 3), gate_kwargs={"group_size": 4})
+    _perturb_bn(model, 5)
+    images = np.random.default_rng(6).normal(size=(20, 16, 16, 3)).astype("float32")
+    set_gate_pattern(model, images, off=0.3, on=0.3)
+    cond = conditional_model(model, images[:12], widths="auto", multiple_of=4)
+    ref = model(images, training=False).numpy()
+    out = np.concatenate([cond(images[i : i + 1]).numpy() for i in range(len(images))])
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(cond(images).numpy(), ref, atol=1e-5, rtol=0)
+    masks = gate_masks(model, images)
+    chosen = cond.chosen_widths(images).numpy()
+    for j, gate in enumerate(find_gates(model)):
+        assert gate.num_gates * 4 == gate.channels
+        assert all(w % 4 == 0 for w in cond.bucket_widths[j])
+        order = cond.gate_orders[gate.name]
+        np.testing.assert_array_equal(cond.permutations[gate.name].reshape(-1, 4)[:, 0], order * 4)
+        reordered = masks[gate.name][:, order]
+        last_open = np.array([4 * (np.flatnonzero(r).max() + 1) if r.any() else 0 for r in reordered])
+        assert np.all(chosen[:, j] >= last_open)
+
+
 def test_hand_set_masks_choose_their_branch():
     keras.utils.set_random_seed(0)
     model = cifar_resnet(8, input_shape=(16, 16, 3))
