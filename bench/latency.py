@@ -225,9 +225,9 @@ def litert_fn(flatbuffer):
 def bench_model(kind, args, log):
     import tensorflow as tf
 
+    from bs_keras.gates import find_gates
     from bs_keras.macs import conditional_macs, count_macs, gate_table
     from export.compact import compact_model
-    from bs_keras.gates import find_gates
     from export.conditional import FoldedModel, conditional_model, set_gate_pattern
 
     t0 = time.time()
@@ -284,10 +284,9 @@ def bench_model(kind, args, log):
     # Gate groups (g channels per gate): the same pattern fractions on a gated model
     # whose gates each switch g consecutive channels; rows "masked/g8", "cond/g8".
     gated_of, group_cmacs = {k: gated for k in variants}, {}
-    for g in args.group_sizes:
-        if kind == "trained":
-            log(f"  [{kind}] --group-sizes: skipped (the trained model's gates are fixed)")
-            break
+    if kind == "trained" and args.group_sizes:
+        log(f"  [{kind}] --group-sizes: skipped (the trained model's gates are fixed)")
+    for g in args.group_sizes if kind != "trained" else ():
         _, gated_g = build(kind, group_size=g)
         off_g, on_g = fractions(gated_g, dense_macs)
         set_gate_pattern(gated_g, calib, off=off_g, on=on_g, nested=args.pattern == "nested", seed=0)
@@ -448,10 +447,10 @@ def main():
             for g, gc in group_cmacs.items():
                 if f"cond/g{g}" in results[col]:
                     r = results[col][f"cond/g{g}"] / results[col]["dense"]
+                    g1 = results[col].get("cond")
+                    g1 = f"; g=1 cond: {g1 / results[col]['dense'] / cratio:.2f}" if g1 else ""
                     log(f"  cond/g{g} {col}: {r:.3f} vs 1.25 x its conditional MAC ratio {gc:.3f} = "
-                        f"{1.25 * gc:.3f} (latency / conditional MACs {r / gc:.2f}; g=1 cond: "
-                        f"{results[col]['cond'] / results[col]['dense'] / cratio:.2f})"
-                        if "cond" in results[col] else f"  cond/g{g} {col}: {r:.3f} (cond MACs {gc:.3f})")
+                        f"{1.25 * gc:.3f} (latency / conditional MACs {r / gc:.2f}{g1})")
         if "narrow" in results["tf b1"]:
             line = ", ".join(f"{c} {results[c]['narrow'] / results[c]['dense']:.3f}"
                              for c in cols if "narrow" in results[c])  # fmt: skip
