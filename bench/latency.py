@@ -88,7 +88,8 @@ COND_WIDTHS = {"cond4": (0.25, 0.5, 0.75, 1.0), "cond8": [i / 8 for i in range(1
                "cond": "auto", "cond8ch": [i / 512 for i in range(1, 513)]}
 # With --xla, timed under XLA too: the baseline, the reference and the CLI's
 # conditional default. Opt-in: compiling the R50 conditional model worked in
-# one session's runs and once did not finish in 5 minutes on the 2-core machine.
+# one session's runs and did not finish in 5 minutes in three tries on the
+# 2-core machine (dense and narrow compile in seconds).
 XLA_VARIANTS = ("dense", "cond", "narrow")
 COND_FRACTION = 0.3  # input-dependent channels per gate, open ~half the time
 
