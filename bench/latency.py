@@ -179,13 +179,13 @@ def narrow_gated(kind, widths, model_path=None):
     return gated
 
 
-def build_narrow(kind, widths, calib, model_path=None):
-    """The statically narrowed dense model: `narrow_gated` compacted (the gates,
-    having no conditional channel, disappear)."""
+def build_narrow(gated, calib):
+    """The statically narrowed dense model: a `narrow_gated` model compacted (the
+    gates, having no conditional channel, disappear; `gated` is not modified)."""
     from bs_keras.gates import find_gates
     from export.compact import compact_model
 
-    narrow = compact_model(narrow_gated(kind, widths, model_path), calib[:2], batch_size=2)
+    narrow = compact_model(gated, calib[:2], batch_size=2)
     if find_gates(narrow):
         raise AssertionError("the narrow reference still has gates")
     return narrow
@@ -268,7 +268,8 @@ def bench_model(kind, args, log):
         mac_ratio["cond8if"] = variants["cond8if"].executed_macs(test, batch_size=8).mean() / dense_macs
     if "narrow" in want:
         widths, expected = narrow_widths(gated, dense_macs, cmacs.mean())
-        narrow = build_narrow(kind, widths, calib, model_path=args.model_path)
+        fixed = narrow_gated(kind, widths, args.model_path)
+        narrow = build_narrow(fixed, calib)
         variants["narrow"] = FoldedModel(narrow, mode="masked")
         mac_ratio["narrow"] = count_macs(narrow) / dense_macs
         assert abs(mac_ratio["narrow"] - expected) < 1e-6, (mac_ratio["narrow"], expected)
@@ -277,8 +278,7 @@ def bench_model(kind, args, log):
         if "narrow+g" in want:
             # The conditional module of the narrow-gated copy: every gate computed, every
             # block a 2-way branch, but always the narrow width.
-            variants["narrow+g"] = conditional_model(
-                narrow_gated(kind, widths, args.model_path), calib[:4], widths="auto", batch_size=4)
+            variants["narrow+g"] = conditional_model(fixed, calib[:4], widths="auto", batch_size=4)
             mac_ratio["narrow+g"] = variants["narrow+g"].executed_macs(test, batch_size=8).mean() / dense_macs
             # Same convolutions; the gate MLPs add a few MACs.
             assert 0 <= mac_ratio["narrow+g"] - mac_ratio["narrow"] < 0.01, mac_ratio

@@ -440,7 +440,7 @@ def _conditional(args, model, spec, images, tmp, log):
     from export import conditional as cond_lib
     from export import savedmodel
 
-    widths = {"auto": "auto", **COND_FRACTIONS}[args.widths]
+    widths = COND_FRACTIONS.get(args.widths, "auto")
     module = cond_lib.conditional_model(model, images, widths=widths, max_widths=args.max_widths)
     files, variants = [], []
     if args.format == "saved_model":

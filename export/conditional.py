@@ -418,21 +418,24 @@ class FoldedModel(tf.Module):
             def mask_of(x, logits_of=logits_of):
                 return tf.cast(logits_of(x) > 0, tf.float32)
 
-            def index_of(is_open, bucket_of=bucket_of):
-                """Per sample, the index of the smallest branch covering its open gates."""
-                return tf.reduce_max(tf.where(is_open, bucket_of, 0), axis=1)
+            bucket_row = bucket_of[None]
+
+            def index_of(is_open, axis=1, bucket_row=bucket_row):
+                """Per sample (axis=1), the index of the smallest branch covering its open
+                gates; axis=None: the widest any sample needs, in one max. The select has
+                equal shapes at batch 1 (no broadcasting)."""
+                return tf.reduce_max(tf.where(is_open, bucket_row, np.zeros_like(bucket_row)), axis=axis)
 
             def needed_index(x, logits_of=logits_of, index_of=index_of):
                 return index_of(logits_of(x) > 0)
 
             b1_full = branches[-1][2]  # the full width's conv1 bias (the last width is `channels`)
 
-            def segment(x_in, x_gate, logits_of=logits_of, branches=branches, conv1_run=conv1_run,
-                        conv2_run=conv2_run, b2v=b2v, relu=relu, relu2=relu2, gs=gs, b1_full=b1_full,
-                        bucket_row=bucket_of[None], channels=channels):
+            def segment(x_in, x_gate, logits_of=logits_of, index_of=index_of, branches=branches,
+                        conv1_run=conv1_run, conv2_run=conv2_run, b2v=b2v, relu=relu, relu2=relu2, gs=gs,
+                        b1_full=b1_full, channels=channels):
                 is_open = logits_of(x_gate) > 0
-                # One max over the batch and the gates; same-shape select (no broadcasting).
-                index = tf.reduce_max(tf.where(is_open, bucket_row, np.zeros_like(bucket_row)))
+                index = index_of(is_open, axis=None)
                 # At batch 1 a closed channel's conv1 bias is set to -1e30, so the
                 # fused Conv2D + BiasAdd + Relu outputs exactly 0 there: no mask
                 # multiply (one op fewer per block and no pass over the features).
