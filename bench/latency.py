@@ -36,12 +36,17 @@ dense model's), it times at batch 1 (and batch 32 in TF):
 
 Every variant runs as the same BN-folded TF re-implementation
 (`export.conditional.FoldedModel`, a `tf.function`; with `--xla` also a
-column "tf-xla b1": the same function with `jit_compile=True` for dense /
-cond / narrow, ratios vs dense under XLA), and in LiteRT fp32 and
-dynamic-range (`ai_edge_litert` Interpreter, 2 threads) from that function,
-batch 1. Latencies are medians over interleaved rounds (each round runs every
-variant on the same sequence of test images, so the conditional ones see
-varying widths). Printed per variant: the mean conditional MAC ratio of the
+column "tf-xla b1": `FoldedModel(..., jit_compile=True)` for dense / narrow /
+narrow+g / cond / cond/gG, the conditional ones with nested `tf.cond`
+branches, ratios vs dense under XLA), and in LiteRT fp32 and dynamic-range
+(`ai_edge_litert` Interpreter, 2 threads) from that function, batch 1.
+Timing interleaves single calls: each round runs every test image through
+every variant in turn (rotating order), so the conditional ones see varying
+widths and a slow spell of the shared machine hits all variants alike. The
+ms columns are medians per call; the ratio columns are the median over calls
+of time / dense's time on the same image in the same round (paired ratios
+varied by about +-0.02 between repeats where ratios of medians varied by
++-0.05). Printed per variant: the mean conditional MAC ratio of the
 gated model (what ideal per-sample execution would cost), the variant's
 executed MAC ratio (dense = 1, masked = its static MACs, compact = its static
 MACs, conditional = mean MACs of the chosen widths), and latency ratios vs
@@ -86,11 +91,11 @@ VARIANTS = ("dense", "masked", "compact", "cond4", "cond8", "cond", "cond8ch", "
 # up to multiples of 8): quarters, eighths, and every multiple of 8 channels.
 COND_WIDTHS = {"cond4": (0.25, 0.5, 0.75, 1.0), "cond8": [i / 8 for i in range(1, 9)],
                "cond": "auto", "cond8ch": [i / 512 for i in range(1, 513)]}
-# With --xla, timed under XLA too: the baseline, the reference and the CLI's
-# conditional default. Opt-in: compiling the R50 conditional model worked in
-# one session's runs and did not finish in 5 minutes in three tries on the
-# 2-core machine (dense and narrow compile in seconds).
-XLA_VARIANTS = ("dense", "cond", "narrow")
+# With --xla, timed under XLA too (FoldedModel(jit_compile=True): nested tf.cond
+# branches; XLA did not finish compiling the switch_case R50 module in 5
+# minutes, the nested-cond one compiles in ~10 s): the baseline, the
+# references, the CLI's conditional default and its gate-group rows.
+XLA_VARIANTS = ("dense", "narrow", "narrow+g", "cond")
 COND_FRACTION = 0.3  # input-dependent channels per gate, open ~half the time
 
 
@@ -191,20 +196,29 @@ def build_narrow(gated, calib):
     return narrow
 
 
-def time_rounds(fns, inputs, rounds, warmup=2):
-    """Interleaved rounds; per variant the median over rounds of the mean time per call (ms)."""
+def time_rounds(fns, inputs, rounds, warmup=2, base="dense"):
+    """Calls interleaved one by one: every round, each input is run by every
+    variant in turn (the order rotating with the input), so a slow spell of the
+    machine hits all variants alike. Returns `(ms, ratio)`: per variant the
+    median time per call (ms) and the median over calls of its time / the
+    `base` variant's time on the same input in the same round (paired: far
+    less noisy than a ratio of two medians on these shared machines)."""
     for fn in fns.values():
         for _ in range(warmup):
             for x in inputs:
                 fn(x)
-    times = {k: [] for k in fns}
+    names = list(fns)
+    times = {k: [] for k in names}
     for _ in range(rounds):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            for x in inputs:
-                fn(x)
-            times[k].append((time.perf_counter() - t) * 1000 / len(inputs))
-    return {k: statistics.median(v) for k, v in times.items()}
+        for i, x in enumerate(inputs):
+            j = i % len(names)
+            for k in names[j:] + names[:j]:
+                t = time.perf_counter()
+                fns[k](x)
+                times[k].append((time.perf_counter() - t) * 1000)
+    ms = {k: statistics.median(v) for k, v in times.items()}
+    ratio = {k: statistics.median(a / b for a, b in zip(v, times[base])) for k, v in times.items()} if base in times else {}
+    return ms, ratio
 
 
 def litert_fn(flatbuffer):
@@ -251,6 +265,8 @@ def bench_model(kind, args, log):
     cmacs = conditional_macs(gated, test, batch_size=8) / dense_macs
     want = args.variants
     variants, mac_ratio = {"dense": FoldedModel(dense, mode="masked")}, {"dense": 1.0}
+    # With --xla: per XLA_VARIANTS row, how to build it compiled (nested tf.cond branches).
+    xla_make = {"dense": lambda: FoldedModel(dense, mode="masked", jit_compile=True)}
     if "masked" in want:
         variants["masked"] = FoldedModel(gated, mode="masked")
         mac_ratio["masked"] = count_macs(gated) / dense_macs
@@ -262,6 +278,7 @@ def bench_model(kind, args, log):
         if k in want:
             variants[k] = conditional_model(gated, calib, widths=widths, batch_size=8)
             mac_ratio[k] = variants[k].executed_macs(test, batch_size=8).mean() / dense_macs
+            xla_make[k] = lambda w=widths: conditional_model(gated, calib, widths=w, batch_size=8, jit_compile=True)
     if args.tf_cond:
         variants["cond8if"] = conditional_model(
             gated, calib, widths=[i / 8 for i in range(1, 9)], batch_size=8, branching="cond")
@@ -271,6 +288,7 @@ def bench_model(kind, args, log):
         fixed = narrow_gated(kind, widths, args.model_path)
         narrow = build_narrow(fixed, calib)
         variants["narrow"] = FoldedModel(narrow, mode="masked")
+        xla_make["narrow"] = lambda: FoldedModel(narrow, mode="masked", jit_compile=True)
         mac_ratio["narrow"] = count_macs(narrow) / dense_macs
         assert abs(mac_ratio["narrow"] - expected) < 1e-6, (mac_ratio["narrow"], expected)
         log(f"  [{kind}] narrow: gated widths {[i.channels for i in gate_table(gated)][:4]}... -> "
@@ -279,6 +297,8 @@ def bench_model(kind, args, log):
             # The conditional module of the narrow-gated copy: every gate computed, every
             # block a 2-way branch, but always the narrow width.
             variants["narrow+g"] = conditional_model(fixed, calib[:4], widths="auto", batch_size=4)
+            xla_make["narrow+g"] = lambda: conditional_model(fixed, calib[:4], widths="auto", batch_size=4,
+                                                             jit_compile=True)
             mac_ratio["narrow+g"] = variants["narrow+g"].executed_macs(test, batch_size=8).mean() / dense_macs
             # Same convolutions; the gate MLPs add a few MACs.
             assert 0 <= mac_ratio["narrow+g"] - mac_ratio["narrow"] < 0.01, mac_ratio
@@ -301,6 +321,8 @@ def bench_model(kind, args, log):
                 mac_ratio[name] = count_macs(gated_g) / dense_macs
             else:
                 variants[name] = conditional_model(gated_g, calib, widths="auto", batch_size=8)
+                xla_make[name] = lambda m=gated_g: conditional_model(m, calib, widths="auto", batch_size=8,
+                                                                     jit_compile=True)
                 mac_ratio[name] = variants[name].executed_macs(test, batch_size=8).mean() / dense_macs
             gated_of[name] = gated_g
         log(f"  [{kind}] group size {g}: {find_gates(gated_g)[0].num_gates} gates in the first block, "
@@ -318,19 +340,19 @@ def bench_model(kind, args, log):
     tf_fns = {k: v.__call__ for k, v in variants.items()}
     for k, fn in tf_fns.items():
         fn(ones[0])
-    results = {"tf b1": time_rounds(tf_fns, ones, args.rounds)}
+    results, ratios = {}, {}  # per column: ms per variant, paired latency ratio vs dense
+    results["tf b1"], ratios["tf b1"] = time_rounds(tf_fns, ones, args.rounds)
     if args.xla:
         t1 = time.time()
-        xla_fns = {k: tf.function(lambda x, v=variants[k]: v._forward(x)[0], jit_compile=True)
-                   for k in XLA_VARIANTS if k in variants}  # fmt: skip
-        for k, fn in xla_fns.items():
+        xla_modules = {k: make() for k, make in xla_make.items() if k.split("/")[0] in XLA_VARIANTS}
+        for k, module in xla_modules.items():
             t2 = time.time()
-            fn(ones[0])
-            log(f"  [{kind}] {k} tf-xla: compiled in {time.time() - t2:.0f}s")
-        if "cond" in xla_fns:
-            diff = np.abs(xla_fns["cond"](ones[0]).numpy() - variants["cond"](ones[0]).numpy()).max()
-            log(f"  [{kind}] cond tf-xla: max |diff| vs its TF function = {float(diff):.2e}")
-        results["tf-xla b1"] = time_rounds(xla_fns, ones, args.rounds)
+            module(ones[0])
+            diff = max(float(np.abs(module(x).numpy() - variants[k](x).numpy()).max()) for x in ones[:4])
+            log(f"  [{kind}] {k} tf-xla: compiled in {time.time() - t2:.0f}s, max |diff| vs its TF function "
+                f"= {diff:.2e}")
+        xla_fns = {k: m.__call__ for k, m in xla_modules.items()}
+        results["tf-xla b1"], ratios["tf-xla b1"] = time_rounds(xla_fns, ones, args.rounds)
         log(f"  [{kind}] XLA compilation + timing {time.time() - t1:.0f}s")
 
     if not args.no_litert:
@@ -351,18 +373,18 @@ def bench_model(kind, args, log):
                     diff = np.abs(fns[k](test[:1]) - variants[k](ones[0]).numpy()).max()
                     log(f"  [{kind}] {k} {label}: max |diff| vs its TF function = {float(diff):.2e}")
             np_inputs = [x.numpy() for x in ones]
-            results[label] = time_rounds(fns, np_inputs, args.rounds)
+            results[label], ratios[label] = time_rounds(fns, np_inputs, args.rounds)
         log(f"  [{kind}] LiteRT conversions + timing {time.time() - t1:.0f}s")
 
     if not args.quick:
         batch = tf.constant(np.concatenate([test] * (32 // len(test) + 1))[:32])
         rounds32 = 3 if kind == "r50" else 10
-        results["tf b32"] = time_rounds(tf_fns, [batch], rounds32, warmup=1)
+        results["tf b32"], ratios["tf b32"] = time_rounds(tf_fns, [batch], rounds32, warmup=1)
         widths32 = {k: variants[k].call_with_widths(batch)[1].numpy() for k in ("cond4", "cond8", "cond") if k in variants}
         for k, w in widths32.items():
             frac = np.mean(w / np.array(variants[k].gate_channels))
             log(f"  [{kind}] {k} batch 32: mean executed width fraction {frac:.2f} (widest any sample needs)")
-    return cmacs.mean(), mac_ratio, results, group_cmacs
+    return cmacs.mean(), mac_ratio, results, ratios, group_cmacs
 
 
 def main():
@@ -375,7 +397,7 @@ def main():
     parser.add_argument("--pattern", choices=("nested", "independent"), default="nested")
     parser.add_argument("--no-litert", action="store_true")
     parser.add_argument("--xla", action="store_true",
-                        help="also time dense, cond and narrow under XLA (jit_compile; slow to compile)")
+                        help="also time dense, narrow, narrow+g, cond and cond/gG under XLA (jit_compile)")
     parser.add_argument("--tf-cond", action="store_true", help="also time cond8 with nested tf.cond in TF")
     parser.add_argument(
         "--group-sizes", default="",
@@ -419,7 +441,7 @@ def main():
         f"(0=all), {os.cpu_count()} CPUs; TF = BN-folded tf.function (FoldedModel) for every variant")
     t0 = time.time()
     for kind in args.models.split(","):
-        cratio, mac_ratio, results, group_cmacs = bench_model(kind, args, log)
+        cratio, mac_ratio, results, ratios, group_cmacs = bench_model(kind, args, log)
         name = {"r50": "ResNet-50 224x224", "r20": "CIFAR ResNet-20 32x32",
                 "trained": f"trained model {args.model_path} on {args.dataset}"}[kind]
         log(f"\n{name}: mean conditional MAC ratio {cratio:.3f}")
@@ -429,36 +451,34 @@ def main():
         for k in mac_ratio:
             row = f"{k:10s} {mac_ratio[k]:9.3f} "
             for c in cols:
-                ms = results[c].get(k)
-                base = results[c].get("dense")
-                row += f"{ms:13.2f} {ms / base:6.3f} " if ms is not None and base else f"{'n/a':>13s} {'':6s} "
+                ms, r = results[c].get(k), ratios[c].get(k)
+                row += f"{ms:13.2f} {r:6.3f} " if ms is not None and r is not None else f"{'n/a':>13s} {'':6s} "
             log(row)
         log("targets: compact lite-fp32 ratio <= 1.15 x its exec MACs; best TF b1 ratio <= 1.25 x cond MAC ratio")
         if "lite fp32" in results and "compact" in results["lite fp32"]:
-            r = results["lite fp32"]["compact"] / results["lite fp32"]["dense"]
+            r = ratios["lite fp32"]["compact"]
             log(f"  compact lite fp32: {r:.3f} vs {1.15 * mac_ratio['compact']:.3f} -> "
                 f"{'MET' if r <= 1.15 * mac_ratio['compact'] else 'NOT MET'}")
         for col in (c for c in ("tf b1", "tf-xla b1") if c in results):
-            gated_rows = [(v / results[col]["dense"], k) for k, v in results[col].items()
+            gated_rows = [(v, k) for k, v in ratios[col].items()
                           if k not in ("dense", "narrow", "narrow+g") and "/g" not in k]  # fmt: skip
             if gated_rows:
                 best = min(gated_rows)
                 log(f"  best {col}: {best[1]} {best[0]:.3f} vs {1.25 * cratio:.3f} -> "
                     f"{'MET' if best[0] <= 1.25 * cratio else 'NOT MET'}")
             for g, gc in group_cmacs.items():
-                if f"cond/g{g}" in results[col]:
-                    r = results[col][f"cond/g{g}"] / results[col]["dense"]
-                    g1 = results[col].get("cond")
-                    g1 = f"; g=1 cond: {g1 / results[col]['dense'] / cratio:.2f}" if g1 else ""
+                if f"cond/g{g}" in ratios[col]:
+                    r = ratios[col][f"cond/g{g}"]
+                    g1 = ratios[col].get("cond")
+                    g1 = f"; g=1 cond: {g1 / cratio:.2f}" if g1 else ""
                     log(f"  cond/g{g} {col}: {r:.3f} vs 1.25 x its conditional MAC ratio {gc:.3f} = "
                         f"{1.25 * gc:.3f} (latency / conditional MACs {r / gc:.2f}{g1})")
         if "narrow" in results["tf b1"]:
-            line = ", ".join(f"{c} {results[c]['narrow'] / results[c]['dense']:.3f}"
-                             for c in cols if "narrow" in results[c])  # fmt: skip
+            line = ", ".join(f"{c} {ratios[c]['narrow']:.3f}" for c in cols if "narrow" in ratios[c])
             log(f"  narrow (static, MAC ratio {mac_ratio['narrow']:.3f} ~ conditional {cratio:.3f}): latency ratio {line}")
         if "narrow+g" in results["tf b1"] and "cond" in results["tf b1"]:
             for c in (c for c in cols if {"narrow", "narrow+g", "cond"} <= set(results[c])):
-                n, ng, cd = (results[c][k] / results[c]["dense"] for k in ("narrow", "narrow+g", "cond"))
+                n, ng, cd = (ratios[c][k] for k in ("narrow", "narrow+g", "cond"))
                 log(f"  {c}: gating overhead (narrow+g - narrow) {ng - n:+.3f}, per-sample widths "
                     f"(cond - narrow+g) {cd - ng:+.3f}")
         log("")

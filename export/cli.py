@@ -122,6 +122,11 @@ def build_parser():
     p.add_argument("--max-widths", type=_positive_int, default=None,
                    help="conditional, --widths auto: widths per block besides the full one (default 6)")
     p.add_argument(
+        "--xla", action="store_true",
+        help="conditional, saved_model: compile the serving functions with XLA (jit_compile; "
+             "on first call per input shape); branches become nested tf.cond",
+    )  # fmt: skip
+    p.add_argument(
         "--parity-samples", type=_positive_int, default=128,
         help="samples for the parity table (calibration images, else seeded N(0, 1) inputs)",
     )  # fmt: skip
@@ -158,6 +163,8 @@ def validate_args(parser, args):
             "not supported (the converter quantizes only the width branches the calibration data "
             "visits and leaves the rest in float32: not a full-integer model)"
         )
+    if args.xla and (args.mode != "conditional" or args.format != "saved_model"):
+        parser.error("--xla applies to --mode conditional --format saved_model (TFLite has no XLA)")
     # --- end conditional ---
     if args.mode != "conditional" and (args.widths or args.max_widths):
         parser.error("--widths and --max-widths apply to --mode conditional")
@@ -441,7 +448,8 @@ def _conditional(args, model, spec, images, tmp, log):
     from export import savedmodel
 
     widths = COND_FRACTIONS.get(args.widths, "auto")
-    module = cond_lib.conditional_model(model, images, widths=widths, max_widths=args.max_widths)
+    module = cond_lib.conditional_model(model, images, widths=widths, max_widths=args.max_widths,
+                                        jit_compile=args.xla)
     files, variants = [], []
     if args.format == "saved_model":
         sm_dir = os.path.join(tmp, "saved_model")
@@ -457,7 +465,7 @@ def _conditional(args, model, spec, images, tmp, log):
             cond_lib.SERVING_BATCH: [None, *spec.shape[1:]],
             cond_lib.SERVING_WITH_GATES: [None, *spec.shape[1:]],
         }
-        log(f"saved_model signatures {', '.join(signatures)} (conditional)")
+        log(f"saved_model signatures {', '.join(signatures)} (conditional{', XLA' if args.xla else ''})")
     else:
         variants.append(("tf conditional", cond_lib.ConditionalRunner(module), {}))
         signatures = {

@@ -243,8 +243,13 @@ class FoldedModel(tf.Module):
         max_widths: for `widths="auto"`.
         batch_size: batch size for measuring the gates.
         branching: "switch_case" (one `Case` op per block) or "cond" (a
-            balanced tree of `tf.cond`); TFLite export always uses "cond"
-            (LiteRT IF).
+            balanced tree of `tf.cond`); default: "cond" with
+            `jit_compile=True`, else "switch_case". TFLite export always
+            uses "cond" (LiteRT IF).
+        jit_compile: compile `__call__`, `with_gates` and the saved serving
+            functions with XLA (on first call per input shape). Needs
+            `branching="cond"`: XLA compiled the nested `tf.cond` ResNet-50
+            module in ~10 s but did not finish `Case` in 5 minutes.
     """
 
     def __init__(
@@ -255,14 +260,27 @@ class FoldedModel(tf.Module):
         widths=(0.25, 0.5, 0.75, 1.0),
         multiple_of=8,
         batch_size=64,
-        branching="switch_case",
+        branching=None,
         max_widths=6,
+        jit_compile=False,
         name=None,
     ):
         super().__init__(name=name)
+        if branching is None:
+            branching = "cond" if jit_compile else "switch_case"
         if branching not in ("switch_case", "cond"):
             raise ValueError(f"branching must be 'switch_case' or 'cond'. Received: {branching!r}")
+        if jit_compile and branching != "cond":
+            raise ValueError(
+                "jit_compile=True needs branching='cond' (nested tf.cond): XLA did not finish "
+                "compiling the switch_case ResNet-50 module in 5 minutes (nested cond: ~10 s)."
+            )
         self.branching = branching
+        self.jit_compile = bool(jit_compile)
+        # XLA when asked; None (not False): TF's default, no auto-clustering change.
+        jit = True if jit_compile else None
+        self._call_fn = tf.function(lambda images: self._forward(images)[0], jit_compile=jit)
+        self._with_gates_fn = tf.function(self._with_gates, jit_compile=jit)
         self.width_choice = f"auto (at most {max_widths} + full)" if isinstance(widths, str) else list(widths)
         if mode not in ("conditional", "masked"):
             raise ValueError(f"mode must be 'conditional' or 'masked'. Received: {mode!r}")
@@ -561,10 +579,9 @@ class FoldedModel(tf.Module):
             env[out] = y
         return env[self._resolve(self._output_id)], env, indices
 
-    @tf.function
     def __call__(self, images):
         """Class probabilities (the model's output) for `images`."""
-        return self._forward(images)[0]
+        return self._call_fn(images)
 
     @tf.function
     def call_with_widths(self, images):
@@ -621,7 +638,6 @@ class FoldedModel(tf.Module):
             result[WIDTHS] = tf.zeros(tf.concat([batch, [0]], 0), tf.int32)
         return result
 
-    @tf.function
     def with_gates(self, images):
         """What the `serving_with_gates` signature returns, as a dict of tensors.
 
@@ -635,14 +651,14 @@ class FoldedModel(tf.Module):
           gated block (the same for every sample of a batch: the widest any
           sample needs).
         """
-        return self._with_gates(images)
+        return self._with_gates_fn(images)
 
     def signatures(self, dynamic_batch=True):
         spec1 = tf.TensorSpec((1,) + self.input_shape, tf.float32, name=INPUT_NAME)
-        sigs = {SERVING_DEFAULT: self.__call__.get_concrete_function(spec1)}
+        sigs = {SERVING_DEFAULT: self._call_fn.get_concrete_function(spec1)}
         if dynamic_batch:
             spec = tf.TensorSpec((None,) + self.input_shape, tf.float32, name=INPUT_NAME)
-            sigs[SERVING_BATCH] = self.__call__.get_concrete_function(spec)
+            sigs[SERVING_BATCH] = self._call_fn.get_concrete_function(spec)
         return sigs
 
     def _serving_signatures(self, serving, dynamic_batch=True):
@@ -660,9 +676,11 @@ class FoldedModel(tf.Module):
 
         The first two return `{output_name: output}`. Only the serving
         functions are saved (not `call_with_widths` etc.); the reloaded
-        object is also callable (returns the output tensor).
+        object is also callable (returns the output tensor). With
+        `jit_compile=True` the saved functions keep XLA: the loaded
+        SavedModel compiles each on its first call per input shape.
         """
-        serving = _Serving(self)
+        serving = (_XlaServing if self.jit_compile else _Serving)(self)
         signatures = self._serving_signatures(serving, dynamic_batch)
         for batch in (1, None) if dynamic_batch else (1,):  # the reloaded object's __call__
             serving.__call__.get_concrete_function(
@@ -748,6 +766,14 @@ class _Serving(tf.Module):
         return self._with_gates(images)
 
 
+class _XlaServing(_Serving):
+    """`_Serving` with every function compiled by XLA (`jit_compile=True`)."""
+
+    __call__ = tf.function(_Serving.__call__.python_function, jit_compile=True)
+    serve_default = tf.function(_Serving.serve_default.python_function, jit_compile=True)
+    serve_with_gates = tf.function(_Serving.serve_with_gates.python_function, jit_compile=True)
+
+
 def _select(index, fns, nested_cond=False, offset=0):
     """`tf.switch_case(index, fns)`, or a balanced tree of `tf.cond` (LiteRT IF)."""
     if not nested_cond:
@@ -783,18 +809,18 @@ def _pool_fn(op):
 
 def conditional_model(
     model, calibration_images, widths=(0.25, 0.5, 0.75, 1.0), multiple_of=8, batch_size=64,
-    branching="switch_case", max_widths=6,
+    branching=None, max_widths=6, jit_compile=False,
 ):
     """A `FoldedModel` in conditional mode (see module doc)."""
     return FoldedModel(
         model, calibration_images, mode="conditional", widths=widths, multiple_of=multiple_of,
-        batch_size=batch_size, branching=branching, max_widths=max_widths,
+        batch_size=batch_size, branching=branching, max_widths=max_widths, jit_compile=jit_compile,
     )
 
 
-def folded_model(model):
+def folded_model(model, jit_compile=False):
     """The BN-folded TF equivalent of `model` (gates, if any, multiply by 0/1)."""
-    return FoldedModel(model, mode="masked")
+    return FoldedModel(model, mode="masked", jit_compile=jit_compile)
 
 
 # --------------------------------------------------------------------------- synthetic gate patterns
@@ -936,7 +962,9 @@ def describe(module, images=None, calibration_samples=None):
     with `images`, the mean executed MACs at batch 1 on them.
     """
     summary = {
-        "branching": "tf.switch_case (SavedModel); nested tf.cond (TFLite IF)",
+        "branching": (
+            "nested tf.cond, XLA (SavedModel)" if module.jit_compile else "tf.switch_case (SavedModel)"
+        ) + "; nested tf.cond (TFLite IF)",
         "calibration_samples": calibration_samples,
         "width_choice": module.width_choice,
         "gates": [

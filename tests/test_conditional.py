@@ -87,7 +87,7 @@ def test_block_relus_run_inside_the_branches(setup):
     [+ BN] run in the branch, fused with their convolution."""
     model, cond, calib, _, _ = setup
     adds = sum(isinstance(layer, keras.layers.Add) for layer in model.layers)
-    fn = cond.__call__.get_concrete_function(tf.TensorSpec((1,) + calib.shape[1:], tf.float32))
+    fn = cond.signatures(dynamic_batch=False)["serving_default"]
     top = [op.type for op in fn.graph.get_operations()]
     assert top.count("Relu") == adds + 1 + len(find_gates(model))
     assert "Case" in top or "StatelessCase" in top
@@ -231,6 +231,37 @@ def test_saved_model_round_trip(setup, tmp_path, request):
     assert not any("Random" in o for o in ops)
 
 
+def test_xla_module_is_exact_and_saved_compiled(tmp_path):
+    """jit_compile=True: XLA compiles the whole batch-1 function with HLO
+    conditionals (nested tf.cond), the outputs and gate masks stay exact, and
+    the SavedModel keeps the functions XLA-compiled."""
+    model, images = _model("resnet50_w025")
+    set_gate_pattern(model, images, off=0.4, on=0.3)
+    calib, test = images[:16], images[16:]
+    with pytest.raises(ValueError, match="branching='cond'"):
+        conditional_model(model, calib, branching="switch_case", jit_compile=True)
+    cond = conditional_model(model, calib, jit_compile=True)
+    assert cond.branching == "cond"
+    ref = model(images, training=False).numpy()
+    out = np.concatenate([cond(images[i : i + 1]).numpy() for i in range(len(images))])
+    assert np.abs(out - ref).max() < 1e-5
+    # Several different width tuples were taken (the branches really switch).
+    widths = {tuple(cond.with_gates(images[i : i + 1])["widths"].numpy()[0]) for i in range(len(images))}
+    assert len(widths) > 1
+    hlo = cond._call_fn.experimental_get_compiler_ir(tf.constant(test[:1]))(stage="hlo")
+    assert hlo.count(" conditional(") >= len(find_gates(model))
+    gates = cond.with_gates(tf.constant(test))
+    for name, mask in gate_masks(model, test).items():
+        np.testing.assert_array_equal(gates[name].numpy(), mask)
+
+    loaded = tf.saved_model.load(cond.save(str(tmp_path / "xla")))
+    for key in ("serving_default", "serving_with_gates"):
+        library = loaded.signatures[key].graph.as_graph_def().library.function
+        assert any(f.attr["_XlaMustCompile"].b for f in library if "_XlaMustCompile" in f.attr), key
+    (got,) = loaded.signatures["serving_default"](images=tf.constant(test[:1])).values()
+    np.testing.assert_allclose(got.numpy(), ref[16:17], atol=1e-5, rtol=0)
+
+
 def test_cli_conditional_mode(tmp_path):
     from export import cli
 
@@ -253,9 +284,19 @@ def test_cli_conditional_mode(tmp_path):
         np.testing.assert_array_equal(outputs[name].numpy(), mask)
     rows = {r["name"]: r for r in json.loads((out / "parity.json").read_text())["rows"]}
     assert rows["saved_model"]["max_abs_diff"] < 1e-5 and rows["saved_model"]["gate_agreement"] == 1.0
+    # --xla: the saved serving functions are XLA-compiled, parity holds.
+    out_xla = tmp_path / "out_xla"
+    assert cli.main([*args[:2], str(out_xla), *args[3:], "--xla"]) == 0
+    assert "XLA" in json.loads((out_xla / "conditional.json").read_text())["branching"]
+    loaded_xla = tf.saved_model.load(str(out_xla / "saved_model"))
+    library = loaded_xla.signatures["serving_default"].graph.as_graph_def().library.function
+    assert any(f.attr["_XlaMustCompile"].b for f in library if "_XlaMustCompile" in f.attr)
+    rows = {r["name"]: r for r in json.loads((out_xla / "parity.json").read_text())["rows"]}
+    assert rows["saved_model"]["max_abs_diff"] < 1e-5 and rows["saved_model"]["gate_agreement"] == 1.0
     with pytest.raises(SystemExit):
         cli.main([str(model_path), "--out", str(tmp_path / "o2"), "--mode", "conditional"])
-    for bad in (["--widths", "eighths"], ["--mode", "conditional", "--widths", "eighths", "--max-widths", "3"]):
+    for bad in (["--widths", "eighths"], ["--mode", "conditional", "--widths", "eighths", "--max-widths", "3"],
+                ["--xla"], ["--mode", "conditional", "--format", "tflite", "--xla"]):
         with pytest.raises(SystemExit):
             cli.main([str(model_path), "--out", str(tmp_path / "o3"), "--calibration", str(calib), *bad])
 
