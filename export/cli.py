@@ -8,6 +8,8 @@
         --calibration fashion_mnist --calibration-samples 2000
     python -m export best.keras --out exported/cond --mode conditional --format tflite \\
         --quantize none,dynamic --calibration fashion_mnist
+    python -m export best.keras --out exported/cond_xla --mode conditional --xla \\
+        --calibration fashion_mnist        # SavedModel, serving functions compiled by XLA
 
 Inputs of every exported signature are float32 (batch, H, W, C) images
 preprocessed as in training (pixels / 255, minus the dataset mean, divided by
