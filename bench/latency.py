@@ -264,9 +264,9 @@ def bench_model(kind, args, log):
         set_gate_pattern(gated, calib, off=off, on=on, nested=args.pattern == "nested", seed=0)
     cmacs = conditional_macs(gated, test, batch_size=8) / dense_macs
     want = args.variants
-    variants, mac_ratio = {"dense": FoldedModel(dense, mode="masked")}, {"dense": 1.0}
-    # With --xla: per XLA_VARIANTS row, how to build it compiled (nested tf.cond branches).
-    xla_make = {"dense": lambda: FoldedModel(dense, mode="masked", jit_compile=True)}
+    # Rows that --xla also times: how to build them, `jit=True` compiled by XLA.
+    xla_make = {"dense": lambda jit=False: FoldedModel(dense, mode="masked", jit_compile=jit)}
+    variants, mac_ratio = {"dense": xla_make["dense"]()}, {"dense": 1.0}
     if "masked" in want:
         variants["masked"] = FoldedModel(gated, mode="masked")
         mac_ratio["masked"] = count_macs(gated) / dense_macs
@@ -276,9 +276,10 @@ def bench_model(kind, args, log):
         mac_ratio["compact"] = count_macs(compact) / dense_macs
     for k, widths in COND_WIDTHS.items():
         if k in want:
-            variants[k] = conditional_model(gated, calib, widths=widths, batch_size=8)
+            xla_make[k] = lambda jit=False, w=widths: conditional_model(gated, calib, widths=w, batch_size=8,
+                                                                        jit_compile=jit)
+            variants[k] = xla_make[k]()
             mac_ratio[k] = variants[k].executed_macs(test, batch_size=8).mean() / dense_macs
-            xla_make[k] = lambda w=widths: conditional_model(gated, calib, widths=w, batch_size=8, jit_compile=True)
     if args.tf_cond:
         variants["cond8if"] = conditional_model(
             gated, calib, widths=[i / 8 for i in range(1, 9)], batch_size=8, branching="cond")
@@ -287,8 +288,8 @@ def bench_model(kind, args, log):
         widths, expected = narrow_widths(gated, dense_macs, cmacs.mean())
         fixed = narrow_gated(kind, widths, args.model_path)
         narrow = build_narrow(fixed, calib)
-        variants["narrow"] = FoldedModel(narrow, mode="masked")
-        xla_make["narrow"] = lambda: FoldedModel(narrow, mode="masked", jit_compile=True)
+        xla_make["narrow"] = lambda jit=False: FoldedModel(narrow, mode="masked", jit_compile=jit)
+        variants["narrow"] = xla_make["narrow"]()
         mac_ratio["narrow"] = count_macs(narrow) / dense_macs
         assert abs(mac_ratio["narrow"] - expected) < 1e-6, (mac_ratio["narrow"], expected)
         log(f"  [{kind}] narrow: gated widths {[i.channels for i in gate_table(gated)][:4]}... -> "
@@ -296,9 +297,9 @@ def bench_model(kind, args, log):
         if "narrow+g" in want:
             # The conditional module of the narrow-gated copy: every gate computed, every
             # block a 2-way branch, but always the narrow width.
-            variants["narrow+g"] = conditional_model(fixed, calib[:4], widths="auto", batch_size=4)
-            xla_make["narrow+g"] = lambda: conditional_model(fixed, calib[:4], widths="auto", batch_size=4,
-                                                             jit_compile=True)
+            xla_make["narrow+g"] = lambda jit=False: conditional_model(fixed, calib[:4], widths="auto",
+                                                                       batch_size=4, jit_compile=jit)
+            variants["narrow+g"] = xla_make["narrow+g"]()
             mac_ratio["narrow+g"] = variants["narrow+g"].executed_macs(test, batch_size=8).mean() / dense_macs
             # Same convolutions; the gate MLPs add a few MACs.
             assert 0 <= mac_ratio["narrow+g"] - mac_ratio["narrow"] < 0.01, mac_ratio
@@ -320,9 +321,9 @@ def bench_model(kind, args, log):
                 variants[name] = FoldedModel(gated_g, mode="masked")
                 mac_ratio[name] = count_macs(gated_g) / dense_macs
             else:
-                variants[name] = conditional_model(gated_g, calib, widths="auto", batch_size=8)
-                xla_make[name] = lambda m=gated_g: conditional_model(m, calib, widths="auto", batch_size=8,
-                                                                     jit_compile=True)
+                xla_make[name] = lambda jit=False, m=gated_g: conditional_model(m, calib, widths="auto",
+                                                                                batch_size=8, jit_compile=jit)
+                variants[name] = xla_make[name]()
                 mac_ratio[name] = variants[name].executed_macs(test, batch_size=8).mean() / dense_macs
             gated_of[name] = gated_g
         log(f"  [{kind}] group size {g}: {find_gates(gated_g)[0].num_gates} gates in the first block, "
@@ -344,7 +345,7 @@ def bench_model(kind, args, log):
     results["tf b1"], ratios["tf b1"] = time_rounds(tf_fns, ones, args.rounds)
     if args.xla:
         t1 = time.time()
-        xla_modules = {k: make() for k, make in xla_make.items() if k.split("/")[0] in XLA_VARIANTS}
+        xla_modules = {k: make(jit=True) for k, make in xla_make.items() if k.split("/")[0] in XLA_VARIANTS}
         for k, module in xla_modules.items():
             t2 = time.time()
             module(ones[0])
