@@ -38,6 +38,7 @@ probs = cond(images)                       # == model(images, training=False)
 outputs = cond.with_gates(images)          # also gate masks, executed MACs, widths
 cond.save("exported/conditional")          # serving_default (batch 1), serving_batch, serving_with_gates
 tflite = cond.to_tflite("dynamic", with_gates=True)   # batch 1, LiteRT IF branches
+xla = conditional_model(model, calibration_images, jit_compile=True)  # XLA, nested tf.cond
 ```
 
 `python -m export MODEL.keras --mode conditional --calibration ... [--format tflite]`
@@ -962,9 +963,8 @@ def describe(module, images=None, calibration_samples=None):
     with `images`, the mean executed MACs at batch 1 on them.
     """
     summary = {
-        "branching": (
-            "nested tf.cond, XLA (SavedModel)" if module.jit_compile else "tf.switch_case (SavedModel)"
-        ) + "; nested tf.cond (TFLite IF)",
+        "branching": f"{'nested tf.cond' if module.branching == 'cond' else 'tf.switch_case'}"
+        f"{', XLA' if module.jit_compile else ''} (SavedModel); nested tf.cond (TFLite IF)",
         "calibration_samples": calibration_samples,
         "width_choice": module.width_choice,
         "gates": [
