@@ -217,8 +217,9 @@ def time_rounds(fns, inputs, rounds, warmup=2, base="dense"):
                 fns[k](x)
                 times[k].append((time.perf_counter() - t) * 1000)
     ms = {k: statistics.median(v) for k, v in times.items()}
-    ratio = {k: statistics.median(a / b for a, b in zip(v, times[base])) for k, v in times.items()} if base in times else {}
-    return ms, ratio
+    if base not in times:
+        return ms, {}
+    return ms, {k: statistics.median(a / b for a, b in zip(v, times[base])) for k, v in times.items()}
 
 
 def litert_fn(flatbuffer):

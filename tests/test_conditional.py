@@ -231,6 +231,12 @@ def test_saved_model_round_trip(setup, tmp_path, request):
     assert not any("Random" in o for o in ops)
 
 
+def _xla_compiled(signature):
+    """Whether a loaded signature calls a function marked for XLA compilation."""
+    library = signature.graph.as_graph_def().library.function
+    return any(f.attr["_XlaMustCompile"].b for f in library if "_XlaMustCompile" in f.attr)
+
+
 def test_xla_module_is_exact_and_saved_compiled(tmp_path):
     """jit_compile=True: XLA compiles the whole batch-1 function with HLO
     conditionals (nested tf.cond), the outputs and gate masks stay exact, and
@@ -255,8 +261,7 @@ def test_xla_module_is_exact_and_saved_compiled(tmp_path):
 
     loaded = tf.saved_model.load(cond.save(str(tmp_path / "xla"), dynamic_batch=False))
     for key in ("serving_default", "serving_with_gates"):
-        library = loaded.signatures[key].graph.as_graph_def().library.function
-        assert any(f.attr["_XlaMustCompile"].b for f in library if "_XlaMustCompile" in f.attr), key
+        assert _xla_compiled(loaded.signatures[key]), key
     (got,) = loaded.signatures["serving_default"](images=tf.constant(test[:1])).values()
     np.testing.assert_allclose(got.numpy(), ref[16:17], atol=1e-5, rtol=0)
 
@@ -288,8 +293,7 @@ def test_cli_conditional_mode(tmp_path):
     assert cli.main([*args[:2], str(out_xla), *args[3:], "--xla"]) == 0
     assert "XLA" in json.loads((out_xla / "conditional.json").read_text())["branching"]
     loaded_xla = tf.saved_model.load(str(out_xla / "saved_model"))
-    library = loaded_xla.signatures["serving_default"].graph.as_graph_def().library.function
-    assert any(f.attr["_XlaMustCompile"].b for f in library if "_XlaMustCompile" in f.attr)
+    assert _xla_compiled(loaded_xla.signatures["serving_default"])
     rows = {r["name"]: r for r in json.loads((out_xla / "parity.json").read_text())["rows"]}
     assert rows["saved_model"]["max_abs_diff"] < 1e-5 and rows["saved_model"]["gate_agreement"] == 1.0
     with pytest.raises(SystemExit):
