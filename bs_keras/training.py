@@ -147,6 +147,32 @@ def _pruned_model(recipe, builder, depth, kwargs):
         ) from e
 
 
+def build_for_fit(model, element_spec):
+    """Create the optimizer slots and compiled-metric variables before `fit`.
+
+    Without a distribution strategy Keras creates them while tracing the
+    first train step, and a `tf.function` that creates variables is traced a
+    second time: building them first halves the start-up of `fit` (measured
+    on the tiny ResNet-20 of the CLI tests: 2 traces of 10 s -> 1). With a
+    strategy Keras does this itself; calling it again changes nothing.
+
+    Args:
+        model: a compiled Keras model.
+        element_spec: `(x, y)` or `(x, y, sample_weight)` spec of the
+            training dataset (its batch size may be unknown).
+    """
+    model.optimizer.build(model.trainable_variables)
+    symbolic_build = getattr(model, "_symbolic_build", None)  # Keras' own pre-build step
+    if symbolic_build is None:
+        return
+
+    def zeros(spec):
+        return tf.zeros([1 if d is None else d for d in spec.shape], spec.dtype)
+
+    batch = tuple(tf.nest.map_structure(zeros, element_spec))
+    symbolic_build(data_batch=batch + (None,) * (3 - len(batch)))
+
+
 def learning_rate(recipe, steps_per_epoch):
     """A Keras LearningRateSchedule over optimizer steps."""
     total = recipe.epochs * steps_per_epoch
@@ -596,8 +622,8 @@ def train(
         model.compile(
             optimizer=build_optimizer(recipe, steps_per_epoch), jit_compile=jit_compile, **task.compile_args()
         )
+        build_for_fit(model, train_ds.element_spec)
         if state:
-            model.optimizer.build(model.trainable_variables)
             model.load_weights(os.path.join(run_dir, "state", state["weights"]))
             log(f"Resuming {run_dir} after epoch {done_epochs} of {recipe.epochs}.")
 

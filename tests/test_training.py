@@ -139,3 +139,27 @@ def test_clipnorm_bounds_the_step_of_a_gradient_spike():
     assert steps[10.0] == pytest.approx(0.1 * 10.0)
     with pytest.raises(ValueError, match="--clipnorm=0.0 is invalid"):
         base.replace(clipnorm=0.0).validate()
+
+
+def test_build_for_fit_traces_the_train_step_once_and_trains_the_same():
+    import tensorflow as tf
+
+    from bs_keras.training import build_for_fit
+
+    x, y = _quadrant_task(n=64)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    traces, losses = {}, {}
+    for prebuilt in (False, True):
+        keras.utils.set_random_seed(0)  # same weights and gate noise in both runs
+        model = _compiled()
+        calls, step = [], model.train_step
+        model.train_step = lambda data, calls=calls, step=step: (calls.append(1), step(data))[1]
+        if prebuilt:
+            build_for_fit(model, ds.element_spec)
+            assert model.optimizer.built and all(m.variables for m in model.metrics)
+        losses[prebuilt] = model.fit(ds, epochs=2, verbose=0, shuffle=False).history["loss"]
+        traces[prebuilt] = len(calls)  # train_step runs in Python only while tracing
+    # Keras without a strategy creates the optimizer slots and metric variables in
+    # the first trace, so tf.function traces again; pre-built: once.
+    assert traces[True] == 1 < traces[False]
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-6)
