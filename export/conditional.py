@@ -264,9 +264,12 @@ class FoldedModel(tf.Module):
         branching=None,
         max_widths=6,
         jit_compile=False,
+        constant_weights=None,
         name=None,
     ):
         super().__init__(name=name)
+        # Constants by default under XLA: measured faster (see the class doc).
+        self.constant_weights = bool(jit_compile) if constant_weights is None else bool(constant_weights)
         if branching is None:
             branching = "cond" if jit_compile else "switch_case"
         if branching not in ("switch_case", "cond"):
@@ -322,10 +325,15 @@ class FoldedModel(tf.Module):
         alias = {}  # tensor id -> tensor id (folded BN outputs)
         segments = {}  # consumer conv node id -> segment step
 
-        self._constants = False  # True while tracing for TFLite: nested tf.cond, not Case
+        self._tflite = False  # True while tracing for TFLite: nested tf.cond, not Case
+        self.weight_count = 0  # floats held (per-width branch kernels included)
 
         def var(value, name):
             value = np.asarray(value, np.float32)
+            self.weight_count += value.size
+            if self.constant_weights:
+                # Made while tracing: a graph constant (an XLA literal), not an input.
+                return lambda: tf.constant(value, name=name.replace("/", "_"))
             v = tf.Variable(value, trainable=False, name=name)
             self._vars.append(v)
             return lambda: v
@@ -426,7 +434,7 @@ class FoldedModel(tf.Module):
             bucket_of = np.searchsorted(np.asarray(ws), group_end).astype(np.int32)
 
             def logits_of(x, g_wh=g_wh, g_hb=g_hb, g_wl=g_wl, g_bl=g_bl):
-                if self._constants or None in x.shape[1:3]:
+                if self._tflite or None in x.shape[1:3]:
                     pooled = tf.reduce_mean(x, axis=[1, 2])
                 else:  # measured faster than reduce_mean in TF on CPU
                     pooled = tf.reshape(tf.nn.avg_pool2d(x, x.shape[1:3], 1, "VALID"), [-1, x.shape[-1]])
@@ -458,7 +466,7 @@ class FoldedModel(tf.Module):
                 # At batch 1 a closed channel's conv1 bias is set to -1e30, so the
                 # fused Conv2D + BiasAdd + Relu outputs exactly 0 there: no mask
                 # multiply (one op fewer per block and no pass over the features).
-                fold = relu and x_in.shape[0] == 1 and not self._constants
+                fold = relu and x_in.shape[0] == 1 and not self._tflite
                 if fold:
                     open_c = tf.reshape(is_open, [-1])
                     if gs > 1:
@@ -487,7 +495,7 @@ class FoldedModel(tf.Module):
                 fns = [branch(*b) for b in branches]
                 if len(fns) == 1:
                     return fns[0](), tf.constant(0, tf.int32)
-                return _select(index, fns, nested_cond=self._constants or self.branching == "cond"), index
+                return _select(index, fns, nested_cond=self._tflite or self.branching == "cond"), index
 
             self._gate_fns.append((needed_index, mask_of, id(x_t)))
             segments[id(cnode)] = ("segment", segment, [id(conv1.input_tensors[0]), id(x_t)], id(out_t))
@@ -681,7 +689,10 @@ class FoldedModel(tf.Module):
         `jit_compile=True` the saved functions keep XLA: the loaded
         SavedModel compiles each on its first call per input shape.
         """
-        serving = (_XlaServing if self.jit_compile else _Serving)(self)
+        if self.constant_weights:
+            serving = _SharedServing(self, (1, None) if dynamic_batch else (1,))
+        else:
+            serving = (_XlaServing if self.jit_compile else _Serving)(self)
         signatures = self._serving_signatures(serving, dynamic_batch)
         for batch in (1, None) if dynamic_batch else (1,):  # the reloaded object's __call__
             serving.__call__.get_concrete_function(
@@ -715,7 +726,7 @@ class FoldedModel(tf.Module):
             raise ValueError(f"quantize must be one of {TFLITE_QUANTIZATIONS}. Received: {quantize!r}")
         spec = tf.TensorSpec((1,) + self.input_shape, tf.float32, name=INPUT_NAME)
         tmp = None
-        self._constants = True
+        self._tflite = True
         try:
             if with_gates:
                 import tempfile
@@ -735,7 +746,7 @@ class FoldedModel(tf.Module):
                 converter.target_spec.supported_types = [tf.float16]
             return converter.convert()
         finally:
-            self._constants = False
+            self._tflite = False
             if tmp:
                 import shutil
 
@@ -775,6 +786,40 @@ class _XlaServing(_Serving):
     serve_with_gates = tf.function(_Serving.serve_with_gates.python_function, jit_compile=True)
 
 
+class _SharedServing(tf.Module):
+    """What `FoldedModel.save` writes for constant weights: every serving
+    function calls one core function (`with_gates`; XLA-compiled with
+    `jit_compile=True`), so the weights, embedded in its graph, are stored
+    once per input shape instead of once per signature."""
+
+    def __init__(self, folded, batch_sizes):
+        super().__init__(name="conditional_serving")
+        core = tf.function(folded._with_gates, jit_compile=True if folded.jit_compile else None)
+        # Traced here, once per batch size: a tf.function called while another
+        # function is traced is traced again for that caller.
+        self._cores = {  # string keys: saved as a trackable dict
+            str(b): core.get_concrete_function(tf.TensorSpec((b,) + folded.input_shape, tf.float32, name=INPUT_NAME))
+            for b in batch_sizes
+        }
+        self._output_name = folded.output_name
+
+    def _core(self, images):
+        key = str(images.shape[0])
+        return self._cores[key if key in self._cores else "None"](images)
+
+    @tf.function
+    def __call__(self, images):
+        return self._core(images)[self._output_name]
+
+    @tf.function
+    def serve_default(self, images):
+        return {self._output_name: self._core(images)[self._output_name]}
+
+    @tf.function
+    def serve_with_gates(self, images):
+        return self._core(images)
+
+
 def _select(index, fns, nested_cond=False, offset=0):
     """`tf.switch_case(index, fns)`, or a balanced tree of `tf.cond` (LiteRT IF)."""
     if not nested_cond:
@@ -810,18 +855,19 @@ def _pool_fn(op):
 
 def conditional_model(
     model, calibration_images, widths=(0.25, 0.5, 0.75, 1.0), multiple_of=8, batch_size=64,
-    branching=None, max_widths=6, jit_compile=False,
+    branching=None, max_widths=6, jit_compile=False, constant_weights=None,
 ):
     """A `FoldedModel` in conditional mode (see module doc)."""
     return FoldedModel(
         model, calibration_images, mode="conditional", widths=widths, multiple_of=multiple_of,
         batch_size=batch_size, branching=branching, max_widths=max_widths, jit_compile=jit_compile,
+        constant_weights=constant_weights,
     )
 
 
-def folded_model(model, jit_compile=False):
+def folded_model(model, jit_compile=False, constant_weights=None):
     """The BN-folded TF equivalent of `model` (gates, if any, multiply by 0/1)."""
-    return FoldedModel(model, mode="masked", jit_compile=jit_compile)
+    return FoldedModel(model, mode="masked", jit_compile=jit_compile, constant_weights=constant_weights)
 
 
 # --------------------------------------------------------------------------- synthetic gate patterns

@@ -266,6 +266,68 @@ def test_xla_module_is_exact_and_saved_compiled(tmp_path):
     np.testing.assert_allclose(got.numpy(), ref[16:17], atol=1e-5, rtol=0)
 
 
+def _saved_constant_bytes(path):
+    """Bytes of float constants in a SavedModel's function library (parsed from
+    saved_model.pb, independently of how the module built them)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sm = saved_model_pb2.SavedModel()
+    with open(f"{path}/saved_model.pb", "rb") as f:
+        sm.ParseFromString(f.read())
+    total = 0
+    for fd in sm.meta_graphs[0].graph_def.library.function:
+        for node in fd.node_def:
+            if node.op == "Const" and node.attr["dtype"].type == tf.float32.as_datatype_enum:
+                total += tf.make_ndarray(node.attr["value"].tensor).nbytes
+    return total
+
+
+def test_constant_weights_exact_and_stored_once_per_batch_shape(tmp_path):
+    """constant_weights=True (the default under XLA): no tf.Variable, the
+    weights are graph constants; outputs and gate masks stay exact, and the
+    SavedModel stores them once per input shape (every signature calls one
+    core function), not once per signature."""
+    model, images = _model("cifar8_zero_pad")
+    set_gate_pattern(model, images, off=0.4, on=0.3)
+    calib, test = images[:16], images[16:]
+    ref = model(test, training=False).numpy()
+    plain = conditional_model(model, calib)
+    assert not plain.constant_weights and plain.variables  # variables by default without XLA
+    const = conditional_model(model, calib, constant_weights=True)
+    assert const.constant_weights and not const.variables
+    assert conditional_model(model, calib, jit_compile=True).constant_weights
+    assert const.weight_count == sum(int(np.prod(v.shape)) for v in plain.variables)
+    out = np.concatenate([const(test[i : i + 1]).numpy() for i in range(4)])
+    np.testing.assert_allclose(out, ref[:4], atol=1e-5, rtol=0)
+    gates = const.with_gates(tf.constant(test))
+    for name, mask in gate_masks(model, test).items():
+        np.testing.assert_array_equal(gates[name].numpy(), mask)
+    weight_bytes = 4 * const.weight_count
+    for dynamic, copies in ((False, 1), (True, 2)):
+        path = const.save(str(tmp_path / f"const_{dynamic}"), dynamic_batch=dynamic)
+        stored = _saved_constant_bytes(path)
+        assert copies * weight_bytes <= stored < (copies + 0.5) * weight_bytes, (stored, weight_bytes)
+        loaded = tf.saved_model.load(path)
+        assert not any(f.variables for f in loaded.signatures.values())
+        (got,) = loaded.signatures["serving_default"](images=tf.constant(test[:1])).values()
+        np.testing.assert_allclose(got.numpy(), ref[:1], atol=1e-5, rtol=0)
+        with_gates = loaded.signatures["serving_with_gates"](images=tf.constant(test[:1]))
+        for name, mask in gate_masks(model, test[:1]).items():
+            np.testing.assert_array_equal(with_gates[name].numpy(), mask)
+        np.testing.assert_allclose(loaded(tf.constant(test[:1])).numpy(), ref[:1], atol=1e-5, rtol=0)
+        if dynamic:
+            (got,) = loaded.signatures["serving_batch"](images=tf.constant(test)).values()
+            np.testing.assert_allclose(got.numpy(), ref, atol=1e-5, rtol=0)
+        ops = {n.op for f in loaded.signatures.values() for fd in f.graph.as_graph_def().library.function
+               for n in fd.node_def}
+        assert "Const" in ops and not any("Random" in o for o in ops)
+    # The variables version keeps the weights out of the graph.
+    vars_path = plain.save(str(tmp_path / "vars"))
+    assert _saved_constant_bytes(vars_path) < 0.5 * weight_bytes
+    loaded = tf.saved_model.load(vars_path)
+    assert all(f.variables for f in loaded.signatures.values())
+
+
 def test_cli_conditional_mode(tmp_path):
     from export import cli
 
