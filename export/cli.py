@@ -126,7 +126,8 @@ def build_parser():
     p.add_argument(
         "--xla", action="store_true",
         help="conditional, saved_model: compile the serving functions with XLA (jit_compile; "
-             "on first call per input shape); branches become nested tf.cond",
+             "on first call per input shape); branches become nested tf.cond and the weights graph "
+             "constants (stored in saved_model.pb, once per input shape)",
     )  # fmt: skip
     p.add_argument(
         "--parity-samples", type=_positive_int, default=128,
