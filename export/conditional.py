@@ -1023,6 +1023,7 @@ def describe(module, images=None, calibration_samples=None):
         "branching": f"{'nested tf.cond' if module.branching == 'cond' else 'tf.switch_case'}"
         f"{', XLA' if module.jit_compile else ''} (SavedModel); nested tf.cond (TFLite IF)",
         "calibration_samples": calibration_samples,
+        "weights": "graph constants" if module.constant_weights else "tf.Variables",
         "width_choice": module.width_choice,
         "gates": [
             {"gate": g, "channels": int(c), "widths": [int(w) for w in ws]}

@@ -343,7 +343,8 @@ def test_cli_conditional_mode(tmp_path):
     loaded = tf.saved_model.load(str(out / "saved_model"))
     (got,) = loaded.signatures["serving_default"](images=tf.constant(images[:1])).values()
     np.testing.assert_allclose(got.numpy(), model(images[:1], training=False).numpy(), atol=1e-5)
-    assert "auto" in json.loads((out / "conditional.json").read_text())["width_choice"]  # the default
+    summary = json.loads((out / "conditional.json").read_text())
+    assert "auto" in summary["width_choice"] and summary["weights"] == "tf.Variables"  # the defaults
     # serving_with_gates reports the Keras gate decisions in the Keras gate order.
     outputs = loaded.signatures["serving_with_gates"](images=tf.constant(images))
     for name, mask in gate_masks(model, images).items():
@@ -353,9 +354,11 @@ def test_cli_conditional_mode(tmp_path):
     # --xla: the saved serving functions are XLA-compiled, parity holds.
     out_xla = tmp_path / "out_xla"
     assert cli.main([*args[:2], str(out_xla), *args[3:], "--xla"]) == 0
-    assert "XLA" in json.loads((out_xla / "conditional.json").read_text())["branching"]
+    summary = json.loads((out_xla / "conditional.json").read_text())
+    assert "XLA" in summary["branching"] and summary["weights"] == "graph constants"
     loaded_xla = tf.saved_model.load(str(out_xla / "saved_model"))
     assert _xla_compiled(loaded_xla.signatures["serving_default"])
+    assert not any(f.variables for f in loaded_xla.signatures.values())  # weights are constants
     rows = {r["name"]: r for r in json.loads((out_xla / "parity.json").read_text())["rows"]}
     assert rows["saved_model"]["max_abs_diff"] < 1e-5 and rows["saved_model"]["gate_agreement"] == 1.0
     with pytest.raises(SystemExit):
