@@ -698,7 +698,10 @@ class FoldedModel(tf.Module):
         functions are saved (not `call_with_widths` etc.); the reloaded
         object is also callable (returns the output tensor). With
         `jit_compile=True` the saved functions keep XLA: the loaded
-        SavedModel compiles each on its first call per input shape.
+        SavedModel compiles each on its first call per input shape. With
+        constant weights every signature calls one `with_gates` core per
+        input shape (the weights stored once per shape; `serving_default`
+        drops the gate outputs, a few small ops).
         """
         if self.constant_weights:
             serving = _SharedServing(self, (1, None) if dynamic_batch else (1,))
