@@ -1,149 +1,16 @@
 #!/usr/bin/env python
 """Train a channel-gated ResNet with batch-shaping, or evaluate a saved one.
 
-    python train.py                                   # gated ResNet-20 on Fashion-MNIST
-    python train.py --dataset cifar10 --epochs 50     # paper recipe, shorter
-    python train.py --recipe imagenet_resnet50_bas --manual-dir ~/imagenet
-    python train.py --dataset path/to/images          # one subfolder per class
-    python train.py --dataset cityscapes --manual-dir ~/cityscapes   # gated PSPNet
-    python train.py --evaluate --model-path runs/fashion_mnist_demo/best.keras
-
-Rerunning the same command resumes an interrupted run from its last
-completed epoch. `--list-recipes` shows the named recipes.
+`python train.py --help` lists the flags; the same command is installed as
+`bs-keras-train`. The code is `bs_keras.cli.train`.
 """
 
-import argparse
 import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _number(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-    return value
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--recipe", help="named recipe to start from (see --list-recipes)")
-    p.add_argument("--list-recipes", action="store_true", help="print the recipes and exit")
-    p.add_argument("--dataset", help="fashion_mnist (default), cifar10, imagenet2012, cityscapes, any TFDS "
-                   "image-classification name, or a folder with one subfolder per class")
-    p.add_argument("--data-dir", help="TFDS data directory")
-    p.add_argument("--manual-dir", help="directory with manually downloaded archives (ImageNet, Cityscapes)")
-    p.add_argument("--run-dir", help="run directory (default runs/<recipe>)")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", help="resnet20/32/44/56/110 (CIFAR-style) or resnet18/34/50 (ImageNet-style)")
-    gated = g.add_mutually_exclusive_group()
-    gated.add_argument("--gated", dest="gated", action="store_true", default=None, help="gated model (default)")
-    gated.add_argument("--plain", dest="gated", action="store_false", help="ungated baseline")
-    g.add_argument("--width-multiplier", type=_number)
-    g.add_argument("--group-size", type=_positive_int, help="channels switched by one gate (default 1)")
-    g.add_argument("--gate-granularity", choices=("channel", "block"),
-                   help="channel: per-channel gates (default, the paper); block: one gate per residual "
-                   "branch (the coarse ConvNet-AIG-style baseline)")
-    g.add_argument("--image-size", type=_positive_int, help="resize images to this square size")
-    g.add_argument("--crop-size", type=_positive_int, help="segmentation training crop (default 713 for Cityscapes)")
-    g.add_argument("--aux-weight", type=_number, help="segmentation auxiliary-head loss weight (default 0.4)")
-    g.add_argument("--init-from", help="segmentation: copy backbone weights from this ImageNet ResNet-50 .keras")
-    g.add_argument("--prune-from", help="static-pruning baseline: a trained plain .keras to magnitude-prune "
-                   "(|BN gamma|, same fraction per block) and fine-tune; needs --plain and --prune-macs")
-    g.add_argument("--prune-macs", type=_number, help="MACs of the pruned model as a fraction of the source's")
-    t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=_positive_int)
-    t.add_argument("--batch-size", type=_positive_int, help="global batch size")
-    t.add_argument("--lr", type=_number, help="peak learning rate")
-    t.add_argument("--lr-schedule", help="step, cosine, poly or constant")
-    t.add_argument("--optimizer", help="sgd or adam")
-    t.add_argument("--weight-decay", type=_number, help="SGD-style weight decay (not on gates)")
-    t.add_argument("--clipnorm", type=_number, help="clip the global gradient norm to this (default off)")
-    t.add_argument("--gamma", type=_number, help="batch-shaping weight at the start (annealed to 0)")
-    t.add_argument("--lam", type=_number, help="target L0 weight (ramped up)")
-    t.add_argument("--prior-a", type=_number, help="Beta prior parameter a (default 0.6)")
-    t.add_argument("--prior-b", type=_number, help="Beta prior parameter b (default 0.4)")
-    t.add_argument("--l0-weighting", help="macs (default) or channels")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--validation-split", type=_number, help="held-out fraction for image folders")
-    t.add_argument("--limit-train", type=_positive_int, help="use only this many training examples an epoch")
-    t.add_argument("--limit-eval", type=_positive_int, help="evaluate on only this many examples")
-    r = p.add_argument_group("runtime")
-    r.add_argument("--strategy", default="auto", help="auto, cpu, mirrored, multi_worker or tpu")
-    r.add_argument("--mixed-precision", action="store_true", help="mixed_float16 (gates and losses stay float32)")
-    r.add_argument("--jit-compile", action="store_true", help="XLA (slower on CPU; opt-in)")
-    e = p.add_argument_group("evaluation")
-    e.add_argument("--evaluate", action="store_true", help="evaluate --model-path instead of training")
-    e.add_argument("--model-path", help=".keras model to evaluate")
-    return p, p.parse_args(argv)
-
-
-RECIPE_FLAGS = (
-    "dataset", "model", "gated", "width_multiplier", "group_size", "gate_granularity", "image_size", "epochs", "batch_size",
-    "lr", "lr_schedule", "optimizer", "weight_decay", "clipnorm", "gamma", "lam", "prior_a", "prior_b",
-    "l0_weighting", "seed", "validation_split", "limit_train", "limit_eval", "crop_size", "aux_weight",
-    "init_from", "prune_from", "prune_macs",
-)
-
-
-def resolve_recipe(args):
-    from bs_keras import recipes
-
-    if args.recipe:
-        recipe = recipes.get_recipe(args.recipe)
-    else:
-        recipe = recipes.default_recipe_for(args.dataset or "fashion_mnist")
-    return recipe.replace(**{k: getattr(args, k) for k in RECIPE_FLAGS}).validate()
-
-
-def main(argv=None):
-    parser, args = parse_args(argv)
-    from bs_keras import recipes, training
-
-    if args.list_recipes:
-        for name, recipe in sorted(recipes.RECIPES.items()):
-            print(f"{name:<24} {recipe.description}")
-        return 0
-    try:
-        if args.evaluate:
-            if not args.model_path:
-                parser.error("--evaluate needs --model-path")
-            if not args.dataset:
-                parser.error("--evaluate needs --dataset (the data to evaluate on)")
-            training.evaluate(
-                args.model_path, args.dataset, args.run_dir, data_dir=args.data_dir,
-                manual_dir=args.manual_dir, batch_size=args.batch_size or 128,
-                image_size=args.image_size, limit_eval=args.limit_eval,
-            )
-            return 0
-        recipe = resolve_recipe(args)
-        run_dir = args.run_dir or os.path.join("runs", recipe.name)
-        training.train(
-            recipe, run_dir, data_dir=args.data_dir, manual_dir=args.manual_dir,
-            strategy=args.strategy, mixed_precision=args.mixed_precision,
-            jit_compile=args.jit_compile, overwrite=args.overwrite,
-        )
-        return 0
-    except (ValueError, training.RunError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
+from bs_keras.cli.train import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

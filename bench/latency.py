@@ -83,7 +83,6 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
@@ -190,7 +189,7 @@ def build_narrow(gated, calib):
     """The statically narrowed dense model: a `narrow_gated` model compacted (the
     gates, having no conditional channel, disappear; `gated` is not modified)."""
     from bs_keras.gates import find_gates
-    from export.compact import compact_model
+    from bs_keras.deploy.compact import compact_model
 
     narrow = compact_model(gated, calib[:2], batch_size=2)
     if find_gates(narrow):
@@ -252,8 +251,8 @@ def bench_model(kind, args, log):
 
     from bs_keras.gates import find_gates
     from bs_keras.macs import conditional_macs, count_macs, gate_table
-    from export.compact import compact_model
-    from export.conditional import FoldedModel, conditional_model, set_gate_pattern
+    from bs_keras.deploy.compact import compact_model
+    from bs_keras.deploy.conditional import FoldedModel, conditional_model, set_gate_pattern
 
     t0 = time.time()
     dense, gated = build(kind, model_path=args.model_path)

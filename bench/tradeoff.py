@@ -28,7 +28,7 @@ Budget: 4 epochs of 16,000 images (each epoch a fresh random 16,000 of the
     python bench/tradeoff.py                          # the default sweep
     python bench/tradeoff.py --dry-run                # print the runs and their state
     python bench/tradeoff.py --families bas_l0 --seeds 0 --lams 10
-    python report.py runs/tradeoff --out docs/results
+    python bench/report.py runs/tradeoff --out docs/results
 """
 
 import argparse
@@ -136,7 +136,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    sys.path.insert(0, ROOT)
     from bs_keras.report import write_json
 
     common = {"epochs": args.epochs, "limit_train": args.limit_train}
@@ -183,7 +182,7 @@ def main(argv=None):
         with open(os.path.join(run_dir, "report.json")) as f:
             ev = json.load(f)["evaluation"]
         print(f"  accuracy {ev['accuracy']:.4f}  MACs {ev['macs_ratio']:.1%}  wall {wall:.0f} s", flush=True)
-    print(f"Sweep done in {time.time() - sweep_start:.0f} s. Next: python report.py {args.root} --out docs/results")
+    print(f"Sweep done in {time.time() - sweep_start:.0f} s. Next: python bench/report.py {args.root} --out docs/results")
     return 0
 
 

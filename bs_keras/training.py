@@ -134,7 +134,7 @@ def build_model(recipe, info):
 
 def _pruned_model(recipe, builder, depth, kwargs):
     """`--prune-from`: the trained plain model, magnitude-pruned to `prune_macs`."""
-    from export.prune import magnitude_prune
+    from bs_keras.deploy.prune import magnitude_prune
 
     source = keras.saving.load_model(recipe.prune_from, compile=False)
     twin = builder(depth, **{**kwargs, "gated": True})

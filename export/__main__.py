@@ -1,7 +1,10 @@
-"""`python -m export MODEL.keras --out DIR ...` (see `export.cli`)."""
+"""`python -m export MODEL.keras --out DIR ...` (see `bs_keras.cli.export`)."""
 
+import os
 import sys
 
-from export.cli import main
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-sys.exit(main())
+from bs_keras.cli.export import main  # noqa: E402
+
+sys.exit(main(prog="python -m export"))

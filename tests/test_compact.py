@@ -15,7 +15,7 @@ import bs_keras
 from bs_keras.gates import ChannelGate, find_gates
 from bs_keras.macs import count_macs, gate_masks
 from bs_keras.models import cifar_resnet
-from export.compact import compact_model, expand_gate_masks, plan_compaction
+from bs_keras.deploy.compact import compact_model, expand_gate_masks, plan_compaction
 
 HIDDEN = 16  # ChannelGate hidden_units default
 # Per gated block: input channels, hidden width, output pixels of its convs.

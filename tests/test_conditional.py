@@ -11,7 +11,7 @@ import tensorflow as tf
 from bs_keras.gates import find_gates
 from bs_keras.macs import conditional_macs, gate_masks, gate_table
 from bs_keras.models import cifar_resnet, imagenet_resnet
-from export.conditional import (
+from bs_keras.deploy.conditional import (
     bucket_widths,
     calibrated_widths,
     conditional_model,
@@ -329,7 +329,7 @@ def test_constant_weights_exact_and_stored_once_per_batch_shape(tmp_path):
 
 
 def test_cli_conditional_mode(tmp_path):
-    from export import cli
+    from bs_keras.cli import export as cli
 
     model, images = _model("cifar8_zero_pad")
     set_gate_pattern(model, images, off=0.4, on=0.3)

@@ -21,8 +21,9 @@ import bs_keras
 from bs_keras.gates import find_gates
 from bs_keras.macs import conditional_macs, gate_masks
 from bs_keras.models import cifar_resnet
-from export import cli, parity, savedmodel, tflite
-from export.calibration import load_calibration
+from bs_keras.cli import export as cli
+from bs_keras.deploy import parity, savedmodel, tflite
+from bs_keras.deploy.calibration import load_calibration
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAPE = (16, 16, 3)

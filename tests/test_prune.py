@@ -7,7 +7,7 @@ import pytest
 
 from bs_keras import macs, models
 from bs_keras.gates import find_gates
-from export.prune import magnitude_prune
+from bs_keras.deploy.prune import magnitude_prune
 
 SHAPE = (16, 16, 1)
 

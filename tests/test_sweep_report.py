@@ -1,4 +1,4 @@
-"""report.py / bs_keras.sweep_report on tiny fabricated run directories.
+"""bench/report.py / bench/sweep_report.py on tiny fabricated run directories.
 
 The fabricated sweep uses an ungated full-width network of 1000 MACs, so
 MAC ratios are the MAC counts / 1000 and every expected number below is
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import report as report_cli
-from bs_keras import sweep_report as sr
+import sweep_report as sr
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -349,8 +349,8 @@ def test_cli_unknown_difficulty_run_and_bad_max_macs(sweep, tmp_path, capsys):
 
 
 def test_help_does_not_import_tensorflow():
-    code = ("import runpy, sys; sys.argv = ['report.py', '--help']\n"
-            "try:\n    runpy.run_path('report.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+    code = ("import runpy, sys; sys.argv = ['bench/report.py', '--help']\n"
+            "try:\n    runpy.run_path('bench/report.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
             "print('TF', 'tensorflow' in sys.modules)")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert "--difficulty-run" in result.stdout and "TF False" in result.stdout, result.stderr

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-import train
+from bs_keras.cli import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 
-import train as train_cli
+from bs_keras.cli import train as train_cli
 from bs_keras import training
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Runs `train.py`'s `main` for one worker of a multi-worker test.
+"""Runs `bs_keras.cli.train.main` for one worker of a multi-worker test.
 
     python train_worker.py [train.py flags...]
 
@@ -15,10 +15,8 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-import train  # noqa: E402
-from bs_keras import training  # noqa: E402
+from bs_keras import training
+from bs_keras.cli import train
 
 _wait_for = os.environ.get("BS_KERAS_TEST_WAIT_FOR")
 if _wait_for:

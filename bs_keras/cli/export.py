@@ -86,10 +86,10 @@ def _quantizations(text):
     return list(dict.fromkeys(values))
 
 
-def build_parser():
+def build_parser(prog="bs-keras-export"):
     doc = __doc__.split("\n\n")
     p = argparse.ArgumentParser(
-        prog="python -m export",
+        prog=prog,
         description=doc[0],
         epilog="\n\n".join(doc[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -252,7 +252,7 @@ def _compact(model, images, round_to, calibration, tmp, files, log):
     the original layout.
     """
     from bs_keras.macs import count_macs
-    from export import compact as compact_lib
+    from bs_keras.deploy import compact as compact_lib
 
     compact, plans = compact_lib.compact_model(model, images, round_to=round_to, return_plan=True)
     compact.save(os.path.join(tmp, "compact.keras"))
@@ -283,7 +283,7 @@ def _compact(model, images, round_to, calibration, tmp, files, log):
 
 def _write_tflite(convert, quantize, threads, tmp, files, log, what=""):
     """Runs `convert()`, writes the .tflite into `tmp`; returns (runner, size)."""
-    from export import tflite
+    from bs_keras.deploy import tflite
 
     start = time.time()
     try:
@@ -303,7 +303,7 @@ def _write_tflite(convert, quantize, threads, tmp, files, log, what=""):
 
 def _convert_tflite(sm_dir, quantize, images, threads, tmp, files, log):
     """Converts the SavedModel, writes the .tflite into `tmp`; returns (runner, size)."""
-    from export import tflite
+    from bs_keras.deploy import tflite
 
     def convert():
         return tflite.convert_saved_model(sm_dir, quantize, representative_images=images)
@@ -313,7 +313,7 @@ def _convert_tflite(sm_dir, quantize, images, threads, tmp, files, log):
 
 def _summary_head(args, input_shape):
     """The export.json fields every mode shares."""
-    from export import savedmodel
+    from bs_keras.deploy import savedmodel
 
     return {
         "model": os.path.abspath(args.model),
@@ -331,7 +331,7 @@ def _summary_head(args, input_shape):
 
 def _summary(args, exported, spec, files):
     """Contents of export.json."""
-    from export import savedmodel
+    from bs_keras.deploy import savedmodel
 
     functions = savedmodel.ServingFunctions(exported)
     with_gates = [*functions.output_names, *(g.name for g in functions.gates)]
@@ -350,8 +350,8 @@ def _summary(args, exported, spec, files):
 
 def run_export(args, log):
     """The export itself; returns the summary dict. Raises ExportError."""
-    from export import calibration as calib_lib
-    from export import parity, savedmodel
+    from bs_keras.deploy import calibration as calib_lib
+    from bs_keras.deploy import parity, savedmodel
 
     start = time.time()
     model = _load_model(args.model)
@@ -413,7 +413,7 @@ def _parity(args, model, spec, images, variants, tmp, files, log):
     """Runs, prints and writes (parity.json) the parity table; returns its rows."""
     import numpy as np
 
-    from export import parity
+    from bs_keras.deploy import parity
 
     if images is not None:
         parity_images, parity_source = images[: args.parity_samples], repr(args.calibration)
@@ -447,8 +447,8 @@ def _finish(args, summary, tmp, out, start, log):
 def _conditional(args, model, spec, images, tmp, log):
     """--mode conditional: writes the SavedModel or .tflite files, conditional.json and
     parity.json into `tmp`; returns the export.json summary."""
-    from export import conditional as cond_lib
-    from export import savedmodel
+    from bs_keras.deploy import conditional as cond_lib
+    from bs_keras.deploy import savedmodel
 
     widths = COND_FRACTIONS.get(args.widths, "auto")
     module = cond_lib.conditional_model(model, images, widths=widths, max_widths=args.max_widths,
@@ -525,8 +525,8 @@ def _publish(tmp, out):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def main(argv=None):
-    parser = build_parser()
+def main(argv=None, prog="bs-keras-export"):
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     validate_args(parser, args)
     log = _Log()

@@ -12,7 +12,7 @@
   representative dataset; input and output stay float32.
 
 The models run with `ai_edge_litert.interpreter.Interpreter` (`TFLiteRunner`;
-it also runs the batch-1 conditional models of `export.conditional`, one
+it also runs the batch-1 conditional models of `bs_keras.deploy.conditional`, one
 sample per call).
 """
 
@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from export.savedmodel import (
+from bs_keras.deploy.savedmodel import (
     INPUT_NAME, SERVING_DEFAULT, SERVING_WITH_GATES, SIGNATURES, check_images, run_in_chunks,
 )
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Cross-run report of a trade-off sweep: plots, tables and claim numbers.
 
-    python report.py runs/tradeoff --out docs/tradeoff          # a sweep root
-    python report.py runs/tradeoff runs/extra/plain_w1_s0 --out out
-    python report.py runs/tradeoff --out out --difficulty-run bas_lam10_s0 --max-macs 0.5
+    python bench/report.py runs/tradeoff --out docs/tradeoff          # a sweep root
+    python bench/report.py runs/tradeoff runs/extra/plain_w1_s0 --out out
+    python bench/report.py runs/tradeoff --out out --difficulty-run bas_lam10_s0 --max-macs 0.5
 
 Each positional argument is a run directory written by train.py or a folder
 of them (with an optional sweep.json from the sweep driver). Writes
@@ -47,7 +47,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     _, args = parse_args(argv)
-    from bs_keras import sweep_report
+    import sweep_report
 
     try:
         sweep_report.write_sweep_report(

@@ -24,7 +24,7 @@ import numpy as np
 
 from bs_keras.gates import find_gates
 from bs_keras.macs import conditional_macs, gate_masks
-from export.savedmodel import MACS_OUTPUT, output_names
+from bs_keras.deploy.savedmodel import MACS_OUTPUT, output_names
 
 # Extra outputs of the conditional export (export.conditional.FoldedModel.with_gates).
 EXECUTED_MACS = "executed_macs"

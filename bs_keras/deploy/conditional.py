@@ -43,8 +43,8 @@ xla = conditional_model(model, calibration_images, jit_compile=True)  # XLA, nes
 ```
 
 `python -m export MODEL.keras --mode conditional --calibration ... [--format tflite]`
-writes these (`export.cli`); `ConditionalRunner` puts the module or its
-SavedModel behind the parity-table interface of `export.parity`.
+writes these (`bs_keras.cli.export`); `ConditionalRunner` puts the module or its
+SavedModel behind the parity-table interface of `bs_keras.deploy.parity`.
 """
 
 import math
@@ -56,7 +56,7 @@ import tensorflow as tf
 from bs_keras.blocks import ZeroPadShortcut
 from bs_keras.gates import ChannelGate, find_gates
 from bs_keras.macs import count_macs, gate_masks, gate_table
-from export.savedmodel import output_names
+from bs_keras.deploy.savedmodel import output_names
 
 _L = keras.layers
 
@@ -973,7 +973,7 @@ def set_gate_pattern(model, images, off=0.4, on=0.3, nested=True, seed=0, spread
 
 
 class ConditionalRunner:
-    """A conditional model behind the parity runner interface (`export.parity`).
+    """A conditional model behind the parity runner interface (`bs_keras.deploy.parity`).
 
     Args:
         model: a `FoldedModel`, or the path of a SavedModel written by

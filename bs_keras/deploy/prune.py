@@ -12,7 +12,7 @@ The channels that can be removed are exactly those a `ChannelGate` would
 switch, so the transform reuses the compaction machinery: `gated_twin` is
 the gated version of the same architecture (e.g. the builder called with
 `gated=True`); it receives the plain weights, its gates are pinned open
-(kept channels) or shut (pruned ones), and `export.compact` removes the shut
+(kept channels) or shut (pruned ones), and `bs_keras.deploy.compact` removes the shut
 channels and drops the gates. The result is an ordinary narrower functional
 model; fine-tune it with `fit` (train.py: `--prune-from RUN/best.keras
 --prune-macs 0.5`).
@@ -31,7 +31,7 @@ import numpy as np
 
 from bs_keras.gates import ChannelGate, find_gates
 from bs_keras.macs import PASSTHROUGH, count_macs, gate_table
-from export.compact import apply_compaction, plan_compaction
+from bs_keras.deploy.compact import apply_compaction, plan_compaction
 
 
 def _producer_chain(gate_node):

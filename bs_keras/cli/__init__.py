@@ -1,0 +1,1 @@
+"""Command lines: `bs-keras-train` (`train.py`) and `bs-keras-export` (`python -m export`)."""
