@@ -18,6 +18,7 @@ import dataclasses
 import keras
 import numpy as np
 
+from bs_keras.graph import LayerGraph
 from bs_keras.gates import ChannelGate, find_gates, record_gates
 
 _L = keras.layers
@@ -105,28 +106,9 @@ def layer_macs(layer, input_shape, output_shape):
     return 0
 
 
-def _functional(model):
-    if isinstance(model, keras.Sequential):
-        if getattr(model, "_functional", None) is None:
-            raise ValueError("Build the Sequential model (give it an input shape) before counting MACs.")
-        return model._functional
-    if not hasattr(model, "_nodes_by_depth"):
-        raise ValueError(
-            "MAC counting reads the layer graph and needs a functional or "
-            f"Sequential model. Received: {type(model).__name__}. Build the "
-            "model with keras.Model(inputs, outputs)."
-        )
-    return model
-
-
 def _nodes(model):
     """Nodes of a functional model from inputs to outputs."""
-    model = _functional(model)
-    by_depth = model._nodes_by_depth
-    nodes = []
-    for depth in sorted(by_depth, reverse=True):
-        nodes.extend(by_depth[depth])
-    return [n for n in nodes if not n.is_input]
+    return LayerGraph(model, purpose="MAC counting").nodes
 
 
 def _node_macs(node):
@@ -165,49 +147,20 @@ class GateInfo:
     consumers: list
 
 
-def _walk_back(tensor):
-    while True:
-        op, node_index, _ = tensor._keras_history
-        if isinstance(op, PASSTHROUGH):
-            tensor = op._inbound_nodes[node_index].input_tensors[0]
-            continue
-        if isinstance(op, keras.layers.InputLayer):
-            return None, None
-        return op, op._inbound_nodes[node_index]
+def _is_depthwise(op):
+    return isinstance(op, (_L.DepthwiseConv1D, _L.DepthwiseConv2D))
 
 
-def _consumer_map(nodes):
-    consumers = {}
-    for node in nodes:
-        for t in node.input_tensors:
-            consumers.setdefault(id(t), []).append(node)
-    return consumers
-
-
-def _walk_forward(tensor, consumers, found):
-    for node in consumers.get(id(tensor), []):
-        op = node.operation
-        if isinstance(op, PASSTHROUGH):
-            _walk_forward(node.output_tensors[0], consumers, found)
-        elif isinstance(op, (_L.DepthwiseConv1D, _L.DepthwiseConv2D)):
-            found.append(node)  # its channel c disappears too
-            _walk_forward(node.output_tensors[0], consumers, found)
-        elif isinstance(op, MAC_LAYERS):
-            found.append(node)
-        else:
-            raise ValueError(
-                f"Gated features reach layer '{op.name}' ({type(op).__name__}), "
-                "whose cost per channel is not known. Put the gate right before "
-                "a convolution or dense layer (optionally through BN/activation)."
-            )
+def _through_forward(op):
+    # A depthwise convolution loses channel c with its input: counted and walked through.
+    return isinstance(op, PASSTHROUGH) or _is_depthwise(op)
 
 
 def gate_table(model):
     """For each `ChannelGate` node of a functional model: what it controls."""
-    nodes = _nodes(model)
-    consumers = _consumer_map(nodes)
+    graph = LayerGraph(model, purpose="MAC counting")
     table = []
-    for node in nodes:
+    for node in graph.nodes:
         op = node.operation
         if isinstance(op, keras.Model):
             table.extend(gate_table(op))
@@ -217,13 +170,22 @@ def gate_table(model):
         h = node.input_tensors[1]
         channels = int(h.shape[-1])
         per_channel = 0.0
-        prod_op, prod_node = _walk_back(h)
-        if prod_op is not None:
+        prod_node, _ = graph.trace_back(h, through=PASSTHROUGH)
+        prod_op = None if prod_node is None else prod_node.operation
+        if prod_node is not None:
             macs = _node_macs(prod_node)
             out_c = prod_node.output_tensors[0].shape[-1]
             per_channel += macs / out_c
-        found = []
-        _walk_forward(node.output_tensors[0], consumers, found)
+        ends, crossed = graph.trace_forward(node.output_tensors[0], through=_through_forward)
+        ends = [n for n in ends if n is not None]  # a model output costs nothing
+        for end in ends:
+            if not isinstance(end.operation, MAC_LAYERS):
+                raise ValueError(
+                    f"Gated features reach layer '{end.operation.name}' ({type(end.operation).__name__}), "
+                    "whose cost per channel is not known. Put the gate right before "
+                    "a convolution or dense layer (optionally through BN/activation)."
+                )
+        found = [n for n in crossed if _is_depthwise(n.operation)] + ends
         for cnode in found:
             in_c = cnode.input_tensors[0].shape[-1]
             per_channel += _node_macs(cnode) / in_c

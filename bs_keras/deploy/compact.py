@@ -40,6 +40,7 @@ import keras
 import numpy as np
 
 from bs_keras.gates import ChannelGate, find_gates
+from bs_keras.graph import LayerGraph
 from bs_keras.macs import PASSTHROUGH, gate_masks
 
 _L = keras.layers
@@ -153,29 +154,6 @@ class GatePlan:
 # --------------------------------------------------------------------------- graph analysis
 
 
-def _nodes(model):
-    if not hasattr(model, "_nodes_by_depth"):
-        raise ValueError(
-            "Compaction rewrites the layer graph and needs a functional model "
-            f"(keras.Model(inputs, outputs)). Received: {type(model).__name__}."
-        )
-    by_depth = model._nodes_by_depth
-    nodes = []
-    for depth in sorted(by_depth, reverse=True):
-        nodes.extend(n for n in by_depth[depth] if not n.is_input)
-    return nodes
-
-
-def _consumers(model, nodes):
-    consumers = {}
-    for node in nodes:
-        for t in node.input_tensors:
-            consumers.setdefault(id(t), []).append(node)
-    for t in model.outputs:
-        consumers.setdefault(id(t), []).append(None)  # a model output
-    return consumers
-
-
 def _single_use(layer, what):
     if len(layer._inbound_nodes) != 1:
         raise ValueError(
@@ -195,74 +173,66 @@ def _activation_name(op):
     return getattr(fn, "__name__", str(fn))
 
 
-def _trace_gate(node, consumers):
+def _is_zero_preserving(op):
+    """Layers between a gate and its consumer that map a closed channel to zero."""
+    return isinstance(op, _FORWARD_PASSTHROUGH) or (
+        isinstance(op, _L.Activation) and _activation_name(op) in _ZERO_PRESERVING_ACTIVATIONS
+    )
+
+
+def _trace_gate(node, graph):
     """Producer, per-channel chain and consumers of one gate node."""
     gate = node.operation
     h = node.input_tensors[1]
-    chain = []
-    tensor = h
-    while True:
-        users = consumers.get(id(tensor), [])
+    prod_node, chain_nodes = graph.trace_back(h, through=_BACKWARD_PASSTHROUGH)
+    path = [h] + [n.input_tensors[0] for n in chain_nodes]
+    for tensor in path:
+        users = graph.consumers(tensor)
         if len(users) != 1:
             raise ValueError(
                 f"The features gated by '{gate.name}' are also used outside the gate "
                 f"(tensor feeds {len(users)} layers between producer and gate); "
                 "compaction cannot narrow them."
             )
-        op, node_index, _ = tensor._keras_history
-        if isinstance(op, _L.InputLayer):
-            raise ValueError(
-                f"'{gate.name}' gates the model input; there is no layer to narrow."
-            )
-        if isinstance(op, _BACKWARD_PASSTHROUGH):
-            if isinstance(op, _L.BatchNormalization) and op.axis not in (-1, len(tensor.shape) - 1):
-                raise ValueError(f"BatchNormalization '{op.name}' must normalize the last axis.")
-            if op.weights and not isinstance(op, _L.BatchNormalization):
-                raise ValueError(f"Layer '{op.name}' has weights compaction cannot slice.")
-            _single_use(op, f"between a convolution and '{gate.name}'")
-            chain.append(op)
-            tensor = op._inbound_nodes[node_index].input_tensors[0]
-            continue
-        if _is_mac_consumer(op):
-            _single_use(op, f"producer of '{gate.name}'")
-            producer = op
-            break
+    chain = []
+    for n in chain_nodes:
+        op = n.operation
+        if isinstance(op, _L.BatchNormalization) and op.axis not in (-1, len(n.input_tensors[0].shape) - 1):
+            raise ValueError(f"BatchNormalization '{op.name}' must normalize the last axis.")
+        if op.weights and not isinstance(op, _L.BatchNormalization):
+            raise ValueError(f"Layer '{op.name}' has weights compaction cannot slice.")
+        _single_use(op, f"between a convolution and '{gate.name}'")
+        chain.append(op)
+    if prod_node is None:
+        raise ValueError(f"'{gate.name}' gates the model input; there is no layer to narrow.")
+    producer = prod_node.operation
+    if not _is_mac_consumer(producer):
         raise ValueError(
-            f"The channels gated by '{gate.name}' come from layer '{op.name}' "
-            f"({type(op).__name__}); compaction needs a Conv (groups=1) or Dense producer, "
+            f"The channels gated by '{gate.name}' come from layer '{producer.name}' "
+            f"({type(producer).__name__}); compaction needs a Conv (groups=1) or Dense producer, "
             "optionally followed by BatchNormalization/activations."
         )
+    _single_use(producer, f"producer of '{gate.name}'")
 
+    ends, crossed = graph.trace_forward(node.output_tensors[0], through=_is_zero_preserving)
+    if not ends:
+        raise ValueError(f"The output of '{gate.name}' is not used.")
+    for n in crossed:
+        if isinstance(n.operation, _L.ReLU) and float(n.operation.threshold) != 0.0:
+            raise ValueError(f"ReLU '{n.operation.name}' with a threshold does not keep zeros zero.")
     found = []
-
-    def forward(t):
-        users = consumers.get(id(t), [])
-        if not users:
-            raise ValueError(f"The output of '{gate.name}' is not used.")
-        for user in users:
-            if user is None:
-                raise ValueError(
-                    f"The output of '{gate.name}' is a model output; compaction cannot narrow it."
-                )
-            op = user.operation
-            if isinstance(op, _FORWARD_PASSTHROUGH) or (
-                isinstance(op, _L.Activation)
-                and _activation_name(op) in _ZERO_PRESERVING_ACTIVATIONS
-            ):
-                if isinstance(op, _L.ReLU) and float(op.threshold) != 0.0:
-                    raise ValueError(f"ReLU '{op.name}' with a threshold does not keep zeros zero.")
-                forward(user.output_tensors[0])
-            elif _is_mac_consumer(op):
-                _single_use(op, f"consumer of '{gate.name}'")
-                found.append(op)
-            else:
-                raise ValueError(
-                    f"The output of '{gate.name}' reaches layer '{op.name}' ({type(op).__name__}); "
-                    "compaction needs it to reach Conv (groups=1) or Dense layers through "
-                    "zero-preserving layers only (ReLU, pooling, padding, dropout)."
-                )
-
-    forward(node.output_tensors[0])
+    for end in ends:
+        if end is None:
+            raise ValueError(f"The output of '{gate.name}' is a model output; compaction cannot narrow it.")
+        op = end.operation
+        if not _is_mac_consumer(op):
+            raise ValueError(
+                f"The output of '{gate.name}' reaches layer '{op.name}' ({type(op).__name__}); "
+                "compaction needs it to reach Conv (groups=1) or Dense layers through "
+                "zero-preserving layers only (ReLU, pooling, padding, dropout)."
+            )
+        _single_use(op, f"consumer of '{gate.name}'")
+        found.append(op)
     return producer, tuple(chain), tuple(found)
 
 
@@ -291,9 +261,8 @@ def plan_compaction(model, calibration_images, round_to=None, batch_size=128):
             "Compaction needs a non-empty batch of calibration images. "
             f"Received: shape={images.shape}"
         )
-    nodes = _nodes(model)
-    consumers = _consumers(model, nodes)
-    gate_nodes = [n for n in nodes if isinstance(n.operation, ChannelGate)]
+    graph = LayerGraph(model, purpose="Compaction")
+    gate_nodes = [n for n in graph.nodes if isinstance(n.operation, ChannelGate)]
     all_gates = find_gates(model)
     if len(gate_nodes) != len(all_gates) or len(
         {id(n.operation) for n in gate_nodes}
@@ -308,7 +277,7 @@ def plan_compaction(model, calibration_images, round_to=None, batch_size=128):
     plans = []
     for node in gate_nodes:
         gate = node.operation
-        producer, chain, found = _trace_gate(node, consumers)
+        producer, chain, found = _trace_gate(node, graph)
         mask = masks[gate.name]
         always_on = np.flatnonzero(mask.min(axis=0) == 1.0)
         always_off = np.flatnonzero(mask.max(axis=0) == 0.0)

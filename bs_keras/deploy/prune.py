@@ -30,29 +30,25 @@ import keras
 import numpy as np
 
 from bs_keras.gates import ChannelGate, find_gates
+from bs_keras.graph import LayerGraph
 from bs_keras.macs import PASSTHROUGH, count_macs, gate_table
 from bs_keras.deploy.compact import apply_compaction, plan_compaction
 
 
-def _producer_chain(gate_node):
+def _producer_chain(graph, gate_node):
     """Layers from the gated tensor back to its producing conv/dense layer."""
-    tensor = gate_node.input_tensors[1]
-    chain = []
-    while True:
-        op, node_index, _ = tensor._keras_history
-        chain.append(op)
-        if not isinstance(op, PASSTHROUGH):
-            return chain
-        tensor = op._inbound_nodes[node_index].input_tensors[0]
+    producer, chain = graph.trace_back(gate_node.input_tensors[1], through=PASSTHROUGH)
+    return [n.operation for n in chain] + [producer.operation]
 
 
 def channel_magnitudes(gated_model):
     """`{gate name: per-channel magnitude}` (|BN gamma|, else filter L1 norm)."""
     out = {}
+    graph = LayerGraph(gated_model, purpose="Channel pruning")
     for layer in gated_model.layers:
         if not isinstance(layer, ChannelGate):
             continue
-        chain = _producer_chain(layer._inbound_nodes[0])
+        chain = _producer_chain(graph, layer._inbound_nodes[0])
         bns = [l for l in chain if isinstance(l, keras.layers.BatchNormalization)]
         if bns and bns[-1].scale:
             scores = np.abs(np.asarray(bns[-1].gamma))
