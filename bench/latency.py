@@ -252,7 +252,8 @@ def bench_model(kind, args, log):
     from bs_keras.gates import find_gates
     from bs_keras.macs import conditional_macs, count_macs, gate_table
     from bs_keras.deploy.compact import compact_model
-    from bs_keras.deploy.conditional import FoldedModel, conditional_model, set_gate_pattern
+    from bs_keras.deploy.conditional import FoldedModel, conditional_model
+    from gate_pattern import set_gate_pattern
 
     t0 = time.time()
     dense, gated = build(kind, model_path=args.model_path)

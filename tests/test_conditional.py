@@ -16,8 +16,8 @@ from bs_keras.deploy.conditional import (
     calibrated_widths,
     conditional_model,
     folded_model,
-    set_gate_pattern,
 )
+from gate_pattern import set_gate_pattern  # bench/gate_pattern.py
 
 
 def _perturb_bn(model, seed):
@@ -212,9 +212,9 @@ def test_hand_set_masks_choose_their_branch():
     assert cond.permutations["stage1_block1_gate"].shape == (16,)
 
 
-def test_saved_model_round_trip(setup, tmp_path, request):
-    if "cifar20" in request.node.name:
-        pytest.skip("round trip covered by the other two models (keeps the suite fast)")
+# Two of the three models: the round trip does not depend on the shortcut type.
+@pytest.mark.parametrize("setup", ["cifar8_zero_pad", "resnet50_w025"], indirect=True)
+def test_saved_model_round_trip(setup, tmp_path):
     model, cond, calib, test, _ = setup
     path = cond.save(str(tmp_path / "conditional"))
     loaded = tf.saved_model.load(path)

@@ -448,6 +448,7 @@ def _conditional(args, model, spec, images, tmp, log):
     """--mode conditional: writes the SavedModel or .tflite files, conditional.json and
     parity.json into `tmp`; returns the export.json summary."""
     from bs_keras.deploy import conditional as cond_lib
+    from bs_keras.deploy import conditional_serving as serving_lib
     from bs_keras.deploy import savedmodel
 
     widths = COND_FRACTIONS.get(args.widths, "auto")
@@ -457,23 +458,23 @@ def _conditional(args, model, spec, images, tmp, log):
     if args.format == "saved_model":
         sm_dir = os.path.join(tmp, "saved_model")
         module.save(sm_dir)
-        runner = cond_lib.ConditionalRunner(sm_dir)
+        runner = serving_lib.ConditionalRunner(sm_dir)
         found = savedmodel.random_ops(runner.loaded)
         if found:
             raise ExportError(f"the exported graph contains random ops {found}; refusing to export")
         files.append("saved_model")
         variants.append(("saved_model", runner, {}))
         signatures = {
-            cond_lib.SERVING_DEFAULT: [1, *spec.shape[1:]],
-            cond_lib.SERVING_BATCH: [None, *spec.shape[1:]],
-            cond_lib.SERVING_WITH_GATES: [None, *spec.shape[1:]],
+            serving_lib.SERVING_DEFAULT: [1, *spec.shape[1:]],
+            serving_lib.SERVING_BATCH: [None, *spec.shape[1:]],
+            serving_lib.SERVING_WITH_GATES: [None, *spec.shape[1:]],
         }
         log(f"saved_model signatures {', '.join(signatures)} (conditional{', XLA' if args.xla else ''})")
     else:
-        variants.append(("tf conditional", cond_lib.ConditionalRunner(module), {}))
+        variants.append(("tf conditional", serving_lib.ConditionalRunner(module), {}))
         signatures = {
-            cond_lib.SERVING_DEFAULT: [1, *spec.shape[1:]],
-            cond_lib.SERVING_WITH_GATES: [1, *spec.shape[1:]],
+            serving_lib.SERVING_DEFAULT: [1, *spec.shape[1:]],
+            serving_lib.SERVING_WITH_GATES: [1, *spec.shape[1:]],
         }
         for q in args.quantize:
             runner, size = _write_tflite(lambda q=q: module.to_tflite(q, with_gates=True), q, args.threads,
@@ -481,7 +482,7 @@ def _conditional(args, model, spec, images, tmp, log):
             variants.append((f"tflite {q}", runner, {"size_bytes": size}))
 
     parity_images = images[: args.parity_samples]
-    info = cond_lib.describe(module, parity_images, calibration_samples=len(images))
+    info = serving_lib.describe(module, parity_images, calibration_samples=len(images))
     _write_json(os.path.join(tmp, "conditional.json"), info)
     files.append("conditional.json")
     log(f"conditional {len(info['gates'])} gated blocks, widths "
@@ -493,12 +494,12 @@ def _conditional(args, model, spec, images, tmp, log):
     _parity(args, model, spec, images, variants, tmp, files, log)
     output = module.output_name
     return {
-        **_summary_head(args, signatures[cond_lib.SERVING_DEFAULT]),
+        **_summary_head(args, signatures[serving_lib.SERVING_DEFAULT]),
         "signatures": {
             name: {
                 "input_shape": shape,
-                "outputs": [output] if name != cond_lib.SERVING_WITH_GATES
-                else [output, *module.gate_names, cond_lib.EXECUTED_MACS, cond_lib.WIDTHS],
+                "outputs": [output] if name != serving_lib.SERVING_WITH_GATES
+                else [output, *module.gate_names, serving_lib.EXECUTED_MACS, serving_lib.WIDTHS],
             }
             for name, shape in signatures.items()
         },
