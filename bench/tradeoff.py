@@ -12,11 +12,11 @@ Trains, with the same epochs, schedule shape, data and seeds, through
 - static pruning: the trained full-width plain run of the same seed,
   magnitude-pruned (|BN gamma|, same fraction in every block) to 60 % and
   40 % of its MACs, then retrained with the same 4-epoch recipe
-  (`--prune-from`, `export/prune.py`): its total training is twice the
+  (`--prune-from`, `bs_keras/deploy/prune.py`): its total training is twice the
   others'.
 
 Every run is a normal train.py run directory under `--root`
-(`<family>_<knob>_s<seed>`); `report.py` reads them. The sweep is
+(`<family>_<knob>_s<seed>`); `bench/report.py` reads them. The sweep is
 resumable: finished runs (with a report.json) are skipped, an interrupted
 run resumes from its last completed epoch. Wall time per run (including
 start-up and the final evaluation) goes into `<root>/sweep.json`.

@@ -1,4 +1,4 @@
-"""Static magnitude channel pruning (export/prune.py), checked against hand
+"""Static magnitude channel pruning (bs_keras/deploy/prune.py), checked against hand
 arithmetic and against the original model with the pruned channels zeroed."""
 
 import keras
