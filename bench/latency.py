@@ -1,78 +1,20 @@
 """Inference latency of dense / masked / compact / conditional gated ResNets, one run.
 
-For ResNet-50 at 224x224 and CIFAR ResNet-20 at 32x32 with a synthetic,
-realistic gate pattern (per gate: always-off, always-on and input-dependent
-channels, biases chosen so that the mean conditional MACs are ~45% of the
-dense model's), it times at batch 1 (and batch 32 in TF):
-
-- dense: the ungated ResNet;
-- masked: the gated model as trained (full convolutions x 0/1 masks);
-- compact: `export.compact.compact_model(..., round_to=8)` (always-off
-  channels removed, the conditional ones still masked);
-- cond4 / cond8: `export.conditional.conditional_model` with widths
-  (0.25, 0.5, 0.75, 1) or multiples of 1/8: per block a `tf.switch_case`
-  between precompiled widths;
-- cond: the same with `widths="auto"` (the export CLI's default): per block
-  at most 6 widths fitted to the widths the calibration images need, plus
-  the full width;
-- cond8ch (opt-in, `--variants`): the same with every multiple of 8
-  channels as a width. Fewer executed MACs, but slower in TF (measured:
-  R50 TF b1 0.696 vs cond8 0.623, exec MACs 0.472 vs 0.499): every new
-  width tuple pays per-shape kernel set-up;
-- narrow: a reference, not a gated model: the dense ResNet with every gated
-  hidden width (the 1x1 conv's output / 3x3 conv's input of a bottleneck,
-  the first conv's output of a basic block) statically cut to one fraction
-  f of its channels, widths multiples of 8, f chosen so that its MAC ratio
-  is the gated model's mean conditional MAC ratio: what ideal per-sample
-  MACs cost as a plain static model, the bound no conditional scheme beats;
-- narrow+g: a diagnostic: the conditional module of a gated copy whose gates
-  are fixed to the narrow widths (zero gate kernels): the narrow model plus
-  every gate MLP (pooling included) and a 2-way branch per block, always
-  taking the narrow width. narrow+g - narrow is the cost of gating itself,
-  cond - narrow+g the cost of per-sample widths (printed under the table);
-- with `--group-sizes 8,32`: masked/gG and cond/gG on a gated model whose
-  gates each switch G consecutive channels (same pattern fractions), each
-  compared with its own mean conditional MAC ratio.
-
-Every variant runs as the same BN-folded TF re-implementation
-(`export.conditional.FoldedModel`, a `tf.function`; with `--xla` also a
-column "tf-xla b1": `FoldedModel(..., jit_compile=True)` for dense / narrow /
-narrow+g / cond / cond/gG, the conditional ones with nested `tf.cond`
-branches, the weights graph constants as in the `--xla` export, ratios vs
-dense under XLA, and also vs plain TF's dense timed in the same rounds), and
-in LiteRT fp32 and dynamic-range
-(`ai_edge_litert` Interpreter, 2 threads) from that function, batch 1.
-Timing interleaves single calls: each round runs every test image through
-every variant in turn (rotating order), so the conditional ones see varying
-widths and a slow spell of the shared machine hits all variants alike. The
-ms columns are medians per call; the ratio columns are the median over calls
-of time / dense's time on the same image in the same round (paired ratios
-varied by about +-0.02 between repeats where ratios of medians varied by
-+-0.05). Printed per variant: the mean conditional MAC ratio of the
-gated model (what ideal per-sample execution would cost), the variant's
-executed MAC ratio (dense = 1, masked = its static MACs, compact = its static
-MACs, conditional = mean MACs of the chosen widths), and latency ratios vs
-dense.
-
-The "max |diff| vs its TF function" lines compare LiteRT with the TF function
-on the first test image. Under dynamic-range quantization the gated variants
-(masked and conditional alike) can differ by ~1 in probability on the untrained
-ResNet-50 with the synthetic pattern: its gate thresholds are quantiles of
-z @ u over random-noise images, spread over ~3% of |z @ u|, so the int8
-activation error in the gate MLP flips conditional gates, the flips cascade
-through the later blocks, and the untrained net's huge logits (std ~1000) turn
-that into another top-1 class. Dense and narrow (no gates) agree; LiteRT fp32
-agrees everywhere. Not a branch-selection error: the LiteRT widths always
-match the LiteRT gate masks.
-
-With `--model-path run/best.keras --dataset fashion_mnist` a model trained
-by train.py is measured too ("trained" in `--models`): its real gates, the
-dataset's training images for calibration and its test images for timing;
-"dense" is the same architecture ungated with the trained weights.
+Times ResNet-50 at 224x224 and CIFAR ResNet-20 at 32x32 (or, with
+`--models trained`, a model trained by train.py) with a synthetic gate pattern
+whose mean conditional MACs are ~45% of the dense model's: the dense ResNet,
+the gated model as trained (masked), its compaction, conditional execution
+with precompiled widths (quarters, eighths, fitted `auto` widths), and a
+static narrow reference with the same MACs plus its gated diagnostic, all as
+BN-folded TF functions (optionally XLA-compiled) and in LiteRT fp32 and
+dynamic range, at batch 1 (and 32 in TF), calls interleaved, ratios paired
+per call against dense. What each variant is, how the timing works, and the
+measured figures: docs/LATENCY.md.
 
     python bench/latency.py [--quick] [--models r50,r20] [--rounds 15] [--pattern nested|independent]
         [--variants dense,masked,compact,cond4,cond8,cond,cond8ch,narrow,narrow+g]   (default all but cond8ch; --quick: no narrow*)
         [--xla] [--group-sizes 8]
+    python bench/latency.py --xla --group-sizes 8        # the run in docs/LATENCY.md
     python bench/latency.py --models trained --model-path runs/fashion_mnist_demo/best.keras --dataset fashion_mnist
 """
 
