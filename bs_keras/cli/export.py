@@ -43,6 +43,8 @@ import sys
 import tempfile
 import time
 
+from bs_keras.cli.args import non_negative_int, positive_int
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 FORMATS = ("saved_model", "tflite")
@@ -55,25 +57,6 @@ QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 
 class ExportError(Exception):
     """A user-facing error: printed as `error: ...`, exit status 2."""
-
-
-def _int_at_least(minimum, what):
-    """An argparse type: an integer >= `minimum`, named `what` in errors."""
-
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {what}, got {text!r}")
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be a {what}, got {value}")
-        return value
-
-    return parse
-
-
-_positive_int = _int_at_least(1, "positive integer")
-_non_negative_int = _int_at_least(0, "non-negative integer")
 
 
 def _quantizations(text):
@@ -113,15 +96,15 @@ def build_parser(prog="bs-keras-export"):
         help="calibration data: a dataset name (fashion_mnist, cifar10, ...), a folder of images "
              "(normalized with mean 0.5/std 0.5) or a .npy of preprocessed float32 images",
     )  # fmt: skip
-    p.add_argument("--calibration-samples", type=_positive_int, default=256)
-    p.add_argument("--round-to", type=_positive_int, help="compact: keep widths a multiple of this")
+    p.add_argument("--calibration-samples", type=positive_int, default=256)
+    p.add_argument("--round-to", type=positive_int, help="compact: keep widths a multiple of this")
     p.add_argument(
         "--widths", choices=COND_WIDTHS, default=None,
         help="conditional: precompiled widths per block. auto (default): at most --max-widths widths "
              "fitted to the widths the calibration data needs, plus the full width; quarters / "
              "eighths: fixed fractions of each block",
     )  # fmt: skip
-    p.add_argument("--max-widths", type=_positive_int, default=None,
+    p.add_argument("--max-widths", type=positive_int, default=None,
                    help="conditional, --widths auto: widths per block besides the full one (default 6)")
     p.add_argument(
         "--xla", action="store_true",
@@ -130,12 +113,12 @@ def build_parser(prog="bs-keras-export"):
              "constants (stored in saved_model.pb, once per input shape)",
     )  # fmt: skip
     p.add_argument(
-        "--parity-samples", type=_positive_int, default=128,
+        "--parity-samples", type=positive_int, default=128,
         help="samples for the parity table (calibration images, else seeded N(0, 1) inputs)",
     )  # fmt: skip
-    p.add_argument("--latency-runs", type=_non_negative_int, default=20,
+    p.add_argument("--latency-runs", type=non_negative_int, default=20,
                    help="batch-1 calls timed per variant in the parity table (0: none)")
-    p.add_argument("--threads", type=_positive_int, default=2, help="LiteRT interpreter threads")
+    p.add_argument("--threads", type=positive_int, default=2, help="LiteRT interpreter threads")
     p.add_argument("--data-dir", help="TFDS data directory (dataset calibration)")
     p.add_argument("--manual-dir", help="directory with dataset source archives")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")

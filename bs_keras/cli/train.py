@@ -16,25 +16,9 @@ import argparse
 import os
 import sys
 
+from bs_keras.cli.args import number, positive_int
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _number(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-    return value
 
 
 def parse_args(argv=None):
@@ -55,35 +39,35 @@ def parse_args(argv=None):
     gated = g.add_mutually_exclusive_group()
     gated.add_argument("--gated", dest="gated", action="store_true", default=None, help="gated model (default)")
     gated.add_argument("--plain", dest="gated", action="store_false", help="ungated baseline")
-    g.add_argument("--width-multiplier", type=_number)
-    g.add_argument("--group-size", type=_positive_int, help="channels switched by one gate (default 1)")
+    g.add_argument("--width-multiplier", type=number)
+    g.add_argument("--group-size", type=positive_int, help="channels switched by one gate (default 1)")
     g.add_argument("--gate-granularity", choices=("channel", "block"),
                    help="channel: per-channel gates (default, the paper); block: one gate per residual "
                    "branch (the coarse ConvNet-AIG-style baseline)")
-    g.add_argument("--image-size", type=_positive_int, help="resize images to this square size")
-    g.add_argument("--crop-size", type=_positive_int, help="segmentation training crop (default 713 for Cityscapes)")
-    g.add_argument("--aux-weight", type=_number, help="segmentation auxiliary-head loss weight (default 0.4)")
+    g.add_argument("--image-size", type=positive_int, help="resize images to this square size")
+    g.add_argument("--crop-size", type=positive_int, help="segmentation training crop (default 713 for Cityscapes)")
+    g.add_argument("--aux-weight", type=number, help="segmentation auxiliary-head loss weight (default 0.4)")
     g.add_argument("--init-from", help="segmentation: copy backbone weights from this ImageNet ResNet-50 .keras")
     g.add_argument("--prune-from", help="static-pruning baseline: a trained plain .keras to magnitude-prune "
                    "(|BN gamma|, same fraction per block) and fine-tune; needs --plain and --prune-macs")
-    g.add_argument("--prune-macs", type=_number, help="MACs of the pruned model as a fraction of the source's")
+    g.add_argument("--prune-macs", type=number, help="MACs of the pruned model as a fraction of the source's")
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=_positive_int)
-    t.add_argument("--batch-size", type=_positive_int, help="global batch size")
-    t.add_argument("--lr", type=_number, help="peak learning rate")
+    t.add_argument("--epochs", type=positive_int)
+    t.add_argument("--batch-size", type=positive_int, help="global batch size")
+    t.add_argument("--lr", type=number, help="peak learning rate")
     t.add_argument("--lr-schedule", help="step, cosine, poly or constant")
     t.add_argument("--optimizer", help="sgd or adam")
-    t.add_argument("--weight-decay", type=_number, help="SGD-style weight decay (not on gates)")
-    t.add_argument("--clipnorm", type=_number, help="clip the global gradient norm to this (default off)")
-    t.add_argument("--gamma", type=_number, help="batch-shaping weight at the start (annealed to 0)")
-    t.add_argument("--lam", type=_number, help="target L0 weight (ramped up)")
-    t.add_argument("--prior-a", type=_number, help="Beta prior parameter a (default 0.6)")
-    t.add_argument("--prior-b", type=_number, help="Beta prior parameter b (default 0.4)")
+    t.add_argument("--weight-decay", type=number, help="SGD-style weight decay (not on gates)")
+    t.add_argument("--clipnorm", type=number, help="clip the global gradient norm to this (default off)")
+    t.add_argument("--gamma", type=number, help="batch-shaping weight at the start (annealed to 0)")
+    t.add_argument("--lam", type=number, help="target L0 weight (ramped up)")
+    t.add_argument("--prior-a", type=number, help="Beta prior parameter a (default 0.6)")
+    t.add_argument("--prior-b", type=number, help="Beta prior parameter b (default 0.4)")
     t.add_argument("--l0-weighting", help="macs (default) or channels")
     t.add_argument("--seed", type=int)
-    t.add_argument("--validation-split", type=_number, help="held-out fraction for image folders")
-    t.add_argument("--limit-train", type=_positive_int, help="use only this many training examples an epoch")
-    t.add_argument("--limit-eval", type=_positive_int, help="evaluate on only this many examples")
+    t.add_argument("--validation-split", type=number, help="held-out fraction for image folders")
+    t.add_argument("--limit-train", type=positive_int, help="use only this many training examples an epoch")
+    t.add_argument("--limit-eval", type=positive_int, help="evaluate on only this many examples")
     r = p.add_argument_group("runtime")
     r.add_argument("--strategy", default="auto", help="auto, cpu, mirrored, multi_worker or tpu")
     r.add_argument("--mixed-precision", action="store_true", help="mixed_float16 (gates and losses stay float32)")
