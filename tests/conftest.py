@@ -1,5 +1,6 @@
 """Test setup: Keras on TensorFlow, quiet TF logs (set before any import),
-and the `offline` fixture for modules that must never touch the network."""
+a synthetic Fashion-MNIST for the whole session, and the `offline` fixture
+for modules that must never touch the network."""
 
 import os
 import socket
@@ -10,6 +11,27 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 NETWORK_ATTEMPTS = []
+
+FASHION_MNIST_DIR_ENV = "BS_KERAS_FASHION_MNIST_DIR"  # bs_keras.data reads it
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fashion_mnist_dir(tmp_path_factory):
+    """A generated Fashion-MNIST folder (the four IDX .gz files of the Debian
+    package, tests/data_fixtures.synthetic_fashion_mnist) in
+    $BS_KERAS_FASHION_MNIST_DIR for every test and the subprocesses they
+    start (train.py, python -m bs_keras.cli.*), so the suite needs neither
+    the package dataset-fashion-mnist nor the network, and no assertion sees
+    real-data accuracy. Tests of the real files read
+    bs_keras.data.FASHION_MNIST_DIR directly and skip when it is missing."""
+    from data_fixtures import synthetic_fashion_mnist, write_fashion_mnist
+
+    directory = tmp_path_factory.mktemp("fashion_mnist")
+    (x_train, y_train), (x_test, y_test) = synthetic_fashion_mnist()
+    write_fashion_mnist(directory, x_train, y_train, x_test, y_test)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(FASHION_MNIST_DIR_ENV, str(directory))
+        yield directory
 
 
 @pytest.fixture(scope="module")

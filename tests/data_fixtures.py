@@ -1,4 +1,5 @@
-"""Writers of tiny datasets in the real on-disk formats, for tests/test_data.py."""
+"""Writers of tiny datasets in the real on-disk formats (tests/test_data.py, the
+session-wide synthetic Fashion-MNIST of tests/conftest.py)."""
 
 import gzip
 import io
@@ -124,3 +125,41 @@ def write_image_folder(root, classes, ext="png"):
             with open(os.path.join(root, name, f"{i:03d}.{ext}"), "wb") as f:
                 f.write(data)
     return root
+
+
+def synthetic_fashion_mnist(n_train=2000, n_test=500, seed=0):
+    """Small, learnable stand-in for Fashion-MNIST: 28x28 uint8, 10 classes.
+
+    Each class is a bright shape of its own (a box whose size, position and
+    aspect depend on the class, with a class-dependent stripe pattern) on a
+    black background with a few faint pixels; brightness, offset and pixel
+    noise vary per image. Background stays 0 or faint (<= 15, under the
+    fashion_canvas threshold), the object is >= 60: like the real images,
+    which start at 0 and have bright items.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:28, 0:28]
+
+    def images(labels):
+        out = np.zeros((len(labels), 28, 28), np.uint8)
+        for i, c in enumerate(labels):
+            c = int(c)
+            height, width = 16 + 2 * (c % 5), 14 + 3 * (c // 5) + 2 * (c % 3)
+            top = 2 + (c * 7) % (26 - height) + rng.integers(-1, 2)
+            left = 2 + (c * 5) % (26 - width) + rng.integers(-1, 2)
+            top, left = int(np.clip(top, 0, 28 - height)), int(np.clip(left, 0, 28 - width))
+            box = (yy >= top) & (yy < top + height) & (xx >= left) & (xx < left + width)
+            stripes = ((yy + xx * (c % 2)) // (1 + c % 4)) % 2 == 0
+            value = rng.integers(150, 256) * np.where(stripes, 1.0, 0.55)
+            value = value + rng.normal(0, 12, (28, 28))
+            image = np.where(box, np.clip(value, 60, 255), 0)
+            faint = rng.random((28, 28)) < 0.03
+            image = np.where(~box & faint, rng.integers(1, 16, (28, 28)), image)
+            out[i] = image.astype(np.uint8)
+        return out
+
+    y_train = np.arange(n_train) % 10
+    rng.shuffle(y_train)
+    y_test = np.arange(n_test) % 10
+    rng.shuffle(y_test)
+    return (images(y_train), y_train.astype(np.uint8)), (images(y_test), y_test.astype(np.uint8))

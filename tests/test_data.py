@@ -85,7 +85,7 @@ def check_pad_crop_flip(source, originals, pad, samples):
 @pytest.fixture(scope="module")
 def real_fashion_mnist():
     if not REAL_FASHION_MNIST:
-        pytest.skip(f"dataset-fashion-mnist is not installed ({data.FASHION_MNIST_DIR})")
+        pytest.skip(f"dataset-fashion-mnist is not installed ({data.FASHION_MNIST_DIR}); apt-get install dataset-fashion-mnist")
     return data.load_fashion_mnist(data.FASHION_MNIST_DIR)
 
 

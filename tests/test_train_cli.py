@@ -1,4 +1,8 @@
-"""train.py end to end on the real Fashion-MNIST files (tiny subsets)."""
+"""train.py end to end on tiny subsets of the session's synthetic Fashion-MNIST
+(tests/conftest.py: $BS_KERAS_FASHION_MNIST_DIR, inherited by the subprocesses).
+
+Each subprocess run is marked slow (19-38 s on 2 busy cores, measured with
+--durations)."""
 
 import csv
 import json
@@ -60,6 +64,7 @@ def test_bad_values_fail_fast_with_a_clear_message(args, message, tmp_path, caps
     assert not run_dir.exists()
 
 
+@pytest.mark.slow
 def test_train_writes_the_run_directory_and_report(tmp_path):
     run_dir = tmp_path / "run"
     result = _run([*TINY, "--epochs", "2", "--run-dir", str(run_dir)])
@@ -111,6 +116,7 @@ def test_train_writes_the_run_directory_and_report(tmp_path):
     assert result.returncode == 2 and "different settings (epochs, lam)" in result.stderr
 
 
+@pytest.mark.slow
 def test_prune_from_a_plain_run_fine_tunes_a_narrower_model(tmp_path):
     plain_dir, pruned_dir = tmp_path / "plain", tmp_path / "pruned"
     result = _run([*TINY, "--plain", "--epochs", "1", "--run-dir", str(plain_dir)])
@@ -129,6 +135,7 @@ def test_prune_from_a_plain_run_fine_tunes_a_narrower_model(tmp_path):
     assert config["prune_macs"] == 0.5 and config["prune_from"].endswith("last.keras")
 
 
+@pytest.mark.slow
 def test_seed_makes_a_cpu_run_reproducible(tmp_path):
     weights = []
     for name in ("a", "b"):
@@ -140,6 +147,7 @@ def test_seed_makes_a_cpu_run_reproducible(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_continues_from_the_last_completed_epoch(tmp_path):
     run_dir = tmp_path / "run"
     args = [*TINY, "--epochs", "3", "--limit-train", "640", "--run-dir", str(run_dir)]
@@ -205,6 +213,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(np.isfinite(w.numpy()).all() for w in kept.weights)
 
 
+@pytest.mark.slow
 def test_mixed_precision_run_keeps_gates_float32(tmp_path):
     run_dir = tmp_path / "run"
     result = _run([*TINY, "--epochs", "1", "--limit-train", "64", "--mixed-precision", "--run-dir", str(run_dir)])
@@ -219,6 +228,7 @@ def test_mixed_precision_run_keeps_gates_float32(tmp_path):
     assert np.isfinite(report["evaluation"]["mean_loss"])
 
 
+@pytest.mark.slow
 def test_segmentation_run_on_fashion_canvases_writes_miou_report(tmp_path):
     run_dir = tmp_path / "seg"
     result = _run(["--dataset", "fashion_canvas", "--epochs", "1", "--batch-size", "8", "--limit-train", "64",
