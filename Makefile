@@ -12,7 +12,7 @@ DATASET_PKG := dataset-fashion-mnist
 # 789 s in one process, 461 s in two).
 TEST_WORKERS ?= 2
 
-.PHONY: venv test demo bench
+.PHONY: venv test test-fast demo bench
 
 venv: $(STAMP)
 
@@ -21,8 +21,16 @@ $(STAMP): setup.cfg pyproject.toml
 	$(VPY) -m pip install -e '.[dev,export]'
 	touch $@
 
+# The whole suite. Needs neither the Debian package $(DATASET_PKG) nor the
+# network: tests/conftest.py generates a synthetic Fashion-MNIST for the session
+# (the few tests of the real files skip without the package; .ci/run installs it).
 test: venv
 	$(VPY) -m pytest -q -n $(TEST_WORKERS)
+
+# Inner loop: everything but the tests marked slow (subprocess training runs,
+# XLA compiles, packaging; each > ~15 s).
+test-fast: venv
+	$(VPY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 demo: venv
 	@if [ ! -d $(DATASET_DIR) ]; then \
