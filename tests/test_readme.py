@@ -5,11 +5,55 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+# Documents whose repo paths must exist (README, docs/, the export and bench notes).
+DOCS = ["README.md", "export/README.md", "bench/README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))]
+# A path is checked when it starts with one of the repository's own folders;
+# run outputs (runs/, exported/) and placeholders (path/to/...) are not files here.
+REPO_DIRS = ("bs_keras", "bench", "export", "tests", "docs", ".ci")
+PATH_RE = re.compile(r"(?<![\w./~-])((?:[\w.-]+/)+[\w.-]+\.(?:py|md|png|json|cfg|toml|sh))(?![\w/])")
+LINK_RE = re.compile(r"\]\(([^)#\s]+)\)")
+BARE_PY_RE = re.compile(r"`([\w-]+\.py)`")
+SKIP_DIRS = {".venv", ".git", "runs", "exported", "build"}
+
 
 def _quick_start():
     text = (ROOT / "README.md").read_text()
     section = text.split("## Quick start", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def _doc_paths():
+    for doc in DOCS:
+        path = ROOT / doc
+        if not path.exists():
+            continue
+        text = path.read_text()
+        for match in PATH_RE.finditer(text):
+            name = match.group(1)
+            if name.split("/", 1)[0] in REPO_DIRS:
+                yield doc, name, ROOT / name
+        for match in LINK_RE.finditer(text):  # markdown links, relative to the document
+            target = match.group(1)
+            if "://" not in target:
+                yield doc, target, path.parent / target
+
+
+def _repo_py_names():
+    names = set()
+    for path in ROOT.rglob("*.py"):
+        if not SKIP_DIRS.intersection(path.relative_to(ROOT).parts):
+            names.add(path.name)
+    return names
+
+
+def test_readme_and_docs_name_only_existing_repo_files():
+    missing = {f"{doc}: {name}" for doc, name, path in _doc_paths() if not path.exists()}
+    py_names = _repo_py_names()
+    for doc in DOCS:
+        if (ROOT / doc).exists():  # a bare `module.py` (as in the module map) must exist somewhere
+            missing.update(f"{doc}: {n}" for n in BARE_PY_RE.findall((ROOT / doc).read_text()) if n not in py_names)
+    missing = sorted(missing)
+    assert not missing, "stale paths:\n" + "\n".join(missing)
 
 
 def test_readme_quick_start_runs_and_learns():
@@ -19,7 +63,7 @@ def test_readme_quick_start_runs_and_learns():
         "\nh = history.history\n"
         "assert h['accuracy'][-1] > 0.9, h['accuracy']\n"
         "assert 'cond_macs_ratio' in h and 'gate_open_rate' in h\n"
-        "assert 0 < per_sample.min() <= per_sample.max() <= bs_keras.macs.count_macs(model)\n"
+        "assert 0 < per_sample.min() <= per_sample.max() <= bs_keras.count_macs(model)\n"
         "print('README_OK')\n"
     )
     result = subprocess.run(
