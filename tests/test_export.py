@@ -207,12 +207,46 @@ def test_parity_tflite_int8(parity_by_name):
     assert row.mean_macs > 0
 
 
-def test_parity_table(parity_by_name):
+def test_parity_table(parity_by_name, trained, images):
     rows = list(parity_by_name.values())
-    table = parity.format_table(rows)
-    assert table.splitlines()[0].startswith("| variant | max abs diff | top-1 agree | gate agree")
-    assert len(table.splitlines()) == 2 + len(rows)
-    assert rows[0].name == "keras" and rows[0].max_abs_diff == 0.0
+    lines = parity.format_table(rows).splitlines()
+    assert lines[0].startswith("| variant | max abs diff | top-1 agree | gate agree")
+    assert len(lines) == 2 + len(rows)
+    assert [line.split("|")[1].strip() for line in lines[2:]] == [r.name for r in rows]
+    # The Keras reference row (compared with itself, so no parity number to check)
+    # carries the mean MACs of bs_keras.macs on the same images.
+    assert rows[0].name == "keras"
+    assert rows[0].mean_macs == pytest.approx(conditional_macs(trained, images).mean())
+    saved = lines[2 + [r.name for r in rows].index("saved_model")]
+    assert f"| {parity_by_name['saved_model'].max_abs_diff:.3g} | 100.00% | 100.00% |" in saved
+
+
+def test_parity_measures_a_differing_variant(trained, images):
+    """The parity numbers can fail: a variant that differs from Keras in known ways."""
+    reference = parity.KerasRunner(trained)
+    gates = find_gates(trained)
+
+    class Off:
+        def __call__(self, x):
+            return self.with_gates(x)
+
+        def with_gates(self, x):
+            out = reference.with_gates(x)
+            name = reference.output_name
+            out[name] = out[name].copy()
+            out[name][::2] = np.roll(out[name][::2], 1, axis=-1)  # every other top-1 moves
+            out[gates[0].name] = 1.0 - out[gates[0].name]  # the first gate layer's decisions flip
+            return out
+
+    keras_row, off = parity.parity_rows(trained, images, [("off", Off(), {})])
+    assert (keras_row.max_abs_diff, keras_row.top1_agreement, keras_row.gate_agreement) == (0.0, 1.0, 1.0)
+    assert off.top1_agreement == 0.5
+    total = sum(g.num_gates for g in gates)
+    assert off.gate_agreement == pytest.approx(1 - gates[0].num_gates / total)
+    probabilities = np.asarray(trained(images, training=False))
+    assert off.max_abs_diff == pytest.approx(
+        np.max(np.abs(probabilities[::2] - np.roll(probabilities[::2], 1, axis=-1))), rel=1e-5
+    )
 
 
 # --------------------------------------------------------------------------- calibration
