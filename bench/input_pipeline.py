@@ -26,7 +26,7 @@ import numpy as np
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40, help="training steps per timed fit")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per dataset")
     parser.add_argument("--batch-size", type=int, default=128)

@@ -348,7 +348,7 @@ def bench_model(kind, args, log):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few rounds, no dyn-range, no batch 32")
     parser.add_argument("--models", default="r50,r20")
     parser.add_argument("--rounds", type=int, default=None)
