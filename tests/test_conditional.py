@@ -213,7 +213,7 @@ def test_hand_set_masks_choose_their_branch():
 
 
 # Two of the three models: the round trip does not depend on the shortcut type.
-@pytest.mark.parametrize("setup", ["cifar8_zero_pad", "resnet50_w025"], indirect=True)
+@pytest.mark.parametrize("setup", ["cifar8_zero_pad", pytest.param("resnet50_w025", marks=pytest.mark.slow)], indirect=True)  # R50 save: 20 s
 def test_saved_model_round_trip(setup, tmp_path):
     model, cond, calib, test, _ = setup
     path = cond.save(str(tmp_path / "conditional"))

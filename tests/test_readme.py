@@ -3,6 +3,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Documents whose repo paths must exist (README, docs/, the export and bench notes).
@@ -56,6 +58,7 @@ def test_readme_and_docs_name_only_existing_repo_files():
     assert not missing, "stale paths:\n" + "\n".join(missing)
 
 
+@pytest.mark.slow  # a subprocess training a ResNet-20: 18 s on 2 busy cores
 def test_readme_quick_start_runs_and_learns():
     code = _quick_start()
     assert len(code.strip().splitlines()) <= 12
