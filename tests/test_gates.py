@@ -161,12 +161,15 @@ def test_config_round_trip_and_argument_checks():
         ChannelGate()(keras.Input((4, 4, 3)))
 
 
-def test_initial_bias_opens_most_gates():
-    model, gate = _gate_model(channels=16, init_bias=3.0)
+@pytest.mark.parametrize("init_bias, open_rate", [(3.0, (0.8, 1.0)), (0.0, (0.3, 0.7)), (-3.0, (0.0, 0.2))])
+def test_initial_bias_sets_the_open_rate(init_bias, open_rate):
+    # The rate follows init_bias (not a fixed default: a negative one closes most gates).
+    model, gate = _gate_model(channels=16, init_bias=init_bias)
     x = np.random.default_rng(4).normal(size=(64, 6, 6, 4)).astype("float32")
     with record_gates() as rec:
         model(x, training=False)
-    assert np.asarray(rec[gate][0]).mean() > 0.8
+    low, high = open_rate
+    assert low <= np.asarray(rec[gate][0]).mean() <= high
 
 
 def test_find_gates_recurses_into_nested_models():
