@@ -83,3 +83,15 @@ def test_bad_arguments_are_named():
     other = models.cifar_resnet(14, num_classes=3, input_shape=SHAPE, gated=True)
     with pytest.raises(ValueError, match="layer names differ"):
         magnitude_prune(plain, other, 0.5)
+
+
+def test_macs_ratio_holds_at_the_twins_input_size():
+    """A source built for 24x24 pruned for 16x16 inputs: the ratio is of the 16x16 network."""
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    plain = models.cifar_resnet(8, num_classes=3, input_shape=(24, 24, 1), gated=False)
+    twin = models.cifar_resnet(8, num_classes=3, input_shape=SHAPE, gated=True)
+    reference = macs.count_macs(models.cifar_resnet(8, num_classes=3, input_shape=SHAPE, gated=False))
+    pruned = magnitude_prune(plain, twin, 0.5)
+    assert tuple(pruned.input_shape[1:]) == SHAPE
+    assert abs(macs.count_macs(pruned) / reference - 0.5) < 0.06

@@ -31,7 +31,7 @@ import numpy as np
 
 from bs_keras.gates import ChannelGate, find_gates
 from bs_keras.graph import LayerGraph
-from bs_keras.macs import PASSTHROUGH, count_macs, gate_table
+from bs_keras.macs import PASSTHROUGH, gate_table, ungated_macs
 from bs_keras.deploy.compact import apply_compaction, plan_compaction
 
 
@@ -101,7 +101,7 @@ def magnitude_prune(model, gated_twin, macs_ratio, name=None):
         gated_twin: the same architecture with `ChannelGate`s (built, any
             weights); its weights are overwritten.
         macs_ratio: target MACs of the pruned model as a fraction of
-            `model`'s, in (0, 1].
+            `model`'s at `gated_twin`'s input size, in (0, 1].
 
     Returns:
         The pruned functional model (no gates), with the kept channels'
@@ -112,7 +112,7 @@ def magnitude_prune(model, gated_twin, macs_ratio, name=None):
     if find_gates(model):
         raise ValueError(
             f"Model '{model.name}' is gated; magnitude pruning starts from a plain model "
-            "(compact a gated model with export.compact instead)."
+            "(compact a gated model with bs_keras.deploy.compact instead)."
         )
     gates = find_gates(gated_twin)
     if not gates:
@@ -130,7 +130,9 @@ def magnitude_prune(model, gated_twin, macs_ratio, name=None):
             twin_layers[layer_name].set_weights(layer.get_weights())
         except ValueError as e:
             raise ValueError(f"Layer '{layer_name}' has different shapes in model and gated_twin: {e}") from e
-    static = count_macs(model)
+    # The plain network's MACs at the twin's input size (the pruned model's): the
+    # source may have been built for another size, and MACs scale with it.
+    static = ungated_macs(gated_twin)
     _, kept, _ = keep_fraction(gated_twin, static, macs_ratio)
     scores = channel_magnitudes(gated_twin)
     for gate in gates:
