@@ -12,6 +12,7 @@ import os
 import numpy as np
 
 from bs_keras.gates import find_gates, record_gates
+from bs_keras.io_utils import atomic_path
 from bs_keras.macs import count_macs, gate_table, macs_from_masks, ungated_macs
 
 
@@ -126,10 +127,9 @@ def format_summary(summary):
 
 def write_text(path, text):
     """Writes a text file atomically (temp file, then rename)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
 
 
 def write_json(path, data, allow_nan=True):
@@ -142,9 +142,8 @@ def write_report(summary, per_sample, out_dir, extra=None):
     os.makedirs(out_dir, exist_ok=True)
     report = {**(extra or {}), "evaluation": summary}
     write_json(os.path.join(out_dir, "report.json"), report)
-    tmp = os.path.join(out_dir, f"per_sample.tmp-{os.getpid()}.npz")
-    np.savez_compressed(tmp, **per_sample)
-    os.replace(tmp, os.path.join(out_dir, "per_sample.npz"))
+    with atomic_path(os.path.join(out_dir, "per_sample.npz")) as tmp:
+        np.savez_compressed(tmp, **per_sample)
     plot_report(summary, per_sample, out_dir)
     return report
 
@@ -195,7 +194,6 @@ def plot_report(summary, per_sample, out_dir):
 
 
 def save_figure(fig, path):
-    tmp = f"{path[:-4]}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     return path

@@ -12,7 +12,6 @@ Reference: Zhao et al., Pyramid Scene Parsing Network, CVPR 2017.
 """
 
 import math
-import os
 
 import keras
 import numpy as np
@@ -21,6 +20,7 @@ import tensorflow as tf
 from bs_keras import blocks
 from bs_keras.gates import find_gates, record_gates
 from bs_keras.gating import configure_gate_losses
+from bs_keras.io_utils import atomic_path
 from bs_keras.macs import count_macs, gate_table, macs_from_masks, ungated_macs
 from bs_keras.models import IMAGENET_SPECS, _regularizer, imagenet_resnet
 
@@ -341,8 +341,7 @@ def plot_predictions(examples, path, num_classes, mean=None, std=None, ignore_la
             ax.set_title(title, fontsize=9)
             ax.axis("off")
     fig.tight_layout()
-    tmp = f"{path[:-4]}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=80)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
     return path

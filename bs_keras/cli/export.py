@@ -40,10 +40,10 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 
 from bs_keras.cli.args import non_negative_int, positive_int
+from bs_keras.io_utils import atomic_path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -353,11 +353,11 @@ def run_export(args, log):
     out = os.path.abspath(args.out)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-    try:
+    with atomic_path(out) as tmp:
+        os.mkdir(tmp)
         if args.mode == "conditional":
             summary = _conditional(args, model, spec, images, tmp, log)
-            _finish(args, summary, tmp, out, start, log)
+            _finish(args, summary, tmp, start, log)
             return summary
         files, variants = [], []
         exported, expand = model, None
@@ -386,10 +386,8 @@ def run_export(args, log):
         summary = _summary(args, exported, spec, files + ["export.json", "export_log.txt"])
         if args.format == "tflite":
             shutil.rmtree(sm_dir)
-        _finish(args, summary, tmp, out, start, log)
+        _finish(args, summary, tmp, start, log)
         return summary
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _parity(args, model, spec, images, variants, tmp, files, log):
@@ -418,13 +416,12 @@ def _parity(args, model, spec, images, variants, tmp, files, log):
     return rows
 
 
-def _finish(args, summary, tmp, out, start, log):
-    """Writes export.json and export_log.txt, then moves `tmp` into place."""
+def _finish(args, summary, tmp, start, log):
+    """Writes export.json and export_log.txt into `tmp` (moved into place after)."""
     _write_json(os.path.join(tmp, "export.json"), summary)
     log(f"\nwrote {args.out} ({', '.join(summary['files'])}) in {time.time() - start:.1f} s")
     with open(os.path.join(tmp, "export_log.txt"), "w") as f:
         f.write(log.text())
-    _publish(tmp, out)
 
 
 def _conditional(args, model, spec, images, tmp, log):
@@ -489,24 +486,6 @@ def _conditional(args, model, spec, images, tmp, log):
         "static_macs": int(module.static_macs),
         "files": files + ["export.json", "export_log.txt"],
     }
-
-
-def _publish(tmp, out):
-    """Moves the finished directory into place (replacing `out` if present)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
-    if not os.path.exists(out):
-        os.rename(tmp, out)
-        return
-    old = f"{out}.old-{os.getpid()}"
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv=None, prog="bs-keras-export"):

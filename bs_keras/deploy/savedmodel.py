@@ -23,14 +23,13 @@ before calling.
 """
 
 import os
-import shutil
-import tempfile
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from bs_keras.gates import find_gates, record_gates
+from bs_keras.io_utils import atomic_path
 from bs_keras.macs import count_macs, gate_table
 
 SERVING_DEFAULT = "serving_default"
@@ -185,13 +184,8 @@ def export_saved_model(model, path, check_shape=True):
     )
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
-        target = os.path.join(tmp, "saved_model")
-        archive.write_out(target, verbose=False)
-        os.replace(target, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_path(path) as tmp:
+        archive.write_out(tmp, verbose=False)
     return path
 
 
