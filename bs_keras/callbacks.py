@@ -1,11 +1,23 @@
-"""`GateLossScheduler`: assigns the gate-loss weights and logs the gate terms."""
+"""Training callbacks.
 
+`GateLossScheduler` assigns the gate-loss weights and logs the gate terms;
+`StopOnNaN`, `RunCheckpoint` and `GateTensorBoard` serve a run directory
+(see `bs_keras.training`).
+"""
+
+import json
 import math
+import os
 
 import keras
+import numpy as np
+import tensorflow as tf
 
 from bs_keras import gating, schedules
+from bs_keras.gates import find_gates
+from bs_keras.io_utils import atomic_path
 from bs_keras.macs import count_macs, gate_table
+from bs_keras.report import write_json
 
 
 class GateLossScheduler(keras.callbacks.Callback):
@@ -124,3 +136,115 @@ class GateLossScheduler(keras.callbacks.Callback):
             "lam": keras.saving.serialize_keras_object(self.lam),
             "l0_weighting": self.l0_weighting,
         }
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """Stops at the first non-finite loss and records where (`bad`).
+
+    `keras.callbacks.TerminateOnNaN` also stops, but records nothing: here
+    `RunCheckpoint` reads `bad` to skip saving the NaN epoch, and `train` to
+    name the epoch and batch and exit with code 3.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.bad = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.bad = (self._epoch, batch, float(loss))
+            self.model.stop_training = True
+
+
+def load_state(run_dir):
+    """The `state/state.json` that `RunCheckpoint` wrote in `run_dir`, or None."""
+    path = os.path.join(run_dir, "state", "state.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+class RunCheckpoint(keras.callbacks.Callback):
+    """Saves a run directory's checkpoints after every completed epoch.
+
+    Each write is atomic and they come in this order: `last.keras`,
+    `best.keras` (when `monitor` improved), the resume state
+    (`state/epoch-N.weights.h5`: weights and optimizer) and
+    `state/state.json` (epoch, best value) that points at it. A crash at any
+    moment leaves a consistent state: the newest `state.json` and the files
+    it names.
+
+    Args:
+        run_dir: the run directory.
+        nan_guard: a `StopOnNaN`; nothing is saved once it has fired.
+        monitor: the log entry whose maximum selects `best.keras`.
+        write: False on non-chief workers (they track, but do not save).
+    """
+
+    def __init__(self, run_dir, nan_guard, monitor="val_accuracy", write=True):
+        super().__init__()
+        self.run_dir = run_dir
+        self.nan_guard = nan_guard
+        self.monitor = monitor
+        self.write = write
+        self.state = load_state(run_dir) or {"epoch": 0, "best": None, "best_epoch": None}
+
+    def _save(self, name):
+        with atomic_path(os.path.join(self.run_dir, name)) as tmp:
+            self.model.save(tmp)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.nan_guard.bad is not None:
+            return
+        logs = logs or {}
+        value = logs.get(self.monitor)
+        improved = value is not None and (self.state["best"] is None or value > self.state["best"])
+        if not self.write:
+            return
+        self._save("last.keras")
+        if improved:
+            self._save("best.keras")
+            self.state.update(best=float(value), best_epoch=epoch + 1)
+        state_dir = os.path.join(self.run_dir, "state")
+        os.makedirs(state_dir, exist_ok=True)
+        name = f"epoch-{epoch + 1:04d}.weights.h5"
+        with atomic_path(os.path.join(state_dir, name)) as tmp:
+            self.model.save_weights(tmp)
+        self.state.update(epoch=epoch + 1, weights=name, monitor=self.monitor)
+        write_json(os.path.join(state_dir, "state.json"), self.state)
+        for old in os.listdir(state_dir):
+            if old.endswith(".weights.h5") and old != name:
+                os.remove(os.path.join(state_dir, old))
+
+
+class GateTensorBoard(keras.callbacks.Callback):
+    """Per-layer gate open rates as TensorBoard histograms and scalars.
+
+    Args:
+        log_dir: the TensorBoard directory; writes into its `gates/`.
+    """
+
+    def __init__(self, log_dir):
+        super().__init__()
+        self.writer = tf.summary.create_file_writer(os.path.join(log_dir, "gates"))
+        self._rates = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        values = [g.stats.values() for g in find_gates(self.model)]
+        if all(v is not None for v in values):
+            self._rates = [v["open_rate"] for v in values]
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._rates is None:
+            return
+        with self.writer.as_default(step=epoch):
+            tf.summary.histogram("open_rate_per_layer", np.asarray(self._rates))
+            for gate, rate in zip(find_gates(self.model), self._rates):
+                tf.summary.scalar(f"open_rate/{gate.name}", rate)
+        self.writer.flush()

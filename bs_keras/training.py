@@ -10,23 +10,20 @@ end, `report.json`, `per_sample.npz` and two PNG plots.
 """
 
 import json
-import re
-import math
 import os
+import re
 import platform
 import shutil
 import sys
 import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 import bs_keras
 from bs_keras import data as data_lib
 from bs_keras import report as report_lib
-from bs_keras.callbacks import GateLossScheduler
-from bs_keras.gates import find_gates
+from bs_keras.callbacks import GateLossScheduler, GateTensorBoard, RunCheckpoint, StopOnNaN, load_state
 from bs_keras.models import cifar_resnet, imagenet_resnet
 from bs_keras.schedules import paper_schedules
 
@@ -213,106 +210,7 @@ def gate_callback(recipe):
     return GateLossScheduler(gamma, lam, l0_weighting=recipe.l0_weighting)
 
 
-# ---------------------------------------------------------------- callbacks
-
-
-class StopOnNaN(keras.callbacks.Callback):
-    """Stops at the first non-finite loss; checkpoints skip that epoch."""
-
-    def __init__(self):
-        super().__init__()
-        self.bad = None
-
-    def on_train_batch_end(self, batch, logs=None):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            self.bad = (self._epoch, batch, float(loss))
-            self.model.stop_training = True
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
-
-
-class RunCheckpoint(keras.callbacks.Callback):
-    """Saves, after every completed epoch, atomically and in this order:
-    `last.keras`, `best.keras` (when `monitor` improved), the resume state
-    (`state/epoch-N.weights.h5`: weights and optimizer) and `state/state.json`
-    (epoch, best value) that points at it. A crash at any moment leaves a
-    consistent state: the newest `state.json` and the files it names.
-    """
-
-    def __init__(self, run_dir, nan_guard, monitor="val_accuracy", write=True):
-        super().__init__()
-        self.run_dir = run_dir
-        self.nan_guard = nan_guard
-        self.monitor = monitor
-        self.write = write
-        self.state = load_state(run_dir) or {"epoch": 0, "best": None, "best_epoch": None}
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.nan_guard.bad is not None:
-            return
-        logs = logs or {}
-        value = logs.get(self.monitor)
-        improved = value is not None and (self.state["best"] is None or value > self.state["best"])
-        if not self.write:
-            return
-        save_model(self.model, os.path.join(self.run_dir, "last.keras"))
-        if improved:
-            save_model(self.model, os.path.join(self.run_dir, "best.keras"))
-            self.state.update(best=float(value), best_epoch=epoch + 1)
-        state_dir = os.path.join(self.run_dir, "state")
-        os.makedirs(state_dir, exist_ok=True)
-        name = f"epoch-{epoch + 1:04d}.weights.h5"
-        tmp = os.path.join(state_dir, f"tmp-{os.getpid()}.weights.h5")
-        self.model.save_weights(tmp)
-        os.replace(tmp, os.path.join(state_dir, name))
-        self.state.update(epoch=epoch + 1, weights=name, monitor=self.monitor)
-        report_lib.write_json(os.path.join(state_dir, "state.json"), self.state)
-        for old in os.listdir(state_dir):
-            if old.endswith(".weights.h5") and old != name:
-                os.remove(os.path.join(state_dir, old))
-
-
-class GateTensorBoard(keras.callbacks.Callback):
-    """Per-layer gate open rates as TensorBoard histograms and scalars."""
-
-    def __init__(self, log_dir):
-        super().__init__()
-        self.writer = tf.summary.create_file_writer(os.path.join(log_dir, "gates"))
-        self._rates = None
-
-    def on_train_batch_end(self, batch, logs=None):
-        values = [g.stats.values() for g in find_gates(self.model)]
-        if all(v is not None for v in values):
-            self._rates = [v["open_rate"] for v in values]
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self._rates is None:
-            return
-        with self.writer.as_default(step=epoch):
-            tf.summary.histogram("open_rate_per_layer", np.asarray(self._rates))
-            for gate, rate in zip(find_gates(self.model), self._rates):
-                tf.summary.scalar(f"open_rate/{gate.name}", rate)
-        self.writer.flush()
-
-
 # ------------------------------------------------------------------ run dir
-
-
-def save_model(model, path):
-    """`model.save` to a temporary name, then rename: never half a file."""
-    tmp = f"{path[: -len('.keras')]}.tmp-{os.getpid()}.keras"
-    model.save(tmp)
-    os.replace(tmp, path)
-
-
-def load_state(run_dir):
-    path = os.path.join(run_dir, "state", "state.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def _versions():
