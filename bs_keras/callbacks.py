@@ -5,6 +5,7 @@
 (see `bs_keras.training`).
 """
 
+import csv
 import json
 import math
 import os
@@ -30,8 +31,8 @@ class GateLossScheduler(keras.callbacks.Callback):
     (so the progress bar, `History`, CSVLogger and TensorBoard see them):
 
     - `gamma`, `lam`: the current weights;
-    - `bs_loss`: the batch-shaping term (mean over all gates; NaN while
-      gamma is 0, when the gates skip computing it);
+    - `bs_loss`: the batch-shaping term (mean over all gates and the steps
+      that computed it; absent while gamma is 0, when the gates skip it);
     - `l0_loss`: the L0 term as weighted in the loss;
     - `gate_open_rate`: the fraction of open (sampled, hard) gates;
     - `cond_macs`, `cond_macs_ratio`: mean conditional MACs per sample of the
@@ -105,13 +106,15 @@ class GateLossScheduler(keras.callbacks.Callback):
         values = [g.stats.values() for g in self._gates]
         if any(v is None for v in values):
             return {}
-        bs = sum(s * v["batch_shaping"] for s, v in zip(self._bs_share, values))
         l0 = sum(s * v["l0"] for s, v in zip(self._l0_share, values))
         open_rate = sum(s * v["open_rate"] for s, v in zip(self._bs_share, values))
         saved = sum(m * (1.0 - v["open_rate"]) for m, v in zip(self._gated_macs, values))
         macs = self._static_macs - saved
+        logs = {}
+        if all(v["batch_shaping"] is not None for v in values):
+            logs["bs_loss"] = sum(s * v["batch_shaping"] for s, v in zip(self._bs_share, values))
         return {
-            "bs_loss": bs,
+            **logs,
             "l0_loss": l0,
             "gate_open_rate": open_rate,
             "cond_macs": macs,
@@ -248,3 +251,49 @@ class GateTensorBoard(keras.callbacks.Callback):
             for gate, rate in zip(find_gates(self.model), self._rates):
                 tf.summary.scalar(f"open_rate/{gate.name}", rate)
         self.writer.flush()
+
+
+class RunCSVLogger(keras.callbacks.Callback):
+    """Appends one row of epoch logs per epoch to a CSV file, across resumes.
+
+    Like `keras.callbacks.CSVLogger(path, append=True)`, but the columns
+    follow the logs: a log entry absent in an epoch (`bs_loss` once gamma
+    is 0) is an empty cell, and one that first appears in a later epoch or
+    a resumed run adds a column (the file is rewritten, atomically, with the
+    wider header). Keras' logger fixes its columns at its first epoch.
+
+    Args:
+        filename: the CSV file; rows are appended to an existing one.
+    """
+
+    def __init__(self, filename):
+        super().__init__()
+        self.filename = os.fspath(filename)
+
+    def _read(self):
+        if not os.path.exists(self.filename) or not os.path.getsize(self.filename):
+            return None, []
+        with open(self.filename, newline="") as f:
+            reader = csv.DictReader(f)
+            return reader.fieldnames, list(reader)
+
+    @staticmethod
+    def _cell(value):
+        if isinstance(value, str):
+            return value
+        array = np.asarray(value)
+        return float(array) if array.ndim == 0 else str(array.tolist())
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": epoch, **{k: self._cell(v) for k, v in (logs or {}).items()}}
+        header, rows = self._read()
+        if header is not None and set(row) <= set(header):
+            with open(self.filename, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=header, restval="").writerow(row)
+            return
+        fields = ["epoch"] + sorted(set(header or []) - {"epoch"} | set(row) - {"epoch"})
+        with atomic_path(self.filename) as tmp:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields, restval="")
+                writer.writeheader()
+                writer.writerows(rows + [row])

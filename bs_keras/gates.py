@@ -71,13 +71,13 @@ class GateStats(keras.metrics.Metric):
     def values(self):
         """Means since the last reset as a dict (None before any step).
 
-        `batch_shaping` is NaN when the term was not computed (weight 0).
+        `batch_shaping` is None when the term was not computed (weight 0).
         """
         bs, bs_count, l0, open_rate, count = (float(v) for v in keras.ops.convert_to_numpy(self.sums))
         if count == 0:
             return None
         return {
-            "batch_shaping": bs / bs_count if bs_count else math.nan,
+            "batch_shaping": bs / bs_count if bs_count else None,
             "l0": l0 / count,
             "open_rate": open_rate / count,
         }

@@ -23,7 +23,14 @@ import tensorflow as tf
 import bs_keras
 from bs_keras import data as data_lib
 from bs_keras import report as report_lib
-from bs_keras.callbacks import GateLossScheduler, GateTensorBoard, RunCheckpoint, StopOnNaN, load_state
+from bs_keras.callbacks import (
+    GateLossScheduler,
+    GateTensorBoard,
+    RunCheckpoint,
+    RunCSVLogger,
+    StopOnNaN,
+    load_state,
+)
 from bs_keras.models import cifar_resnet, imagenet_resnet
 from bs_keras.schedules import paper_schedules
 
@@ -301,7 +308,10 @@ class ClassificationTask:
         return eval_ds
 
     def compile_args(self):
-        return {"loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]}
+        """Crossentropy loss; `task_loss` logs it alone, since Keras' `loss`
+        also holds the gate terms and weight decay."""
+        task_loss = keras.metrics.SparseCategoricalCrossentropy(name="task_loss")
+        return {"loss": "sparse_categorical_crossentropy", "metrics": ["accuracy", task_loss]}
 
     def report(self, model, eval_ds, run_dir, extra, write):
         return classification_report(model, eval_ds, run_dir, extra, write)
@@ -532,7 +542,7 @@ def train(
     callbacks += [
         nan_guard,
         RunCheckpoint(run_dir, nan_guard, monitor=task.monitor),
-        keras.callbacks.CSVLogger(os.path.join(run_dir, "log.csv"), append=True),
+        RunCSVLogger(os.path.join(run_dir, "log.csv")),
         keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"), write_graph=False),
     ]
     if recipe.gated:

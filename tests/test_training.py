@@ -45,7 +45,10 @@ def test_fit_with_scheduler_lowers_loss_and_logs_gate_terms():
     assert h["loss"][-1] < 0.6 * h["loss"][0]
     assert h["accuracy"][-1] > 0.8
     for key in LOG_KEYS:
-        assert key in h and len(h[key]) == 5, key
+        if key != "bs_loss":
+            assert key in h and len(h[key]) == 5, key
+    # gamma is annealed to 0 at epoch 1 (gamma_end=0.2): computed, and logged, in epoch 0 only.
+    assert gamma(1.0) == 0 and len(h["bs_loss"]) == 1 and np.isfinite(h["bs_loss"][0])
     # Epoch-end values are those at the last batch: t = epoch + 7/8.
     for epoch in range(5):
         t = epoch + 7 / 8
@@ -59,6 +62,64 @@ def test_fit_with_scheduler_lowers_loss_and_logs_gate_terms():
     gates = bs_keras.find_gates(model)
     assert sum(float(g.l0_coef) for g in gates) == pytest.approx(lam(4 + 7 / 8), rel=1e-5)
     assert sum(float(g.bs_coef) for g in gates) == pytest.approx(gamma(4 + 7 / 8), abs=1e-7)
+
+
+def test_gate_terms_absent_while_gamma_is_0_and_task_loss_is_the_loss_without_them(tmp_path):
+    import csv
+
+    from bs_keras.callbacks import RunCSVLogger
+
+    x, y = _quadrant_task(n=64)
+    xv, yv = _quadrant_task(n=32, seed=1)
+    model = cifar_resnet(8, num_classes=4, input_shape=(16, 16, 3), seed=0)  # no weight decay
+    task_loss = keras.metrics.SparseCategoricalCrossentropy(name="task_loss")
+    model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy", metrics=["accuracy", task_loss])
+    # 2 steps an epoch at t = epoch + {0, 0.5}: gamma 0.5 in epochs 0-1, 0 in epochs 2-3.
+    gamma, lam = Linear(0.5, 0.0, 1.5, 2.0), 0.2
+    seen = []
+    record = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(dict(logs)))
+    history = model.fit(
+        x, y, batch_size=32, epochs=4, verbose=0, validation_data=(xv, yv),
+        callbacks=[bs_keras.GateLossScheduler(gamma, lam), record, RunCSVLogger(tmp_path / "log.csv")],
+    )  # fmt: skip
+    h = history.history
+    assert all(np.isfinite(v).all() for v in h.values()), h
+    assert ["bs_loss" in logs for logs in seen] == [True, True, False, False]
+    assert len(h["bs_loss"]) == 2 and len(h["task_loss"]) == 4
+    for logs in seen:
+        # Keras' loss = crossentropy + the gates' add_loss terms (linear in
+        # the logged means, gamma and lam being constant within each epoch).
+        gates = logs["lam"] * logs["l0_loss"] + logs["gamma"] * logs.get("bs_loss", 0.0)
+        assert logs["loss"] - logs["task_loss"] == pytest.approx(gates, rel=1e-4, abs=1e-6)
+        assert logs["val_loss"] == pytest.approx(logs["val_task_loss"], rel=1e-5)  # no gate loss in inference
+    # The last validation ran with the final weights: an independent crossentropy.
+    probs = model.predict(xv, verbose=0).astype("float64")
+    expected = -np.mean(np.log(np.clip(probs[np.arange(len(yv)), yv], 1e-7, 1.0)))
+    assert h["val_task_loss"][-1] == pytest.approx(expected, rel=1e-4)
+
+    with open(tmp_path / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["0", "1", "2", "3"]
+    assert [r["bs_loss"] != "" for r in rows] == [True, True, False, False]
+    assert not any(v.lower() in ("nan", "na") for r in rows for v in r.values())
+    assert float(rows[3]["task_loss"]) == pytest.approx(h["task_loss"][3])
+
+
+def test_run_csv_logger_adds_a_column_for_a_key_that_appears_later(tmp_path):
+    from bs_keras.callbacks import RunCSVLogger
+
+    path = tmp_path / "log.csv"
+    RunCSVLogger(path).on_epoch_end(0, {"loss": 1.0, "gamma": 0.0})
+    logger = RunCSVLogger(path)  # a resumed run
+    logger.on_epoch_end(1, {"loss": 0.5, "gamma": 0.1, "bs_loss": np.float32(0.25)})
+    logger.on_epoch_end(2, {"loss": 0.25, "gamma": 0.0})
+    assert path.read_text().splitlines() == [
+        "epoch,bs_loss,gamma,loss",
+        "0,,0.0,1.0",
+        "1,0.25,0.1,0.5",
+        "2,,0.0,0.25",
+    ]
+    assert [p.name for p in tmp_path.iterdir()] == ["log.csv"]
 
 
 def test_logged_conditional_macs_match_the_gates():
@@ -87,7 +148,7 @@ def test_l0_alone_drives_the_open_rate_down():
         callbacks=[bs_keras.GateLossScheduler(0.0, 20.0)],
     )
     rates = history.history["gate_open_rate"]
-    assert np.isnan(history.history["bs_loss"]).all()  # gamma = 0: not computed
+    assert "bs_loss" not in history.history  # gamma = 0: not computed, not logged
     assert rates[-1] < rates[0] - 0.1  # measured drops: 0.19-0.22
     assert history.history["cond_macs_ratio"][-1] < history.history["cond_macs_ratio"][0]
 
