@@ -46,7 +46,7 @@ def main():
         x = rng.integers(0, 256, size=(50000, 32, 32, 3), dtype=np.uint8)
         y = rng.integers(0, 10, size=(50000,)).astype(np.int64)
         xt, yt = x[:1000], y[:1000]
-        return data._image_source(
+        return data.image_source(
             "cifar10_shaped", lambda shuffle_files, seed: tf.data.Dataset.from_tensor_slices((x, y)),
             lambda: tf.data.Dataset.from_tensor_slices((xt, yt)), len(x), len(xt),
             native_shape=(32, 32, 3), class_names=[str(i) for i in range(10)], size=None,

@@ -61,7 +61,8 @@ class ZeroPadShortcut(keras.layers.Layer):
         return {**super().get_config(), "filters": self.filters, "strides": self.strides}
 
 
-def _conv(filters, kernel_size, strides, name, regularizer, dilation_rate=1):
+def conv(filters, kernel_size, strides, name, regularizer, dilation_rate=1):
+    """A bias-free "same"-padded He-normal `Conv2D`, as in every block."""
     return keras.layers.Conv2D(
         filters,
         kernel_size,
@@ -75,7 +76,8 @@ def _conv(filters, kernel_size, strides, name, regularizer, dilation_rate=1):
     )
 
 
-def _bn(name, zero_gamma=False):
+def batch_norm(name, zero_gamma=False):
+    """`BatchNormalization` with the blocks' epsilon and momentum."""
     return keras.layers.BatchNormalization(
         epsilon=BN_EPSILON,
         momentum=BN_MOMENTUM,
@@ -93,8 +95,8 @@ def _shortcut(x, filters, strides, shortcut, name, regularizer):
         raise ValueError(
             f"shortcut must be 'projection' or 'zero_pad'. Received: shortcut={shortcut!r}"
         )
-    x = _conv(filters, 1, strides, f"{name}_shortcut_conv", regularizer)(x)
-    return _bn(f"{name}_shortcut_bn")(x)
+    x = conv(filters, 1, strides, f"{name}_shortcut_conv", regularizer)(x)
+    return batch_norm(f"{name}_shortcut_bn")(x)
 
 
 def _gate(x, h, gate, name):
@@ -127,12 +129,12 @@ def apply_basic_block(
         name: prefix of the layer names.
     """
     residual = _shortcut(x, filters, strides, shortcut, name, regularizer)
-    h = _conv(filters, 3, strides, f"{name}_conv1", regularizer, dilation_rate)(x)
-    h = _bn(f"{name}_bn1")(h)
+    h = conv(filters, 3, strides, f"{name}_conv1", regularizer, dilation_rate)(x)
+    h = batch_norm(f"{name}_bn1")(h)
     h = keras.layers.ReLU(name=f"{name}_relu1")(h)
     h = _gate(x, h, gate, name)
-    h = _conv(filters, 3, 1, f"{name}_conv2", regularizer, dilation_rate)(h)
-    h = _bn(f"{name}_bn2")(h)
+    h = conv(filters, 3, 1, f"{name}_conv2", regularizer, dilation_rate)(h)
+    h = batch_norm(f"{name}_bn2")(h)
     h = keras.layers.Add(name=f"{name}_add")([h, residual])
     return keras.layers.ReLU(name=f"{name}_out")(h)
 
@@ -170,14 +172,14 @@ def apply_bottleneck_block(
     """
     out = filters * expansion
     residual = _shortcut(x, out, strides, "projection", name, regularizer)
-    h = _conv(filters, 1, 1, f"{name}_conv1", regularizer)(x)
-    h = _bn(f"{name}_bn1")(h)
+    h = conv(filters, 1, 1, f"{name}_conv1", regularizer)(x)
+    h = batch_norm(f"{name}_bn1")(h)
     h = keras.layers.ReLU(name=f"{name}_relu1")(h)
     h = _gate(x, h, gate, name)
-    h = _conv(filters, 3, strides, f"{name}_conv2", regularizer, dilation_rate)(h)
-    h = _bn(f"{name}_bn2")(h)
+    h = conv(filters, 3, strides, f"{name}_conv2", regularizer, dilation_rate)(h)
+    h = batch_norm(f"{name}_bn2")(h)
     h = keras.layers.ReLU(name=f"{name}_relu2")(h)
-    h = _conv(out, 1, 1, f"{name}_conv3", regularizer)(h)
-    h = _bn(f"{name}_bn3")(h)
+    h = conv(out, 1, 1, f"{name}_conv3", regularizer)(h)
+    h = batch_norm(f"{name}_bn3")(h)
     h = keras.layers.Add(name=f"{name}_add")([h, residual])
     return keras.layers.ReLU(name=f"{name}_out")(h)

@@ -160,7 +160,7 @@ class DataSource:
         Returns:
             A `tf.data.Dataset` of `(images, labels)` batches.
         """
-        _check_batch_size(batch_size)
+        check_batch_size(batch_size)
         if not repeat and batch_size > self.info.train_examples:
             raise ValueError(
                 f"batch_size={batch_size} is larger than the {self.info.train_examples} "
@@ -184,7 +184,7 @@ class DataSource:
         Returns:
             A `tf.data.Dataset` of `(images, labels)` batches.
         """
-        _check_batch_size(batch_size)
+        check_batch_size(batch_size)
         ds = self._decoded(self._eval_split())
         if self._cache:
             ds = ds.cache()
@@ -276,7 +276,7 @@ def get_dataset(name, *, data_dir=None, manual_dir=None, image_size=None, valida
         return _cifar10_source(data_dir, manual_dir, size, channels)
     if name == "imagenet2012":
         return _imagenet_source(data_dir, manual_dir, size)
-    tfds = _tfds()
+    tfds = import_tfds()
     tfds_names = set(tfds.list_builders(with_community_datasets=False))
     is_tfds = name.split("/")[0].split(":")[0] in tfds_names
     if os.path.isdir(path) and not is_tfds:
@@ -432,7 +432,7 @@ def _fashion_mnist_source(data_dir, manual_dir, size, channels):
     def eval_split():
         return tf.data.Dataset.from_tensor_slices((x_test[..., None], y_test))
 
-    return _image_source(
+    return image_source(
         "fashion_mnist", train_split, eval_split, len(x_train), len(x_test),
         native_shape=(*x_train.shape[1:], 1), class_names=list(FASHION_MNIST_CLASSES),
         size=size, channels=channels, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, pad=2,
@@ -442,13 +442,15 @@ def _fashion_mnist_source(data_dir, manual_dir, size, channels):
 # --------------------------------------------------------------------------- TFDS
 
 
-def _tfds():
+def import_tfds():
+    """The `tensorflow_datasets` module, imported on first use."""
     import tensorflow_datasets as tfds  # heavy; only the TFDS paths need it
 
     return tfds
 
 
-def _default_manual_dir(builder):
+def default_manual_dir(builder):
+    """Where TFDS looks for manually downloaded archives of `builder`."""
     return os.path.join(os.fspath(builder.data_dir_root), "downloads", "manual")
 
 
@@ -474,7 +476,7 @@ def _missing_sources(builder, data_dir, manual_dir, url, how_to):
     return "\n".join(lines)
 
 
-def _prepare_offline(builder, manual_dir, how_to=None):
+def prepare_offline(builder, manual_dir, how_to=None):
     """Prepares `builder` from local files only, unless already prepared.
 
     TFDS takes a source archive from `manual_dir` when it is there under its
@@ -484,8 +486,8 @@ def _prepare_offline(builder, manual_dir, how_to=None):
     """
     if builder.is_prepared():
         return
-    tfds = _tfds()
-    manual_dir = os.path.expanduser(os.fspath(manual_dir or _default_manual_dir(builder)))
+    tfds = import_tfds()
+    manual_dir = os.path.expanduser(os.fspath(manual_dir or default_manual_dir(builder)))
     config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
     data_dir = builder.data_dir  # TFDS points it at a temporary folder while preparing
     make_download_manager = builder._make_download_manager
@@ -508,13 +510,14 @@ def _prepare_offline(builder, manual_dir, how_to=None):
         del builder._make_download_manager
 
 
-def _tfds_builder(name, data_dir):
+def tfds_builder(name, data_dir):
+    """The TFDS builder of `name` under `data_dir` (never from GCS)."""
     data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir else None
-    return _tfds().builder(name, data_dir=data_dir, try_gcs=False)
+    return import_tfds().builder(name, data_dir=data_dir, try_gcs=False)
 
 
 def _image_and_label_keys(builder):
-    tfds = _tfds()
+    tfds = import_tfds()
     features = builder.info.features
     keys = builder.info.supervised_keys
     if (
@@ -554,15 +557,15 @@ def _tfds_splits(builder, validation_split):
 
 def _tfds_source(name, data_dir, manual_dir, size, channels, validation_split, *,
                  mean=DEFAULT_MEAN, std=DEFAULT_STD, pad=None, how_to=None):
-    tfds = _tfds()
-    builder = _tfds_builder(name, data_dir)
+    tfds = import_tfds()
+    builder = tfds_builder(name, data_dir)
     image_key, label_key = _image_and_label_keys(builder)
     native_shape = tuple(builder.info.features[image_key].shape)
     if size is None and None in native_shape[:2]:
         raise ValueError(
             f"TFDS dataset {name!r} has images of varying sizes; pass image_size=..."
         )
-    _prepare_offline(builder, manual_dir, how_to)
+    prepare_offline(builder, manual_dir, how_to)
     train_name, eval_name = _tfds_splits(builder, validation_split)
 
     def read(split, shuffle_files=False, seed=None):
@@ -576,7 +579,7 @@ def _tfds_source(name, data_dir, manual_dir, size, channels, validation_split, *
         return int(read(split).cardinality())  # split sizes unknown, e.g. under mock_data
 
     label = builder.info.features[label_key]
-    return _image_source(
+    return image_source(
         name, lambda shuffle_files, seed: read(train_name, shuffle_files, seed),
         lambda: read(eval_name), count(train_name), count(eval_name),
         native_shape=native_shape, class_names=list(label.names), size=size,
@@ -598,10 +601,10 @@ def _cifar10_source(data_dir, manual_dir, size, channels):
 
 
 def _imagenet_source(data_dir, manual_dir, size):
-    tfds = _tfds()
-    builder = _tfds_builder("imagenet2012", data_dir)
+    tfds = import_tfds()
+    builder = tfds_builder("imagenet2012", data_dir)
     if not builder.is_prepared():
-        manual_dir = os.path.expanduser(os.fspath(manual_dir or _default_manual_dir(builder)))
+        manual_dir = os.path.expanduser(os.fspath(manual_dir or default_manual_dir(builder)))
         missing = [f for f in IMAGENET_ARCHIVES if not os.path.isfile(os.path.join(manual_dir, f))]
         if missing:
             raise DatasetNotFoundError(
@@ -612,7 +615,7 @@ def _imagenet_source(data_dir, manual_dir, size):
                 f"get them after registering at {IMAGENET_URL}. ILSVRC2012_img_test.tar is "
                 "optional and unused. TFDS prepares the dataset once (hours, ~150 GB in data_dir)."
             )
-        _prepare_offline(builder, manual_dir)
+        prepare_offline(builder, manual_dir)
     if "validation" not in builder.info.splits or "train" not in builder.info.splits:
         raise DatasetNotFoundError(
             f"imagenet2012 in {builder.data_dir} lacks the train or validation split "
@@ -733,7 +736,7 @@ def _folder_source(root, size, channels, validation_split, seed):
     def read_image(path):  # any of png/jpeg/bmp/gif, 1-4 channels, any size
         return tf.io.decode_image(tf.io.read_file(path), channels=0, expand_animations=False)
 
-    return _image_source(
+    return image_source(
         os.fspath(root), lambda shuffle_files, seed: split(train_idx), lambda: split(eval_idx),
         len(train_idx), len(eval_idx), native_shape=(None, None, None), class_names=classes,
         size=size, channels=channels, mean=DEFAULT_MEAN, std=DEFAULT_STD, pad=None,
@@ -744,8 +747,8 @@ def _folder_source(root, size, channels, validation_split, seed):
 # --------------------------------------------------------------------------- shared image helpers
 
 
-def _image_source(name, train_split, eval_split, train_examples, eval_examples, *, native_shape,
-                  class_names, size, channels, mean, std, pad, read=None):
+def image_source(name, train_split, eval_split, train_examples, eval_examples, *, native_shape,
+                 class_names, size, channels, mean, std, pad, read=None):
     """A `DataSource` for uint8 images, cached once decoded if they fit in memory.
 
     Preprocessing and augmentation run on whole batches (much cheaper than
@@ -869,7 +872,8 @@ def _per_channel(values, channels):
     return (sum(values) / len(values),) * channels
 
 
-def _check_batch_size(batch_size):
+def check_batch_size(batch_size):
+    """Raises a ValueError unless `batch_size` is a positive integer."""
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(
             f"batch_size must be a positive integer. Received: batch_size={batch_size}"

@@ -46,8 +46,11 @@ def _width(base, multiplier):
     return max(1, int(round(base * multiplier)))
 
 
-def _regularizer(weight_decay):
-    # SGD-style decay wd: gradient wd * w, i.e. an L2 penalty of wd / 2.
+def weight_decay_regularizer(weight_decay):
+    """The kernel regularizer for SGD-style decay `weight_decay` (None if 0).
+
+    Decay wd adds wd * w to the gradient: an L2 penalty of wd / 2.
+    """
     return keras.regularizers.L2(weight_decay / 2.0) if weight_decay else None
 
 
@@ -133,13 +136,13 @@ def cifar_resnet(
         raise ValueError(f"CIFAR ResNet depth must be 6n + 2 (20, 32, 56, 110). Received: depth={depth}")
     _check_common(num_classes, input_shape, width_multiplier, weight_decay, gamma, lam)
     n = (depth - 2) // 6
-    reg = _regularizer(weight_decay)
+    reg = weight_decay_regularizer(weight_decay)
     gate_for = _gate_factory(gated, gate_kwargs, seed)
     widths = [_width(w, width_multiplier) for w in CIFAR_WIDTHS]
 
     inputs = keras.Input(shape=tuple(input_shape), name="images")
-    x = blocks._conv(widths[0], 3, 1, "stem_conv", reg)(inputs)
-    x = blocks._bn("stem_bn")(x)
+    x = blocks.conv(widths[0], 3, 1, "stem_conv", reg)(inputs)
+    x = blocks.batch_norm("stem_bn")(x)
     x = keras.layers.ReLU(name="stem_relu")(x)
     i = 0
     for stage, filters in enumerate(widths):
@@ -200,13 +203,13 @@ def imagenet_resnet(
     if output_stride not in (8, 16, 32):
         raise ValueError(f"output_stride must be 8, 16 or 32. Received: output_stride={output_stride}")
     spec = IMAGENET_SPECS[depth]
-    reg = _regularizer(weight_decay)
+    reg = weight_decay_regularizer(weight_decay)
     gate_for = _gate_factory(gated, gate_kwargs, seed)
     widths = [_width(w, width_multiplier) for w in IMAGENET_WIDTHS]
 
     inputs = keras.Input(shape=tuple(input_shape), name="images")
-    x = blocks._conv(widths[0], 7, 2, "stem_conv", reg)(inputs)
-    x = blocks._bn("stem_bn")(x)
+    x = blocks.conv(widths[0], 7, 2, "stem_conv", reg)(inputs)
+    x = blocks.batch_norm("stem_bn")(x)
     x = keras.layers.ReLU(name="stem_relu")(x)
     x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
     i = 0

@@ -22,7 +22,7 @@ from bs_keras.gates import find_gates, record_gates
 from bs_keras.gating import configure_gate_losses
 from bs_keras.io_utils import atomic_path
 from bs_keras.macs import count_macs, gate_table, macs_from_masks, ungated_macs
-from bs_keras.models import IMAGENET_SPECS, _regularizer, imagenet_resnet
+from bs_keras.models import IMAGENET_SPECS, weight_decay_regularizer, imagenet_resnet
 
 IGNORE_LABEL = 255
 
@@ -93,8 +93,8 @@ class ResizeLike(keras.layers.Layer):
 
 
 def _conv_bn_relu(x, filters, kernel_size, name, regularizer):
-    x = blocks._conv(filters, kernel_size, 1, f"{name}_conv", regularizer)(x)
-    x = blocks._bn(f"{name}_bn")(x)
+    x = blocks.conv(filters, kernel_size, 1, f"{name}_conv", regularizer)(x)
+    x = blocks.batch_norm(f"{name}_bn")(x)
     return keras.layers.ReLU(name=f"{name}_relu")(x)
 
 
@@ -157,7 +157,7 @@ def pspnet(
         seed=seed,
         name="backbone",
     )
-    reg = _regularizer(weight_decay)
+    reg = weight_decay_regularizer(weight_decay)
     images = backbone.input
     features = backbone.output
     channels = features.shape[-1]
