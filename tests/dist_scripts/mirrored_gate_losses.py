@@ -177,7 +177,8 @@ def main(out_path):
         results[f"{name}/single/loss"] = loss_1
         results[f"{name}/mirrored/loss"] = loss_2
         results[f"{name}/mirrored/replica_values"] = np.array(values)
-        results[f"{name}/mirrored/stats_bs"] = stats_bs
+        if stats_bs is not None:  # None when bs_coef is 0: not computed
+            results[f"{name}/mirrored/stats_bs"] = stats_bs
         results[f"{name}/single/fit_loss"] = fit_loss_1
         results[f"{name}/mirrored/fit_loss"] = fit_loss_2
         for i, (g1, g2, d1, d2) in enumerate(zip(grads_1, grads_2, delta_1, delta_2)):
