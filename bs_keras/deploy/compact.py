@@ -168,6 +168,21 @@ def _is_mac_consumer(op):
     return isinstance(op, _L.Dense)
 
 
+_NOT_A_MAC_LAYER = {
+    "producer": "The channels gated by '{gate}' come from layer '{layer}' ({kind}); compaction needs "
+    "a Conv (groups=1) or Dense producer, optionally followed by BatchNormalization/activations.",
+    "consumer": "The output of '{gate}' reaches layer '{layer}' ({kind}); compaction needs it to reach "
+    "Conv (groups=1) or Dense layers through zero-preserving layers only (ReLU, pooling, padding, dropout).",
+}
+
+
+def _check_mac_layer(op, role, gate_name):
+    """`op` must be a single-use Conv (groups=1) or Dense layer: the gate's producer or a consumer."""
+    if not _is_mac_consumer(op):
+        raise ValueError(_NOT_A_MAC_LAYER[role].format(gate=gate_name, layer=op.name, kind=type(op).__name__))
+    _single_use(op, f"{role} of '{gate_name}'")
+
+
 def _activation_name(op):
     fn = getattr(op, "activation", None)
     return getattr(fn, "__name__", str(fn))
@@ -206,13 +221,7 @@ def _trace_gate(node, graph):
     if prod_node is None:
         raise ValueError(f"'{gate.name}' gates the model input; there is no layer to narrow.")
     producer = prod_node.operation
-    if not _is_mac_consumer(producer):
-        raise ValueError(
-            f"The channels gated by '{gate.name}' come from layer '{producer.name}' "
-            f"({type(producer).__name__}); compaction needs a Conv (groups=1) or Dense producer, "
-            "optionally followed by BatchNormalization/activations."
-        )
-    _single_use(producer, f"producer of '{gate.name}'")
+    _check_mac_layer(producer, "producer", gate.name)
 
     ends, crossed = graph.trace_forward(node.output_tensors[0], through=_is_zero_preserving)
     if not ends:
@@ -224,15 +233,8 @@ def _trace_gate(node, graph):
     for end in ends:
         if end is None:
             raise ValueError(f"The output of '{gate.name}' is a model output; compaction cannot narrow it.")
-        op = end.operation
-        if not _is_mac_consumer(op):
-            raise ValueError(
-                f"The output of '{gate.name}' reaches layer '{op.name}' ({type(op).__name__}); "
-                "compaction needs it to reach Conv (groups=1) or Dense layers through "
-                "zero-preserving layers only (ReLU, pooling, padding, dropout)."
-            )
-        _single_use(op, f"consumer of '{gate.name}'")
-        found.append(op)
+        _check_mac_layer(end.operation, "consumer", gate.name)
+        found.append(end.operation)
     return producer, tuple(chain), tuple(found)
 
 
