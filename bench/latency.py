@@ -21,7 +21,6 @@ measured figures: docs/LATENCY.md.
 import argparse
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

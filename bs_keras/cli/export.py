@@ -184,12 +184,8 @@ class _Log:
 def _load_model(path):
     import keras
 
-    import bs_keras  # noqa: F401  (registers the layers)
+    import bs_keras  # noqa: F401  (registers the layers, PSPNet's included)
 
-    try:
-        import bs_keras.segmentation  # noqa: F401  (PSPNet layers)
-    except ImportError:
-        pass
     try:
         model = keras.saving.load_model(path, compile=False)
     except Exception as e:  # corrupt zip, unknown layer, not a model, ...

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Train a channel-gated ResNet with batch-shaping, or evaluate a saved one.
 
     bs-keras-train                                   # gated ResNet-20 on Fashion-MNIST
