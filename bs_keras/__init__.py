@@ -5,6 +5,7 @@ Welling, "Batch-Shaping for Learning Conditional Channel Gated Networks"
 (ICLR 2020).
 
 Top-level names: the builders (`cifar_resnet`, `imagenet_resnet`, `pspnet`),
+`add_gates` (gates for a ResNet you already have),
 the gate layer and its losses, the schedules and `GateLossScheduler`, and the
 MAC counters (`count_macs`, `conditional_macs`, `gate_masks`). The deployment
 transforms live in `bs_keras.deploy`, imported on first attribute access.
@@ -30,7 +31,7 @@ from bs_keras.callbacks import GateLossScheduler  # noqa: E402
 from bs_keras.gates import ChannelGate, find_gates, record_gates  # noqa: E402
 from bs_keras.gating import configure_gate_losses, exclude_gates_from_weight_decay  # noqa: E402
 from bs_keras.macs import conditional_macs, count_macs, gate_masks  # noqa: E402
-from bs_keras.models import cifar_resnet, imagenet_resnet  # noqa: E402
+from bs_keras.models import add_gates, cifar_resnet, imagenet_resnet  # noqa: E402
 from bs_keras.schedules import Constant, Linear, paper_schedules  # noqa: E402
 from bs_keras.segmentation import pspnet  # noqa: E402
 
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ChannelGate",
+    "add_gates",
     "Constant",
     "GateLossScheduler",
     "Linear",

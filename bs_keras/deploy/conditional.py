@@ -45,6 +45,7 @@ from bs_keras.deploy.tf_layers import (
     pool_fn,
     select_branch,
     zero_pad_fn,
+    zero_padding_fn,
 )
 from bs_keras.deploy.widths import bucket_widths, calibrated_widths  # noqa: F401  (re-exported)
 from bs_keras.gates import ChannelGate
@@ -266,6 +267,8 @@ class FoldedModel(tf.Module):
             fn = zero_pad_fn(op.filters, op.strides)
         elif isinstance(op, _L.MaxPooling2D):
             fn = pool_fn(op)
+        elif isinstance(op, _L.ZeroPadding2D):
+            fn = zero_padding_fn(op)
         elif isinstance(op, _L.GlobalAveragePooling2D):
             if op.keepdims or op.data_format != "channels_last":
                 raise ValueError(f"GlobalAveragePooling2D '{op.name}' options not supported.")

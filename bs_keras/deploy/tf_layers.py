@@ -117,6 +117,15 @@ def pool_fn(op):
     return lambda x: tf.nn.max_pool2d(x, size, strides, padding)
 
 
+def zero_padding_fn(op):
+    """`tf.pad` with a ZeroPadding2D layer's (top, bottom), (left, right) padding."""
+    if op.data_format != "channels_last":
+        raise ValueError(f"ZeroPadding2D '{op.name}' must be channels_last.")
+    (top, bottom), (left, right) = op.padding
+    paddings = [[0, 0], [int(top), int(bottom)], [int(left), int(right)], [0, 0]]
+    return lambda x: tf.pad(x, paddings)
+
+
 def dense_fn(op, weight):
     """`x -> act(x @ kernel + bias)` of a Dense layer; `weight(value, name)` holds its weights."""
     kv = weight(np.asarray(op.kernel), f"{op.name}/kernel")

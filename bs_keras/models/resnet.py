@@ -54,7 +54,7 @@ def weight_decay_regularizer(weight_decay):
     return keras.regularizers.L2(weight_decay / 2.0) if weight_decay else None
 
 
-def _gate_factory(gated, gate_kwargs, seed):
+def gate_factory(gated, gate_kwargs, seed):
     """Returns f(i) -> ChannelGate kwargs for the i-th block, or None."""
     if not gated:
         return lambda i: None
@@ -137,7 +137,7 @@ def cifar_resnet(
     _check_common(num_classes, input_shape, width_multiplier, weight_decay, gamma, lam)
     n = (depth - 2) // 6
     reg = weight_decay_regularizer(weight_decay)
-    gate_for = _gate_factory(gated, gate_kwargs, seed)
+    gate_for = gate_factory(gated, gate_kwargs, seed)
     widths = [_width(w, width_multiplier) for w in CIFAR_WIDTHS]
 
     inputs = keras.Input(shape=tuple(input_shape), name="images")
@@ -204,7 +204,7 @@ def imagenet_resnet(
         raise ValueError(f"output_stride must be 8, 16 or 32. Received: output_stride={output_stride}")
     spec = IMAGENET_SPECS[depth]
     reg = weight_decay_regularizer(weight_decay)
-    gate_for = _gate_factory(gated, gate_kwargs, seed)
+    gate_for = gate_factory(gated, gate_kwargs, seed)
     widths = [_width(w, width_multiplier) for w in IMAGENET_WIDTHS]
 
     inputs = keras.Input(shape=tuple(input_shape), name="images")
