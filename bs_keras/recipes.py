@@ -61,6 +61,11 @@ class Recipe:
     init_from: str = None
     prune_from: str = None
     prune_macs: float = None
+    # `--gate-from`: a trained classifier (.keras) to gate with `add_gates`
+    # and fine-tune; its sha256 is filled in by `training.train`.
+    gate_from: str = None
+    gate_from_sha256: str = None
+    needs_gate_from: bool = False
     description: str = ""
 
     @property
@@ -139,6 +144,18 @@ class Recipe:
         for field in ("gamma_end", "lam_begin", "lam_end", "lr_decay_factor", "validation_split"):
             if not finite(getattr(self, field)) or not 0 <= getattr(self, field) <= 1:
                 bad(field, "must be between 0 and 1")
+        if self.needs_gate_from and self.gate_from is None:
+            bad("gate_from", f"recipe {self.name} fine-tunes a trained network: pass --gate-from MODEL.keras "
+                "(see the README, 'Gate a model you already have')")
+        if self.gate_from is not None:
+            if self.prune_from is not None:
+                bad("gate_from", "--gate-from (gate and fine-tune) and --prune-from (static pruning) "
+                    "are two different baselines: pass one")
+            if not self.gated or self.task != "classification":
+                bad("gate_from", "gates a trained classifier: drop --plain (segmentation: use --init-from)")
+            if not self.gate_from.endswith(".keras") or not os.path.isfile(self.gate_from):
+                bad("gate_from", "give an existing .keras file of a trained classifier "
+                    "(e.g. runs/<run>/best.keras, or a keras.applications model saved with model.save)")
         if (self.prune_from is None) != (self.prune_macs is None):
             bad("prune_from" if self.prune_from is None else "prune_macs",
                 "--prune-from (a trained plain .keras) and --prune-macs (target MAC fraction) go together")
@@ -230,6 +247,22 @@ RECIPES = {
             )
             for d in (18, 34, 50)
         ],
+        Recipe(
+            name="imagenet_resnet50_finetune_bas",
+            dataset="imagenet2012",
+            model="resnet50",
+            epochs=30,
+            batch_size=256,
+            lr=0.01,
+            lr_schedule="cosine",
+            weight_decay=1e-4,
+            gamma=0.75,
+            lam=0.1,
+            needs_gate_from=True,
+            description="Gate a trained ImageNet ResNet-50 (--gate-from MODEL.keras, e.g. "
+            "keras.applications weights) and fine-tune 30 epochs: SGD Nesterov 0.9, lr 0.01 "
+            "cosine, wd 1e-4, batch-shaping + L0 with the paper's schedule fractions.",
+        ),
         Recipe(
             name="cityscapes_pspnet50_bas",
             dataset="cityscapes",

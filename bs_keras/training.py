@@ -9,6 +9,7 @@ A run directory holds `config.json` (the resolved recipe and runtime),
 end, `report.json`, `per_sample.npz` and two PNG plots.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -31,7 +32,7 @@ from bs_keras.callbacks import (
     StopOnNaN,
     load_state,
 )
-from bs_keras.models import cifar_resnet, imagenet_resnet
+from bs_keras.models import add_gates, cifar_resnet, imagenet_resnet
 from bs_keras.schedules import paper_schedules
 
 STRATEGIES = ("auto", "cpu", "mirrored", "multi_worker", "tpu")
@@ -131,9 +132,66 @@ def build_model(recipe, info):
         seed=recipe.seed,
     )
     builder = imagenet_resnet if depth in (18, 34, 50) else cifar_resnet
+    if recipe.gate_from:
+        return gated_from(recipe, info)
     if recipe.prune_from:
         return _pruned_model(recipe, builder, depth, kwargs)
     return builder(depth, **kwargs)
+
+
+def _output_activation(model):
+    """The activation of the layer producing the model's output (a name), or None."""
+    layer = model.outputs[0]._keras_history[0]
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax"
+    activation = getattr(layer, "activation", None)
+    return getattr(activation, "__name__", None)
+
+
+def gated_from(recipe, info):
+    """`--gate-from`: the trained classifier, gated by `add_gates` (weights kept)."""
+    path = recipe.gate_from
+    try:
+        source = keras.saving.load_model(path, compile=False)
+    except Exception as e:  # noqa: BLE001 (any loader failure is the file's problem)
+        raise RunError(f"--gate-from {path} cannot be loaded as a Keras model ({type(e).__name__}: {e}).") from e
+    problems = []
+    inputs = getattr(source, "inputs", None) or []
+    if len(inputs) != 1 or len(source.outputs) != 1:
+        problems.append("it must have one image input and one output")
+    else:
+        shape = tuple(inputs[0].shape[1:])
+        if shape != tuple(info.image_shape):
+            problems.append(
+                f"it takes inputs of shape {shape}, the data gives {tuple(info.image_shape)} "
+                "(pass --image-size, or save the model with that input_shape)"
+            )
+        classes = source.outputs[0].shape[-1]
+        if classes != info.num_classes:
+            problems.append(f"it has {classes} outputs, {recipe.dataset} has {info.num_classes} classes")
+        elif _output_activation(source) != "softmax":
+            problems.append("its last layer must output softmax probabilities (train.py's loss expects "
+                            "them; build it with classifier_activation='softmax')")
+    if problems:
+        raise RunError(f"--gate-from {path} does not fit {recipe.dataset}: " + "; ".join(problems) + ".")
+    try:
+        return add_gates(
+            source,
+            gate_kwargs={"prior_a": recipe.prior_a, "prior_b": recipe.prior_b, "group_size": recipe.gate_group_size},
+            gamma=recipe.gamma, lam=0.0, l0_weighting=recipe.l0_weighting, seed=recipe.seed,
+            weight_decay=recipe.weight_decay,
+        )  # fmt: skip
+    except ValueError as e:
+        raise RunError(f"--gate-from {path}: {e}") from e
+
+
+def file_sha256(path):
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _pruned_model(recipe, builder, depth, kwargs):
@@ -455,6 +513,12 @@ def init_backbone(model, path):
     return copied
 
 
+def _what(recipe):
+    if recipe.gate_from:
+        return f"a gated copy of {recipe.gate_from}"
+    return f"{recipe.model} ({'gated' if recipe.gated else 'plain'})"
+
+
 def make_task(recipe, data_dir=None, manual_dir=None):
     if recipe.task == "segmentation":
         return SegmentationTask(recipe, data_dir, manual_dir)
@@ -481,6 +545,9 @@ def train(
         SystemExit(3): the loss became NaN; the last good checkpoint is kept.
     """
     recipe.validate()
+    if recipe.gate_from and recipe.gate_from_sha256 is None:
+        # Recorded in config.json: resuming with a changed source file is refused.
+        recipe = recipe.replace(gate_from_sha256=file_sha256(recipe.gate_from))
     strategy_obj = make_strategy(strategy)
     is_chief, task_id = _worker_info(strategy_obj)
     if not is_chief:
@@ -550,7 +617,7 @@ def train(
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
     log(
-        f"Training {recipe.model} ({'gated' if recipe.gated else 'plain'}) on {recipe.dataset}: "
+        f"Training {_what(recipe)} on {recipe.dataset}: "
         f"{min(task.train_examples, recipe.limit_train or task.train_examples)} train / "
         f"{min(task.eval_examples, recipe.limit_eval or task.eval_examples)} eval examples, "
         f"{steps_per_epoch} steps per epoch, {strategy_obj.num_replicas_in_sync} replica(s); "

@@ -5,6 +5,7 @@
     bs-keras-train --recipe imagenet_resnet50_bas --manual-dir ~/imagenet
     bs-keras-train --dataset path/to/images          # one subfolder per class
     bs-keras-train --dataset cityscapes --manual-dir ~/cityscapes   # gated PSPNet
+    bs-keras-train --gate-from runs/plain/best.keras                # gate a trained model, fine-tune
     bs-keras-train --evaluate --model-path runs/fashion_mnist_demo/best.keras
 
 Rerunning the same command resumes an interrupted run from its last
@@ -50,6 +51,9 @@ def parse_args(argv=None):
     g.add_argument("--prune-from", help="static-pruning baseline: a trained plain .keras to magnitude-prune "
                    "(|BN gamma|, same fraction per block) and fine-tune; needs --plain and --prune-macs")
     g.add_argument("--prune-macs", type=number, help="MACs of the pruned model as a fraction of the source's")
+    g.add_argument("--gate-from", help="fine-tune a gated copy of this trained classifier (.keras with residual "
+                   "blocks: a train.py run's best.keras, a saved keras.applications ResNet, ...); the recipe's "
+                   "schedules run over the fine-tuning epochs")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=positive_int)
     t.add_argument("--batch-size", type=positive_int, help="global batch size")
@@ -81,7 +85,7 @@ RECIPE_FLAGS = (
     "dataset", "model", "gated", "width_multiplier", "group_size", "gate_granularity", "image_size", "epochs", "batch_size",
     "lr", "lr_schedule", "optimizer", "weight_decay", "clipnorm", "gamma", "lam", "prior_a", "prior_b",
     "l0_weighting", "seed", "validation_split", "limit_train", "limit_eval", "crop_size", "aux_weight",
-    "init_from", "prune_from", "prune_macs",
+    "init_from", "prune_from", "prune_macs", "gate_from",
 )
 
 

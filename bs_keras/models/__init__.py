@@ -17,4 +17,4 @@ from bs_keras.models.resnet import (  # noqa: F401
     imagenet_resnet,
     weight_decay_regularizer,
 )
-from bs_keras.models.retrofit import ResidualBlock, add_gates, residual_blocks  # noqa: F401
+from bs_keras.models.retrofit import ResidualBlock, adapt_inputs, add_gates, copy_model, residual_blocks  # noqa: F401

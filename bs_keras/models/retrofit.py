@@ -194,6 +194,43 @@ def residual_blocks(model):
     return blocks, skipped
 
 
+def copy_model(model, call_function=None, config_of=None, nested=None, input_tensors=None):
+    """`keras.models.clone_model` with the weights copied and the inputs'
+    layer names kept.
+
+    Args:
+        model: a functional or Sequential model.
+        call_function: as `clone_model`'s (not for Sequential models).
+        config_of: `layer -> config` for the copies (default `get_config`).
+        nested: `model -> copy` for nested models (default: `copy_model`).
+        input_tensors: new inputs (default: `keras.Input`s named like the
+            source's input layers; `clone_model` would name them after the
+            symbolic tensors).
+    """
+    config_of = config_of or (lambda layer: layer.get_config())
+    nested = nested or (lambda m: copy_model(m, config_of=config_of))
+    copies = []
+
+    def clone(layer):
+        if isinstance(layer, keras.Model):
+            return nested(layer)
+        new = layer.__class__.from_config(config_of(layer))
+        copies.append((layer, new))
+        return new
+
+    kwargs = {}
+    if not isinstance(model, keras.Sequential):
+        kwargs["input_tensors"] = input_tensors if input_tensors is not None else keras.tree.map_structure(
+            lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t._keras_history[0].name),
+            model.input,
+        )
+    new_model = keras.models.clone_model(model, clone_function=clone, call_function=call_function, **kwargs)
+    for old, new in copies:
+        if getattr(old, "weights", None):
+            new.set_weights(old.get_weights())
+    return new_model
+
+
 class _Retrofit:
     """One `add_gates` call: gate counter, skipped blocks, weight copies."""
 
@@ -223,28 +260,7 @@ class _Retrofit:
             blocks, skipped = residual_blocks(model)
             self.skipped += [(f"{model.name}/{add}", why) for add, why in skipped]
             call = self._caller(blocks)
-        copies = []
-
-        def clone(layer):
-            if isinstance(layer, keras.Model):
-                return self.rebuild(layer)
-            new = layer.__class__.from_config(self.config_of(layer))
-            copies.append((layer, new))
-            return new
-
-        kwargs = {}
-        if not isinstance(model, keras.Sequential):
-            # New inputs named like the source's input layers (clone_model
-            # would name them after the symbolic tensors).
-            kwargs["input_tensors"] = keras.tree.map_structure(
-                lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t._keras_history[0].name),
-                model.input,
-            )
-        new_model = keras.models.clone_model(model, clone_function=clone, call_function=call, **kwargs)
-        for old, new in copies:
-            if getattr(old, "weights", None):
-                new.set_weights(old.get_weights())
-        return new_model
+        return copy_model(model, call, config_of=self.config_of, nested=self.rebuild)
 
     def _caller(self, blocks):
         by_reader = {b.reads: b for b in blocks}
@@ -341,3 +357,65 @@ def add_gates(
         gated = keras.Model(gated.input, gated.output, name=name)
     configure_gate_losses(gated, gamma=gamma, lam=lam, l0_weighting=l0_weighting)
     return gated
+
+
+# keras.applications' `preprocess_input` modes, from RGB pixels x in [0, 255]:
+# "caffe": BGR, minus the ImageNet BGR mean (ResNet50/101/152 v1);
+# "tf": x / 127.5 - 1 (ResNet50V2/101V2/152V2); "torch": (x / 255 - mean) / std.
+CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
+TORCH_MEAN, TORCH_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+PREPROCESSING = ("caffe", "tf", "torch")
+
+
+def adapt_inputs(model, preprocessing="caffe", mean=TORCH_MEAN, std=TORCH_STD):
+    """A copy of `model` that takes train.py's inputs instead of another preprocessing.
+
+    train.py (and the export) feed RGB images `(x / 255 - mean) / std`. A
+    `keras.applications` model trained on another preprocessing gets a frozen
+    1x1 `Conv2D` named "input_adapter" in front of its first layer: a
+    per-channel affine map (and the RGB -> BGR swap for "caffe") that turns
+    those inputs into what its weights expect, exactly (the adapter runs
+    before any zero padding). Cost: 9 MACs per pixel.
+
+    Args:
+        model: a functional model with one image input (channels last, 3 channels).
+        preprocessing: what `model` expects: "caffe" (ResNet50/101/152),
+            "tf" (the V2 ResNets) or "torch".
+        mean, std: the per-channel normalization of the new inputs (the
+            ImageNet values train.py uses by default).
+
+    Returns:
+        A functional model with the same layers, names and weights plus the adapter.
+    """
+    if preprocessing not in PREPROCESSING:
+        raise ValueError(f"preprocessing must be one of {PREPROCESSING}. Received: {preprocessing!r}")
+    if isinstance(model, keras.Sequential) or len(functional_model(model, "adapt_inputs").inputs) != 1:
+        raise ValueError("adapt_inputs needs a functional model with one input.")
+    if model.inputs[0].shape[-1] != 3:
+        raise ValueError(f"adapt_inputs needs RGB inputs (3 channels). Received: {model.inputs[0].shape}")
+    mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    # Pixels x = 255 * (z * std + mean) for the new inputs z.
+    scale, shift = 255.0 * std, 255.0 * mean
+    kernel = np.zeros((1, 1, 3, 3))
+    if preprocessing == "caffe":
+        for k in range(3):  # output channel k (BGR) reads input channel 2 - k (RGB)
+            kernel[0, 0, 2 - k, k] = scale[2 - k]
+        bias = shift[::-1] - np.asarray(CAFFE_BGR_MEAN)
+    elif preprocessing == "tf":
+        kernel[0, 0] = np.diag(scale / 127.5)
+        bias = shift / 127.5 - 1.0
+    else:
+        kernel[0, 0] = np.diag(scale / 255.0 / np.asarray(TORCH_STD))
+        bias = (shift / 255.0 - np.asarray(TORCH_MEAN)) / np.asarray(TORCH_STD)
+    adapter = keras.layers.Conv2D(3, 1, name="input_adapter", trainable=False)
+    new_input = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype,
+                            name=model.inputs[0]._keras_history[0].name)  # fmt: skip
+    adapted = adapter(new_input)
+    adapter.set_weights([kernel.astype("float32"), bias.astype("float32")])
+
+    def call(layer, *args, **kwargs):
+        if args and args[0] is new_input:
+            args = (adapted,) + args[1:]
+        return layer(*args, **kwargs)
+
+    return copy_model(model, call, input_tensors=new_input)
