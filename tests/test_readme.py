@@ -3,6 +3,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -79,3 +80,21 @@ def test_readme_quick_start_runs_and_learns():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "README_OK" in result.stdout
     assert "of the static count" in result.stdout
+
+
+def test_readme_gate_a_model_you_already_have_runs():
+    """The README's add_gates block: outputs kept at the start, then it trains
+    and the gates learn (in process: about 10 s)."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Gate a model you already have", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert 5 <= len(code.strip().splitlines()) <= 10
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 (our own README)
+    import bs_keras
+
+    model, base = scope["model"], scope["base"]
+    gates = bs_keras.find_gates(model)
+    assert len(gates) == 16 and model.get_layer("conv2_block1_1_conv") is not base.get_layer("conv2_block1_1_conv")
+    assert any(abs(float(v)) > 0 for g in gates for v in np.ravel(g.logits_dense.kernel))
+    assert "cond_macs_ratio" in model.history.history

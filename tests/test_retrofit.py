@@ -324,3 +324,46 @@ def test_gated_resnet50_conditional_equals_masked(gated_resnet50):
     assert cond_row.mean_macs == pytest.approx(cond.executed_macs(calib).mean())
     assert compact_row.max_abs_diff < 1e-5 and compact_row.gate_agreement == 1.0
     assert count_macs(compact) < count_macs(model)
+
+
+# --------------------------------------------------------------------------- adapt_inputs
+
+
+def _padded_net():
+    inputs = keras.Input((16, 16, 3), name="pixels")
+    x = keras.layers.ZeroPadding2D(3)(inputs)  # the adapter must run before the padding
+    x = keras.layers.Conv2D(4, 3, name="conv")(x)
+    return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x)))
+
+
+@pytest.mark.parametrize(
+    "preprocessing, reference",
+    [("caffe", APPS.resnet.preprocess_input), ("tf", APPS.resnet_v2.preprocess_input),
+     ("torch", lambda x: APPS.imagenet_utils.preprocess_input(x, mode="torch"))],
+)  # fmt: skip
+def test_adapt_inputs_equals_keras_applications_preprocessing(preprocessing, reference):
+    from bs_keras.data import IMAGENET_MEAN, IMAGENET_STD
+    from bs_keras.models import adapt_inputs
+
+    pixels = np.random.default_rng(0).uniform(0, 255, (4, 16, 16, 3)).astype("float32")
+    ours = ((pixels / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)).astype("float32")
+    model = _padded_net()
+    adapted = adapt_inputs(model, preprocessing)
+    expected = np.asarray(model(reference(pixels.copy())))
+    np.testing.assert_allclose(np.asarray(adapted(ours)), expected, rtol=1e-5, atol=1e-4)
+    assert adapted.layers[1].name == "input_adapter" and not adapted.layers[1].trainable
+    assert adapted.inputs[0].name == "pixels"
+    assert count_macs(adapted) == count_macs(model) + 16 * 16 * 9
+
+
+def test_adapt_inputs_then_add_gates_on_resnet50():
+    from bs_keras.models import adapt_inputs
+
+    source = APPS.ResNet50(weights=None, input_shape=(32, 32, 3), classes=5)
+    pixels = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    ours = ((pixels / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])).astype("float32")
+    gated = add_gates(adapt_inputs(source, "caffe"))
+    expected = np.asarray(source(APPS.resnet.preprocess_input(pixels.copy())))
+    np.testing.assert_allclose(np.asarray(gated(ours, training=False)), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="preprocessing must be one of"):
+        adapt_inputs(source, "bgr")
