@@ -16,8 +16,9 @@ A run directory without `report.json` is unfinished and listed as missing.
 
 Each run belongs to a family: `plain` (not gated), `pruned` (not gated,
 started from a magnitude-pruned plain model: `prune_from`), `block` (gated,
-`gate_granularity == "block"`), `l0` (gated, channel gates, `gamma == 0`)
-or `bas_l0` (gated, channel gates, batch-shaping + L0). A configuration is
+`gate_granularity == "block"`), `retrofit` (gated from a trained plain
+model: `gate_from`), `l0` (gated, channel gates, `gamma == 0`) or `bas_l0`
+(gated, channel gates, batch-shaping + L0). A configuration is
 a family plus its knob (`width_multiplier` for plain, `prune_macs` for
 pruned, `lam` otherwise);
 its seeds are aggregated.
@@ -39,7 +40,7 @@ import numpy as np
 
 from bs_keras.report import save_figure, write_json, write_text
 
-FAMILIES = ("plain", "pruned", "l0", "bas_l0", "block")
+FAMILIES = ("plain", "pruned", "l0", "bas_l0", "block", "retrofit")
 KNOBS = {"plain": ("width_multiplier", "width"), "pruned": ("prune_macs", "macs")}
 FAMILY_LABELS = {
     "plain": "plain (width multiplier)",
@@ -47,6 +48,7 @@ FAMILY_LABELS = {
     "bas_l0": "batch-shaping + L0",
     "block": "block gates",
     "pruned": "magnitude-pruned plain, fine-tuned",
+    "retrofit": "gated from trained plain, fine-tuned",
 }
 FAMILY_STYLE = {
     "plain": {"color": "#252525", "marker": "s"},
@@ -54,6 +56,7 @@ FAMILY_STYLE = {
     "bas_l0": {"color": "#e31a1c", "marker": "o"},
     "block": {"color": "#33a02c", "marker": "D"},
     "pruned": {"color": "#6a3d9a", "marker": "v"},
+    "retrofit": {"color": "#ff7f00", "marker": "P"},
 }
 # Same colours as bs_keras.report.plot_report.
 CATEGORY_COLORS = {"always_on": "#2b8cbe", "conditional": "#fdae61", "always_off": "#bdbdbd"}
@@ -74,9 +77,11 @@ class SweepError(ValueError):
 
 
 def run_family(recipe):
-    """Family of a run from its recipe dict: plain, pruned, block, l0 or bas_l0."""
+    """Family of a run from its recipe dict: plain, pruned, block, retrofit, l0 or bas_l0."""
     if not recipe.get("gated", True):
         return "pruned" if recipe.get("prune_from") else "plain"
+    if recipe.get("gate_from"):
+        return "retrofit"
     if (recipe.get("gate_granularity") or "channel") == "block":
         return "block"
     if float(recipe.get("gamma", 0.0)) == 0.0:

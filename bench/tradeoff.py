@@ -13,7 +13,11 @@ Trains, with the same epochs, schedule shape, data and seeds, through
   magnitude-pruned (|BN gamma|, same fraction in every block) to 60 % and
   40 % of its MACs, then retrained with the same 4-epoch recipe
   (`--prune-from`, `bs_keras/deploy/prune.py`): its total training is twice the
-  others'.
+  others';
+- gated from the same trained plain run (`--gate-from`, `bs_keras.add_gates`:
+  its weights kept, every gate open at the start), fine-tuned with
+  batch-shaping + L0 at each lambda with the same 4-epoch recipe: the fair
+  opponent of static pruning (both start from trained weights).
 
 Every run is a normal train.py run directory under `--root`
 (`<family>_<knob>_s<seed>`); `bench/report.py` reads them. The sweep is
@@ -41,7 +45,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = ("plain", "l0", "bas_l0", "block", "pruned")
+FAMILIES = ("plain", "l0", "bas_l0", "block", "pruned", "retrofit")
 WIDTHS = (1.0, 0.75, 0.5, 0.35)
 LAMS = (8.0, 12.0, 20.0)
 BLOCK_LAMS = (1.0, 3.0, 8.0)
@@ -88,6 +92,11 @@ def plan(families=FAMILIES, seeds=SEEDS, widths=WIDTHS, lams=LAMS, block_lams=BL
                 for m in prune_macs:
                     runs.append((f"pruned_p{_num(m)}_s{seed}",
                                  base + ["--plain", "--prune-from", source, "--prune-macs", str(m)]))
+            elif family == "retrofit":
+                # Needs the full-width plain run of this seed (planned first), like "pruned".
+                source = os.path.join(root, f"plain_w1_s{seed}", "last.keras")
+                for lam in lams:
+                    runs.append((f"retrofit_lam{_num(lam)}_s{seed}", base + ["--lam", str(lam), "--gate-from", source]))
             else:
                 raise ValueError(f"Unknown family {family!r}; choose from {', '.join(FAMILIES)}.")
     return [(name, flags + ["--seed", str(name_seed(name))]) for name, flags in runs]

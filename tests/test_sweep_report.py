@@ -119,6 +119,7 @@ def test_family_classification():
     assert sr.run_family({"gated": True, "gamma": 0.0}) == "l0"  # missing granularity: channel
     assert sr.run_family({"gated": True, "gamma": 0.0, "gate_granularity": "channel"}) == "l0"
     assert sr.run_family({"gated": True, "gamma": 0.75}) == "bas_l0"
+    assert sr.run_family({"gated": True, "gamma": 0.75, "gate_from": "runs/plain/last.keras"}) == "retrofit"
     assert sr.config_knob("plain", {"width_multiplier": 0.5, "lam": 3}) == ("width_multiplier", 0.5)
     assert sr.config_knob("block", {"width_multiplier": 0.5, "lam": 3}) == ("lam", 3.0)
     pruned = {"gated": False, "prune_from": "a.keras", "prune_macs": 0.4, "width_multiplier": 1.0}

@@ -35,7 +35,7 @@ def _recipes(root):
 
 def test_default_plan_families_and_seeds(tmp_path):
     recipes = _recipes(tmp_path)
-    assert len(recipes) == 2 * (4 + 3 + 3 + 3 + 2)
+    assert len(recipes) == 2 * (4 + 3 + 3 + 3 + 2 + 3)
     plain = {k: r for k, r in recipes.items() if k.startswith("plain")}
     pruned = {k: r for k, r in recipes.items() if k.startswith("pruned")}
     assert all(not r.gated and r.width_multiplier == 1.0 for r in pruned.values())
@@ -52,6 +52,11 @@ def test_default_plan_families_and_seeds(tmp_path):
     assert all(r.gated and r.gamma == 0.75 and r.gate_granularity == "channel" for r in bas)
     assert all(r.gated and r.gamma == 0.75 and r.gate_granularity == "block" for r in block)
     assert sorted({r.lam for r in l0}) == sorted({r.lam for r in bas}) == [8.0, 12.0, 20.0]
+    retrofit = {k: r for k, r in recipes.items() if k.startswith("retrofit_")}
+    assert all(r.gated and r.gamma == 0.75 and r.width_multiplier == 1.0 for r in retrofit.values())
+    assert all(r.gate_from == str(tmp_path / f"plain_w1_s{r.seed}" / "last.keras") for r in retrofit.values())
+    assert all(names.index(f"plain_w1_s{r.seed}") < names.index(k) for k, r in retrofit.items())
+    assert sorted({r.lam for r in retrofit.values()}) == [8.0, 12.0, 20.0]
     assert {r.seed for r in recipes.values()} == {0, 1}
     assert all(r.seed == tradeoff.name_seed(k) for k, r in recipes.items())
 
@@ -59,7 +64,7 @@ def test_default_plan_families_and_seeds(tmp_path):
 def test_runs_differ_only_in_knob_and_seed(tmp_path):
     recipes = _recipes(tmp_path)
     knobs = {"gated", "width_multiplier", "lam", "gamma", "gate_granularity", "seed", "prune_from", "prune_macs",
-             "clipnorm"}
+             "clipnorm", "gate_from"}
     assert {r.clipnorm for k, r in recipes.items() if k.startswith("block")} == {10.0}
     assert {r.clipnorm for k, r in recipes.items() if not k.startswith("block")} == {None}
     shared = [{k: v for k, v in r.to_dict().items() if k not in knobs} for r in recipes.values()]
