@@ -265,7 +265,7 @@ def _two_adds():
     h = keras.layers.ReLU(name="b2_relu1")(h)
     h = keras.layers.Conv2D(4, 3, padding="same", name="b2_conv2")(h)
     y = keras.layers.Add(name="b2_add")([y, h])
-    return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(y))
+    return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(y), name="two_adds")
 
 
 def test_names_the_blocks_it_could_not_gate():
@@ -278,7 +278,7 @@ def test_names_the_blocks_it_could_not_gate():
         "merge": "its two inputs do not start from one tensor (no shortcut around a branch)",
         "b2_add": "the branch's first convolution 'b2_conv1' is not followed by BatchNormalization and an activation",
     }
-    with pytest.warns(UserWarning, match=r"left 2 Add layer\(s\) ungated: 'functional/merge': its two .*'functional/b2_add'"):
+    with pytest.warns(UserWarning, match=r"left 2 Add layer\(s\) ungated: 'two_adds/merge': its two .*'two_adds/b2_add'"):
         gated = add_gates(model)
     assert [g.name for g in find_gates(gated)] == ["b1_gate"]
     _check_retrofit(model, gated, _images(model))
