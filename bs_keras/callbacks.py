@@ -15,9 +15,10 @@ import numpy as np
 import tensorflow as tf
 
 from bs_keras import gating, schedules
+from bs_keras.budget import MacBudget
 from bs_keras.gates import find_gates
 from bs_keras.io_utils import atomic_path
-from bs_keras.macs import count_macs, gate_table
+from bs_keras.macs import count_macs, gate_table, ungated_macs
 from bs_keras.report import write_json
 
 
@@ -36,14 +37,23 @@ class GateLossScheduler(keras.callbacks.Callback):
     - `l0_loss`: the L0 term as weighted in the loss;
     - `gate_open_rate`: the fraction of open (sampled, hard) gates;
     - `cond_macs`, `cond_macs_ratio`: mean conditional MACs per sample of the
-      training batches and their ratio to the ungated network.
+      training batches (sampled gates) and their ratio to the static count;
+    - `hard_macs_ratio`: the same with the inference gates (`logit > 0`),
+      relative to the ungated network (what `report.json` calls
+      `macs_ratio`);
+    - with a `MacBudget` as `lam`: `mac_target`, the budget's current target
+      (`lam` is then its multiplier).
 
     Training values are running means over the epoch, like Keras metrics.
     Put this callback before TensorBoard/CSVLogger in the callbacks list.
 
     Args:
         gamma: schedule (or number) for the batch-shaping weight.
-        lam: schedule (or number) for the L0 weight.
+        lam: schedule (or number) for the L0 weight, or a
+            `bs_keras.MacBudget`: λ then follows a target MAC ratio (its
+            multiplier is updated after every step from the measured
+            `hard_macs_ratio` of the batch, and restored from the gates'
+            weights when training resumes).
         l0_weighting: "macs" or "channels" (as in `configure_gate_losses`).
     """
 
@@ -57,8 +67,10 @@ class GateLossScheduler(keras.callbacks.Callback):
                 f"Received: l0_weighting={l0_weighting!r}"
             )
         self.l0_weighting = l0_weighting
+        self._budget = self.lam if isinstance(self.lam, MacBudget) else None
         self._epoch = 0
         self._step = 0
+        self._batch = 0
         self._steps_per_epoch = None
         self._last = None
         self._assigned = None
@@ -72,8 +84,13 @@ class GateLossScheduler(keras.callbacks.Callback):
         self._static_macs = count_macs(self.model)
         by_gate = {id(i.gate): i for i in gate_table(self.model)}
         self._gated_macs = [by_gate[id(g)].channels * by_gate[id(g)].macs_per_channel for g in gates]
+        self._ungated_macs = ungated_macs(self.model, self._static_macs)
         self._steps_per_epoch = self.params.get("steps") if self.params else None
         self._step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        self._previous = [None] * len(gates)
+        if self._budget is not None:
+            # The multiplier is in the weights: l0_coef = lam * share, shares sum to 1.
+            self._budget.multiplier = float(sum(float(keras.ops.convert_to_numpy(g.l0_coef)) for g in gates))
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -102,15 +119,33 @@ class GateLossScheduler(keras.callbacks.Callback):
             gating.set_gate_loss_weights(self._gates, self._bs_share, self._l0_share, gamma, lam)
             self._assigned = (gamma, lam)
 
-    def _gate_logs(self):
-        values = [g.stats.values() for g in self._gates]
+    def _hard_ratio(self, hard_open_rates):
+        saved = sum(m * (1.0 - h) for m, h in zip(self._gated_macs, hard_open_rates))
+        return (self._static_macs - saved) / self._ungated_macs
+
+    def _batch_ratio(self, totals):
+        """The last batch's `hard_macs_ratio`, from the change of the running sums."""
+        rates = []
+        for i, now in enumerate(totals):
+            before = self._previous[i]
+            if before is None or now[-1] < before[-1]:  # first step, or the epoch's reset
+                before = 0.0 * now
+            steps = now[-1] - before[-1]
+            rates.append((now[4] - before[4]) / steps if steps > 0 else 1.0)
+            self._previous[i] = now
+        return self._hard_ratio(rates)
+
+    def _gate_logs(self, totals):
+        values = [g.stats.values(t) for g, t in zip(self._gates, totals)]
         if any(v is None for v in values):
             return {}
         l0 = sum(s * v["l0"] for s, v in zip(self._l0_share, values))
         open_rate = sum(s * v["open_rate"] for s, v in zip(self._bs_share, values))
         saved = sum(m * (1.0 - v["open_rate"]) for m, v in zip(self._gated_macs, values))
         macs = self._static_macs - saved
-        logs = {}
+        logs = {"hard_macs_ratio": self._hard_ratio([v["hard_open_rate"] for v in values])}
+        if self._budget is not None:
+            logs["mac_target"] = self._budget.target_at(self._time(self._budget, self._batch))
         if all(v["batch_shaping"] is not None for v in values):
             logs["bs_loss"] = sum(s * v["batch_shaping"] for s, v in zip(self._bs_share, values))
         return {
@@ -122,9 +157,13 @@ class GateLossScheduler(keras.callbacks.Callback):
         }
 
     def on_train_batch_end(self, batch, logs=None):
+        self._batch = batch
+        totals = [g.stats.totals() for g in self._gates]
+        if self._budget is not None:
+            self._budget.update(self._time(self._budget, batch), self._batch_ratio(totals))
         self._step += 1
         gamma, lam = self._assigned
-        self._train_logs = {"gamma": gamma, "lam": lam, **self._gate_logs()}
+        self._train_logs = {"gamma": gamma, "lam": lam, **self._gate_logs(totals)}
         if logs is not None:
             logs.update(self._train_logs)
 

@@ -18,6 +18,7 @@ import math
 import threading
 
 import keras
+import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
@@ -59,28 +60,37 @@ class GateStats(keras.metrics.Metric):
     One variable holds the sums and counts, so reading it is one copy.
     """
 
-    # sums: batch-shaping, its count, l0, open rate, steps.
+    # sums: batch-shaping, its count, l0, open rate, hard open rate, steps.
     def __init__(self, name="gate_stats", **kwargs):
         super().__init__(name=name, **kwargs)
-        self.sums = self.add_variable(shape=(5,), initializer="zeros", name="sums")
+        self.sums = self.add_variable(shape=(6,), initializer="zeros", name="sums")
 
-    def update_state(self, bs, bs_count, l0, open_rate):
-        values = [bs, bs_count, l0, open_rate, 1.0]
+    def update_state(self, bs, bs_count, l0, open_rate, hard_open_rate):
+        values = [bs, bs_count, l0, open_rate, hard_open_rate, 1.0]
         self.sums.assign_add(tf.stack([tf.cast(v, self.sums.dtype) for v in values]))
 
-    def values(self):
+    def values(self, totals=None):
         """Means since the last reset as a dict (None before any step).
 
+        `totals`: the sums from `totals()`, if already read.
+
         `batch_shaping` is None when the term was not computed (weight 0).
+        `open_rate` is the fraction of sampled gates that were open,
+        `hard_open_rate` the fraction with `logit > 0` (what inference runs).
         """
-        bs, bs_count, l0, open_rate, count = (float(v) for v in keras.ops.convert_to_numpy(self.sums))
+        bs, bs_count, l0, open_rate, hard, count = (float(v) for v in (self.totals() if totals is None else totals))
         if count == 0:
             return None
         return {
             "batch_shaping": bs / bs_count if bs_count else None,
             "l0": l0 / count,
             "open_rate": open_rate / count,
+            "hard_open_rate": hard / count,
         }
+
+    def totals(self):
+        """The raw running sums (float64 NumPy, 6 values; the last counts steps)."""
+        return np.asarray(keras.ops.convert_to_numpy(self.sums), np.float64)
 
     def result(self):
         return {}
@@ -278,7 +288,8 @@ class ChannelGate(keras.layers.Layer):
         # Keras scales added losses by 1/replicas and sums replica gradients.
         self.add_loss(self.bs_coef * bs + self.l0_coef * l0)
         open_rate = tf.reduce_mean(tf.cast(mask, tf.float32))
-        self.stats.update_state(bs, tf.cast(active, tf.float32), l0, open_rate)
+        hard_open_rate = tf.reduce_mean(tf.cast(logits > 0, tf.float32))
+        self.stats.update_state(bs, tf.cast(active, tf.float32), l0, open_rate, hard_open_rate)
 
     def call(self, inputs, training=None):
         x, h = inputs

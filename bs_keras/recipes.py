@@ -45,6 +45,10 @@ class Recipe:
     lam: float = 0.2
     lam_begin: float = 0.2
     lam_end: float = 0.6
+    # A compute budget instead of a fixed lambda (bs_keras.MacBudget): the
+    # mean conditional MAC ratio to reach, and the multiplier's step size.
+    target_macs: float = None
+    budget_rate: float = 1.0
     prior_a: float = 0.6
     prior_b: float = 0.4
     l0_weighting: str = "macs"
@@ -144,6 +148,14 @@ class Recipe:
         for field in ("gamma_end", "lam_begin", "lam_end", "lr_decay_factor", "validation_split"):
             if not finite(getattr(self, field)) or not 0 <= getattr(self, field) <= 1:
                 bad(field, "must be between 0 and 1")
+        if self.target_macs is not None:
+            if not finite(self.target_macs) or not 0 < self.target_macs <= 1:
+                bad("target_macs", "the mean conditional MAC ratio to reach, as a fraction of the ungated "
+                    "network's MACs, must be in (0, 1]")
+            if not self.gated:
+                bad("target_macs", "a compute budget trains the gates of a gated model: drop --plain")
+        if not finite(self.budget_rate) or self.budget_rate <= 0:
+            bad("budget_rate", "must be a finite number > 0")
         if self.needs_gate_from and self.gate_from is None:
             bad("gate_from", f"recipe {self.name} fine-tunes a trained network: pass --gate-from MODEL.keras "
                 "(see the README, 'Gate a model you already have')")

@@ -28,13 +28,15 @@ class Schedule:
         return cls(**config)
 
 
-def _check_unit(unit):
+def check_unit(unit):
+    """`unit` if it is "epoch" or "step", else ValueError."""
     if unit not in UNITS:
         raise ValueError(f"unit must be one of {UNITS}. Received: unit={unit!r}")
     return unit
 
 
-def _check_value(name, value):
+def check_value(name, value):
+    """`value` as a float if finite and >= 0, else ValueError naming `name`."""
     value = float(value)
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0. Received: {name}={value}")
@@ -51,8 +53,8 @@ class Constant(Schedule):
     """
 
     def __init__(self, value, unit="epoch"):
-        self.value = _check_value("value", value)
-        self.unit = _check_unit(unit)
+        self.value = check_value("value", value)
+        self.unit = check_unit(unit)
 
     def __call__(self, t):
         return self.value
@@ -74,13 +76,13 @@ class Linear(Schedule):
     """
 
     def __init__(self, start_value, end_value, begin, end, unit="epoch"):
-        self.start_value = _check_value("start_value", start_value)
-        self.end_value = _check_value("end_value", end_value)
-        self.begin = _check_value("begin", begin)
-        self.end = _check_value("end", end)
+        self.start_value = check_value("start_value", start_value)
+        self.end_value = check_value("end_value", end_value)
+        self.begin = check_value("begin", begin)
+        self.end = check_value("end", end)
         if self.end < self.begin:
             raise ValueError(f"end must be >= begin. Received: begin={begin}, end={end}")
-        self.unit = _check_unit(unit)
+        self.unit = check_unit(unit)
 
     def __call__(self, t):
         if t <= self.begin:

@@ -33,6 +33,7 @@ from bs_keras.callbacks import (
     load_state,
 )
 from bs_keras.models import add_gates, cifar_resnet, imagenet_resnet
+from bs_keras.budget import MacBudget
 from bs_keras.schedules import paper_schedules
 
 STRATEGIES = ("auto", "cpu", "mirrored", "multi_worker", "tpu")
@@ -264,6 +265,8 @@ def build_optimizer(recipe, steps_per_epoch):
 
 
 def gate_callback(recipe):
+    """`GateLossScheduler` with the paper's schedule shape; with `target_macs`
+    a `MacBudget` over the same L0 ramp replaces the fixed lambda."""
     gamma, lam = paper_schedules(
         recipe.epochs,
         gamma=recipe.gamma,
@@ -272,6 +275,11 @@ def gate_callback(recipe):
         lam_begin=recipe.lam_begin,
         lam_end=recipe.lam_end,
     )
+    if recipe.target_macs is not None:
+        lam = MacBudget(
+            recipe.target_macs, begin=recipe.lam_begin * recipe.epochs, end=recipe.lam_end * recipe.epochs,
+            rate=recipe.budget_rate,
+        )  # fmt: skip
     return GateLossScheduler(gamma, lam, l0_weighting=recipe.l0_weighting)
 
 

@@ -13,6 +13,7 @@ completed epoch. `--list-recipes` shows the named recipes.
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -63,7 +64,13 @@ def parse_args(argv=None):
     t.add_argument("--weight-decay", type=number, help="SGD-style weight decay (not on gates)")
     t.add_argument("--clipnorm", type=number, help="clip the global gradient norm to this (default off)")
     t.add_argument("--gamma", type=number, help="batch-shaping weight at the start (annealed to 0)")
-    t.add_argument("--lam", type=number, help="target L0 weight (ramped up)")
+    budget = t.add_mutually_exclusive_group()
+    budget.add_argument("--lam", type=number, help="target L0 weight (ramped up)")
+    budget.add_argument("--target-macs", type=number,
+                        help="train to a compute budget instead of a fixed --lam: the mean conditional MAC "
+                        "ratio (of the ungated network) to end at, in (0, 1]; the L0 weight becomes a "
+                        "multiplier driven to it (bs_keras.MacBudget)")
+    t.add_argument("--budget-rate", type=number, help="--target-macs: the multiplier's step size (default 1)")
     t.add_argument("--prior-a", type=number, help="Beta prior parameter a (default 0.6)")
     t.add_argument("--prior-b", type=number, help="Beta prior parameter b (default 0.4)")
     t.add_argument("--l0-weighting", help="macs (default) or channels")
@@ -83,7 +90,8 @@ def parse_args(argv=None):
 
 RECIPE_FLAGS = (
     "dataset", "model", "gated", "width_multiplier", "group_size", "gate_granularity", "image_size", "epochs", "batch_size",
-    "lr", "lr_schedule", "optimizer", "weight_decay", "clipnorm", "gamma", "lam", "prior_a", "prior_b",
+    "lr", "lr_schedule", "optimizer", "weight_decay", "clipnorm", "gamma", "lam", "target_macs", "budget_rate",
+    "prior_a", "prior_b",
     "l0_weighting", "seed", "validation_split", "limit_train", "limit_eval", "crop_size", "aux_weight",
     "init_from", "prune_from", "prune_macs", "gate_from",
 )
@@ -96,6 +104,9 @@ def resolve_recipe(args):
         recipe = recipes.get_recipe(args.recipe)
     else:
         recipe = recipes.default_recipe_for(args.dataset or "fashion_mnist")
+    if args.lam is not None and recipe.target_macs is not None:
+        # --lam on a recipe that carries a budget: a fixed lambda instead.
+        recipe = dataclasses.replace(recipe, target_macs=None)
     return recipe.replace(**{k: getattr(args, k) for k in RECIPE_FLAGS}).validate()
 
 

@@ -1,0 +1,115 @@
+"""Train to a compute budget: the L0 weight as a Lagrange multiplier.
+
+With a fixed λ the MACs a gated network ends at depend on λ, the run length
+and the data. `MacBudget(target=0.5)` takes λ's place in
+`GateLossScheduler`: training then solves "minimise the task loss subject to
+a mean conditional MAC ratio of `target`" by dual ascent. After every
+training step the callback measures the MAC ratio the batch would execute at
+inference (gates with `logit > 0`, relative to the ungated network: the
+`macs_ratio` of `report.json`) and moves the multiplier by
+`rate * (ratio - target)`, never below 0: it rises while the network is over
+budget and falls once it is under, so it finds the λ that holds the ratio at
+the target for whatever run length and data.
+
+The target is switched in like the paper's λ ramp: no L0 pressure before
+`begin`, then a target falling linearly from 1 at `begin` to `target` at
+`end` (the multiplier tracks it, so gates close gradually instead of all at
+once), then constant.
+
+Why dual ascent, not a penalty on the excess: a hinge or squared penalty
+settles where its gradient balances the task loss's, above the target by an
+amount that again depends on the run and the data (the problem λ has); the
+multiplier keeps growing until the measured ratio is the target. The ratio is
+measured with the inference gates, not the sampled ones, because a gate open
+with probability 0.3 costs 0.3 in training but nothing at inference.
+
+The multiplier lives in the gates' `l0_coef` weights (λ times each gate's
+share), so a checkpoint holds it and `GateLossScheduler` restores it on
+resume.
+
+Example:
+
+```python
+gamma, _ = bs_keras.paper_schedules(epochs=30)
+budget = bs_keras.MacBudget(target=0.5, begin=6, end=18)     # epochs
+model.fit(..., epochs=30, callbacks=[bs_keras.GateLossScheduler(gamma, budget)])
+```
+"""
+
+import math
+
+import keras
+
+from bs_keras import schedules
+
+
+@keras.saving.register_keras_serializable(package="bs_keras")
+class MacBudget(schedules.Schedule):
+    """λ by dual ascent on the measured MAC ratio (see the module doc).
+
+    Args:
+        target: mean conditional MAC ratio to reach, in (0, 1], of the
+            ungated network's MACs.
+        begin: when the budget starts (in `unit`); λ is 0 before.
+        end: when the target reaches `target` (falling linearly from 1 at
+            `begin`); >= `begin`.
+        rate: multiplier change per step per unit of excess ratio.
+        max_multiplier: upper bound of λ.
+        unit: "epoch" (fractional epochs) or "step".
+
+    Attributes:
+        multiplier: the current λ.
+    """
+
+    def __init__(self, target, begin=0.0, end=0.0, rate=1.0, max_multiplier=100.0, unit="epoch"):
+        target = float(target)
+        if not 0 < target <= 1:
+            raise ValueError(
+                "target is a mean conditional MAC ratio of the ungated network and must be "
+                f"in (0, 1]. Received: target={target}"
+            )
+        self.target = target
+        self.begin = schedules.check_value("begin", begin)
+        self.end = schedules.check_value("end", end)
+        if self.end < self.begin:
+            raise ValueError(f"end must be >= begin. Received: begin={begin}, end={end}")
+        if not (math.isfinite(float(rate)) and rate > 0):
+            raise ValueError(f"rate must be a finite number > 0. Received: rate={rate}")
+        if not (math.isfinite(float(max_multiplier)) and max_multiplier > 0):
+            raise ValueError(f"max_multiplier must be a finite number > 0. Received: max_multiplier={max_multiplier}")
+        self.rate = float(rate)
+        self.max_multiplier = float(max_multiplier)
+        self.unit = schedules.check_unit(unit)
+        self.multiplier = 0.0
+
+    def target_at(self, t):
+        """The target ratio at time `t`: 1 until `begin`, `target` from `end`."""
+        if t <= self.begin:
+            return 1.0
+        if t >= self.end:
+            return self.target
+        return 1.0 + (t - self.begin) / (self.end - self.begin) * (self.target - 1.0)
+
+    def __call__(self, t):
+        return 0.0 if t < self.begin else self.multiplier
+
+    def update(self, t, ratio):
+        """One dual-ascent step after a training step at time `t` that measured `ratio`.
+
+        Returns:
+            The new multiplier.
+        """
+        if t >= self.begin:
+            step = self.rate * (float(ratio) - self.target_at(t))
+            self.multiplier = min(self.max_multiplier, max(0.0, self.multiplier + step))
+        return self.multiplier
+
+    def get_config(self):
+        return {
+            "target": self.target,
+            "begin": self.begin,
+            "end": self.end,
+            "rate": self.rate,
+            "max_multiplier": self.max_multiplier,
+            "unit": self.unit,
+        }
