@@ -42,6 +42,8 @@ import keras
 
 from bs_keras import schedules
 
+MEASURES = ("inference", "expected")
+
 
 @keras.saving.register_keras_serializable(package="bs_keras")
 class MacBudget(schedules.Schedule):
@@ -55,13 +57,16 @@ class MacBudget(schedules.Schedule):
             `begin`); >= `begin`.
         rate: multiplier change per step per unit of excess ratio.
         max_multiplier: upper bound of λ.
+        measure: the ratio the multiplier follows: "inference" (gates with
+            `logit > 0`, as deployed) or "expected" (each gate weighted by
+            its open probability, the quantity L0 penalises).
         unit: "epoch" (fractional epochs) or "step".
 
     Attributes:
         multiplier: the current λ.
     """
 
-    def __init__(self, target, begin=0.0, end=0.0, rate=1.0, max_multiplier=100.0, unit="epoch"):
+    def __init__(self, target, begin=0.0, end=0.0, rate=1.0, max_multiplier=100.0, measure="inference", unit="epoch"):
         target = float(target)
         if not 0 < target <= 1:
             raise ValueError(
@@ -79,15 +84,18 @@ class MacBudget(schedules.Schedule):
             raise ValueError(f"max_multiplier must be a finite number > 0. Received: max_multiplier={max_multiplier}")
         self.rate = float(rate)
         self.max_multiplier = float(max_multiplier)
+        if measure not in MEASURES:
+            raise ValueError(f"measure must be one of {MEASURES}. Received: measure={measure!r}")
+        self.measure = measure
         self.unit = schedules.check_unit(unit)
         self.multiplier = 0.0
 
     def target_at(self, t):
         """The target ratio at time `t`: 1 until `begin`, `target` from `end`."""
-        if t <= self.begin:
-            return 1.0
         if t >= self.end:
             return self.target
+        if t <= self.begin:
+            return 1.0
         return 1.0 + (t - self.begin) / (self.end - self.begin) * (self.target - 1.0)
 
     def __call__(self, t):
@@ -111,5 +119,6 @@ class MacBudget(schedules.Schedule):
             "end": self.end,
             "rate": self.rate,
             "max_multiplier": self.max_multiplier,
+            "measure": self.measure,
             "unit": self.unit,
         }

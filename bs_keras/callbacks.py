@@ -123,15 +123,18 @@ class GateLossScheduler(keras.callbacks.Callback):
         saved = sum(m * (1.0 - h) for m, h in zip(self._gated_macs, hard_open_rates))
         return (self._static_macs - saved) / self._ungated_macs
 
-    def _batch_ratio(self, totals):
-        """The last batch's `hard_macs_ratio`, from the change of the running sums."""
+    def _batch_ratio(self, totals, measure):
+        """The last batch's MAC ratio from the change of the running sums:
+        "inference" (gates with logit > 0: `hard_macs_ratio`) or "expected"
+        (each gate weighted by its open probability, the L0 term)."""
+        column = 4 if measure == "inference" else 2
         rates = []
         for i, now in enumerate(totals):
             before = self._previous[i]
             if before is None or now[-1] < before[-1]:  # first step, or the epoch's reset
                 before = 0.0 * now
             steps = now[-1] - before[-1]
-            rates.append((now[4] - before[4]) / steps if steps > 0 else 1.0)
+            rates.append((now[column] - before[column]) / steps if steps > 0 else 1.0)
             self._previous[i] = now
         return self._hard_ratio(rates)
 
@@ -159,10 +162,17 @@ class GateLossScheduler(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self._batch = batch
         totals = [g.stats.totals() for g in self._gates]
+        gamma, lam = self._assigned  # what this batch used
         if self._budget is not None:
-            self._budget.update(self._time(self._budget, batch), self._batch_ratio(totals))
+            t = self._time(self._budget, batch)
+            self._budget.update(t, self._batch_ratio(totals, self._budget.measure))
+            # Assigned now, not at the next batch: a checkpoint after this
+            # step then holds the current multiplier (restored on resume).
+            new_lam = self._value("lam", self._budget, batch)
+            if new_lam != lam:
+                gating.set_gate_loss_weights(self._gates, self._bs_share, self._l0_share, gamma, new_lam)
+                self._assigned = (gamma, new_lam)
         self._step += 1
-        gamma, lam = self._assigned
         self._train_logs = {"gamma": gamma, "lam": lam, **self._gate_logs(totals)}
         if logs is not None:
             logs.update(self._train_logs)

@@ -71,6 +71,8 @@ def parse_args(argv=None):
                         "ratio (of the ungated network) to end at, in (0, 1]; the L0 weight becomes a "
                         "multiplier driven to it (bs_keras.MacBudget)")
     t.add_argument("--budget-rate", type=number, help="--target-macs: the multiplier's step size (default 1)")
+    t.add_argument("--budget-measure", choices=("inference", "expected"),
+                   help="--target-macs: the ratio the multiplier follows (logit > 0 gates, or open probabilities)")
     t.add_argument("--prior-a", type=number, help="Beta prior parameter a (default 0.6)")
     t.add_argument("--prior-b", type=number, help="Beta prior parameter b (default 0.4)")
     t.add_argument("--l0-weighting", help="macs (default) or channels")
@@ -90,7 +92,7 @@ def parse_args(argv=None):
 
 RECIPE_FLAGS = (
     "dataset", "model", "gated", "width_multiplier", "group_size", "gate_granularity", "image_size", "epochs", "batch_size",
-    "lr", "lr_schedule", "optimizer", "weight_decay", "clipnorm", "gamma", "lam", "target_macs", "budget_rate",
+    "lr", "lr_schedule", "optimizer", "weight_decay", "clipnorm", "gamma", "lam", "target_macs", "budget_rate", "budget_measure",
     "prior_a", "prior_b",
     "l0_weighting", "seed", "validation_split", "limit_train", "limit_eval", "crop_size", "aux_weight",
     "init_from", "prune_from", "prune_macs", "gate_from",

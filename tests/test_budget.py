@@ -1,0 +1,163 @@
+"""MacBudget: lambda as a multiplier driven to a target MAC ratio."""
+
+import keras
+import numpy as np
+import pytest
+
+import bs_keras
+from bs_keras import schedules
+from bs_keras.budget import MacBudget
+from bs_keras.cli import train as train_cli
+from bs_keras.gates import find_gates
+from bs_keras.macs import count_macs, gate_table
+from bs_keras.models import cifar_resnet
+
+
+def test_multiplier_rises_over_budget_falls_under_and_stays_at_least_0():
+    budget = MacBudget(0.5, begin=1.0, end=3.0, rate=2.0, max_multiplier=5.0)
+    assert [budget.target_at(t) for t in (0.0, 1.0, 2.0, 3.0, 9.0)] == pytest.approx([1.0, 1.0, 0.75, 0.5, 0.5])
+    assert budget.update(0.5, ratio=1.0) == 0.0 and budget(0.5) == 0.0  # before begin: no pressure
+    assert budget.update(3.0, ratio=0.8) == pytest.approx(0.6)  # 2 * (0.8 - 0.5)
+    assert budget.update(3.5, ratio=0.7) == pytest.approx(1.0)
+    assert budget(3.5) == pytest.approx(1.0)
+    assert budget.update(4.0, ratio=0.3) == pytest.approx(0.6)  # under budget: falls
+    assert budget.update(4.0, ratio=0.0) == 0.0  # not below 0
+    assert budget.update(4.0, ratio=1.0) == pytest.approx(1.0)
+    for _ in range(10):
+        budget.update(4.0, ratio=1.0)
+    assert budget.multiplier == 5.0  # capped
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"target": 0}, "must be in \\(0, 1\\]"), ({"target": 1.5}, "must be in \\(0, 1\\]"),
+     ({"target": float("nan")}, "must be in"), ({"target": 0.5, "rate": 0}, "rate must be"),
+     ({"target": 0.5, "begin": 2, "end": 1}, "end must be >= begin"),
+     ({"target": 0.5, "unit": "batch"}, "unit must be")],
+)  # fmt: skip
+def test_bad_budgets_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MacBudget(**kwargs)
+
+
+def test_budget_serializes_as_a_schedule():
+    budget = MacBudget(0.4, begin=1, end=2, rate=0.5, unit="step")
+    again = schedules.get(keras.saving.serialize_keras_object(budget))
+    assert isinstance(again, MacBudget) and again.get_config() == budget.get_config()
+    scheduler = bs_keras.GateLossScheduler(0.0, budget)
+    assert scheduler.get_config()["lam"]["config"]["target"] == 0.4
+
+
+def _model(**kwargs):
+    model = cifar_resnet(8, num_classes=3, input_shape=(16, 16, 3), seed=0, **kwargs)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="sparse_categorical_crossentropy")
+    return model
+
+
+def _data(n=64):
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(n, 16, 16, 3)).astype("float32"), rng.integers(0, 3, n)
+
+
+def test_dual_ascent_in_fit_uses_the_measured_inference_ratio():
+    """With a frozen model (lr 0) every gate stays open (logit = init bias 3),
+    so each batch measures the static/ungated ratio, computed here from the
+    architecture: the multiplier after k steps is k * rate * (ratio - target)."""
+    model = _model()
+    x, y = _data()
+    ungated = count_macs(model) - sum(16 * (g.hidden.kernel.shape[0] + g.num_gates) for g in find_gates(model))
+    ratio = count_macs(model) / ungated
+    budget = MacBudget(0.3, rate=0.5, unit="step")
+    history = model.fit(x, y, batch_size=16, epochs=2, verbose=0,
+                        callbacks=[bs_keras.GateLossScheduler(0.0, budget)])  # fmt: skip
+    h = history.history
+    assert budget.multiplier == pytest.approx(8 * 0.5 * (ratio - 0.3))
+    assert h["hard_macs_ratio"] == pytest.approx([ratio, ratio])
+    assert h["mac_target"] == pytest.approx([0.3, 0.3])
+    # `lam` logs the multiplier the last batch of each epoch used.
+    assert h["lam"] == pytest.approx([3 * 0.5 * (ratio - 0.3), 7 * 0.5 * (ratio - 0.3)])
+    # The gates' L0 weights hold the current multiplier (shares sum to 1).
+    assert sum(float(g.l0_coef) for g in find_gates(model)) == pytest.approx(budget.multiplier)
+
+
+def test_closed_gates_lower_the_measured_ratio_and_the_multiplier():
+    """All gates shut (init bias -5): the ratio is what the gates control
+    removed, from `gate_table`; under the target the multiplier falls to 0."""
+    model = _model(gate_kwargs={"init_bias": -5.0})
+    x, y = _data(32)
+    table = gate_table(model)
+    ungated = count_macs(model) - sum(16 * (i.gate.hidden.kernel.shape[0] + i.gate.num_gates) for i in table)
+    closed = (count_macs(model) - sum(i.channels * i.macs_per_channel for i in table)) / ungated
+    budget = MacBudget(0.9, rate=1.0, unit="step")
+    budget.multiplier = 0.2
+    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+                        callbacks=[bs_keras.GateLossScheduler(0.0, budget)])  # fmt: skip
+    assert history.history["hard_macs_ratio"] == pytest.approx([closed])
+    assert closed < 0.9 and budget.multiplier == 0.0
+
+
+def test_resume_restores_the_multiplier(tmp_path):
+    model = _model()
+    x, y = _data(32)
+    budget = MacBudget(0.3, rate=0.5, unit="step")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[bs_keras.GateLossScheduler(0.0, budget)])
+    assert budget.multiplier > 0
+    model.save_weights(tmp_path / "state.weights.h5")
+
+    resumed = _model()
+    resumed.load_weights(tmp_path / "state.weights.h5")
+    fresh = MacBudget(0.3, rate=0.5, unit="step")
+    scheduler = bs_keras.GateLossScheduler(0.0, fresh)
+    scheduler.set_model(resumed)
+    scheduler.on_train_begin()
+    assert fresh.multiplier == pytest.approx(budget.multiplier)
+
+
+def test_block_gates_under_a_budget_train_without_nan():
+    model = cifar_resnet(8, num_classes=3, input_shape=(16, 16, 3), seed=0, gate_kwargs={"group_size": "all"})
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss="sparse_categorical_crossentropy")
+    x, y = _data()
+    budget = MacBudget(0.5, rate=1.0, unit="step")
+    history = model.fit(x, y, batch_size=16, epochs=3, verbose=0,
+                        callbacks=[bs_keras.GateLossScheduler(0.0, budget)])  # fmt: skip
+    assert all(np.isfinite(v) for v in history.history["loss"])
+    assert budget.multiplier > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--target-macs", "0"], "--target-macs=0.0 is invalid"), (["--target-macs", "1.5"], "must be in (0, 1]"),
+     (["--target-macs", "0.5", "--plain"], "drop --plain"),
+     (["--target-macs", "0.5", "--budget-rate", "0"], "--budget-rate=0.0 is invalid")],
+)  # fmt: skip
+def test_cli_refuses_bad_targets(args, message, tmp_path, capsys):
+    assert train_cli.main([*args, "--run-dir", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_target_and_lam_are_exclusive(capsys):
+    with pytest.raises(SystemExit):
+        train_cli.parse_args(["--target-macs", "0.5", "--lam", "3"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_recipe_target_becomes_a_budget_over_the_l0_ramp():
+    from bs_keras import recipes, training
+
+    recipe = recipes.RECIPES["fashion_mnist_demo"].replace(target_macs=0.4, budget_rate=2.0).validate()
+    scheduler = training.gate_callback(recipe)
+    budget = scheduler.lam
+    assert isinstance(budget, MacBudget)
+    assert (budget.target, budget.rate) == (0.4, 2.0)
+    assert (budget.begin, budget.end) == pytest.approx((0.2 * recipe.epochs, 0.6 * recipe.epochs))
+    # --lam on a recipe carrying a target: the fixed lambda wins.
+    _, args = train_cli.parse_args(["--lam", "3"])
+    with_target = recipes.RECIPES["fashion_mnist_demo"].replace(target_macs=0.4)
+    recipes.RECIPES["_t"] = with_target.replace(name="_t")
+    try:
+        _, args = train_cli.parse_args(["--recipe", "_t", "--lam", "3"])
+        resolved = train_cli.resolve_recipe(args)
+    finally:
+        del recipes.RECIPES["_t"]
+    assert resolved.target_macs is None and resolved.lam == 3.0
