@@ -66,7 +66,8 @@ class MacBudget(schedules.Schedule):
         multiplier: the current λ.
     """
 
-    def __init__(self, target, begin=0.0, end=0.0, rate=1.0, max_multiplier=100.0, measure="inference", unit="epoch"):
+    def __init__(self, target, begin=0.0, end=0.0, rate=0.2, gain=20.0, max_multiplier=100.0, measure="inference",
+                 unit="epoch"):
         target = float(target)
         if not 0 < target <= 1:
             raise ValueError(
@@ -82,13 +83,17 @@ class MacBudget(schedules.Schedule):
             raise ValueError(f"rate must be a finite number > 0. Received: rate={rate}")
         if not (math.isfinite(float(max_multiplier)) and max_multiplier > 0):
             raise ValueError(f"max_multiplier must be a finite number > 0. Received: max_multiplier={max_multiplier}")
+        if not (math.isfinite(float(gain)) and gain >= 0):
+            raise ValueError(f"gain must be a finite number >= 0. Received: gain={gain}")
         self.rate = float(rate)
+        self.gain = float(gain)
         self.max_multiplier = float(max_multiplier)
         if measure not in MEASURES:
             raise ValueError(f"measure must be one of {MEASURES}. Received: measure={measure!r}")
         self.measure = measure
         self.unit = schedules.check_unit(unit)
         self.multiplier = 0.0
+        self.integral = 0.0
 
     def target_at(self, t):
         """The target ratio at time `t`: 1 until `begin`, `target` from `end`."""
@@ -108,9 +113,15 @@ class MacBudget(schedules.Schedule):
             The new multiplier.
         """
         if t >= self.begin:
-            step = self.rate * (float(ratio) - self.target_at(t))
-            self.multiplier = min(self.max_multiplier, max(0.0, self.multiplier + step))
+            error = float(ratio) - self.target_at(t)
+            self.integral = min(self.max_multiplier, max(0.0, self.integral + self.rate * error))
+            self.multiplier = min(self.max_multiplier, max(0.0, self.gain * error + self.integral))
         return self.multiplier
+
+    def restore(self, multiplier):
+        """Resume at `multiplier` (read back from the gates' weights): it
+        becomes the integral, the proportional part follows the next error."""
+        self.multiplier = self.integral = float(multiplier)
 
     def get_config(self):
         return {
@@ -118,6 +129,7 @@ class MacBudget(schedules.Schedule):
             "begin": self.begin,
             "end": self.end,
             "rate": self.rate,
+            "gain": self.gain,
             "max_multiplier": self.max_multiplier,
             "measure": self.measure,
             "unit": self.unit,

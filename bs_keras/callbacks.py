@@ -90,7 +90,7 @@ class GateLossScheduler(keras.callbacks.Callback):
         self._previous = [None] * len(gates)
         if self._budget is not None:
             # The multiplier is in the weights: l0_coef = lam * share, shares sum to 1.
-            self._budget.multiplier = float(sum(float(keras.ops.convert_to_numpy(g.l0_coef)) for g in gates))
+            self._budget.restore(sum(float(keras.ops.convert_to_numpy(g.l0_coef)) for g in gates))
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch

@@ -14,7 +14,7 @@ from bs_keras.models import cifar_resnet
 
 
 def test_multiplier_rises_over_budget_falls_under_and_stays_at_least_0():
-    budget = MacBudget(0.5, begin=1.0, end=3.0, rate=2.0, max_multiplier=5.0)
+    budget = MacBudget(0.5, begin=1.0, end=3.0, rate=2.0, gain=0.0, max_multiplier=5.0)  # integral only
     assert [budget.target_at(t) for t in (0.0, 1.0, 2.0, 3.0, 9.0)] == pytest.approx([1.0, 1.0, 0.75, 0.5, 0.5])
     assert budget.update(0.5, ratio=1.0) == 0.0 and budget(0.5) == 0.0  # before begin: no pressure
     assert budget.update(3.0, ratio=0.8) == pytest.approx(0.6)  # 2 * (0.8 - 0.5)
@@ -28,11 +28,24 @@ def test_multiplier_rises_over_budget_falls_under_and_stays_at_least_0():
     assert budget.multiplier == 5.0  # capped
 
 
+def test_proportional_part_follows_the_error_at_once():
+    budget = MacBudget(0.5, rate=0.1, gain=10.0, unit="step")
+    assert budget.update(0, ratio=0.8) == pytest.approx(10 * 0.3 + 0.1 * 0.3)
+    assert budget.update(1, ratio=0.8) == pytest.approx(10 * 0.3 + 0.2 * 0.3)
+    # Back on target: only the integral is left; under it, the proportional
+    # part takes the multiplier down (to 0) at once, the integral slowly.
+    assert budget.update(2, ratio=0.5) == pytest.approx(0.06)
+    assert budget.update(3, ratio=0.45) == 0.0 and budget.integral == pytest.approx(0.055)
+    budget.restore(2.5)
+    assert (budget.multiplier, budget.integral) == (2.5, 2.5)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"target": 0}, "must be in \\(0, 1\\]"), ({"target": 1.5}, "must be in \\(0, 1\\]"),
      ({"target": float("nan")}, "must be in"), ({"target": 0.5, "rate": 0}, "rate must be"),
-     ({"target": 0.5, "begin": 2, "end": 1}, "end must be >= begin"),
+     ({"target": 0.5, "begin": 2, "end": 1}, "end must be >= begin"), ({"target": 0.5, "gain": -1}, "gain must be"),
+     ({"target": 0.5, "measure": "sampled"}, "measure must be one of"),
      ({"target": 0.5, "unit": "batch"}, "unit must be")],
 )  # fmt: skip
 def test_bad_budgets_are_refused(kwargs, message):
@@ -62,20 +75,22 @@ def _data(n=64):
 def test_dual_ascent_in_fit_uses_the_measured_inference_ratio():
     """With a frozen model (lr 0) every gate stays open (logit = init bias 3),
     so each batch measures the static/ungated ratio, computed here from the
-    architecture: the multiplier after k steps is k * rate * (ratio - target)."""
+    architecture: after k steps the multiplier is gain * e + k * rate * e
+    for the excess e = ratio - target."""
     model = _model()
     x, y = _data()
     ungated = count_macs(model) - sum(16 * (g.hidden.kernel.shape[0] + g.num_gates) for g in find_gates(model))
     ratio = count_macs(model) / ungated
-    budget = MacBudget(0.3, rate=0.5, unit="step")
+    budget = MacBudget(0.3, rate=0.5, gain=4.0, unit="step")
     history = model.fit(x, y, batch_size=16, epochs=2, verbose=0,
                         callbacks=[bs_keras.GateLossScheduler(0.0, budget)])  # fmt: skip
     h = history.history
-    assert budget.multiplier == pytest.approx(8 * 0.5 * (ratio - 0.3))
+    e = ratio - 0.3
+    assert budget.multiplier == pytest.approx(4 * e + 8 * 0.5 * e)
     assert h["hard_macs_ratio"] == pytest.approx([ratio, ratio])
     assert h["mac_target"] == pytest.approx([0.3, 0.3])
     # `lam` logs the multiplier the last batch of each epoch used.
-    assert h["lam"] == pytest.approx([3 * 0.5 * (ratio - 0.3), 7 * 0.5 * (ratio - 0.3)])
+    assert h["lam"] == pytest.approx([4 * e + 3 * 0.5 * e, 4 * e + 7 * 0.5 * e])
     # The gates' L0 weights hold the current multiplier (shares sum to 1).
     assert sum(float(g.l0_coef) for g in find_gates(model)) == pytest.approx(budget.multiplier)
 
@@ -89,7 +104,7 @@ def test_closed_gates_lower_the_measured_ratio_and_the_multiplier():
     ungated = count_macs(model) - sum(16 * (i.gate.hidden.kernel.shape[0] + i.gate.num_gates) for i in table)
     closed = (count_macs(model) - sum(i.channels * i.macs_per_channel for i in table)) / ungated
     budget = MacBudget(0.9, rate=1.0, unit="step")
-    budget.multiplier = 0.2
+    budget.restore(0.2)
     history = model.fit(x, y, batch_size=16, epochs=1, verbose=0,
                         callbacks=[bs_keras.GateLossScheduler(0.0, budget)])  # fmt: skip
     assert history.history["hard_macs_ratio"] == pytest.approx([closed])
@@ -111,6 +126,7 @@ def test_resume_restores_the_multiplier(tmp_path):
     scheduler.set_model(resumed)
     scheduler.on_train_begin()
     assert fresh.multiplier == pytest.approx(budget.multiplier)
+    assert fresh.integral == pytest.approx(budget.multiplier)
 
 
 def test_block_gates_under_a_budget_train_without_nan():
@@ -145,11 +161,11 @@ def test_cli_target_and_lam_are_exclusive(capsys):
 def test_recipe_target_becomes_a_budget_over_the_l0_ramp():
     from bs_keras import recipes, training
 
-    recipe = recipes.RECIPES["fashion_mnist_demo"].replace(target_macs=0.4, budget_rate=2.0).validate()
+    recipe = recipes.RECIPES["fashion_mnist_demo"].replace(target_macs=0.4, budget_rate=2.0, budget_gain=5.0).validate()
     scheduler = training.gate_callback(recipe)
     budget = scheduler.lam
     assert isinstance(budget, MacBudget)
-    assert (budget.target, budget.rate) == (0.4, 2.0)
+    assert (budget.target, budget.rate, budget.gain) == (0.4, 2.0, 5.0)
     assert (budget.begin, budget.end) == pytest.approx((0.2 * recipe.epochs, 0.6 * recipe.epochs))
     # --lam on a recipe carrying a target: the fixed lambda wins.
     _, args = train_cli.parse_args(["--lam", "3"])
