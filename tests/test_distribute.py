@@ -148,6 +148,23 @@ def _recipe():
     ).validate()
 
 
+def test_mac_budget_under_mirrored_strategy_measures_the_global_batch(tmp_path):
+    """tests/dist_scripts/mirrored_budget.py: the ratio MacBudget follows is
+    the global batch's (mean of the replicas'), as on one device."""
+    out = tmp_path / "budget.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / "mirrored_budget.py"), str(out)],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, _tail(result.stdout + result.stderr)
+    data = json.loads(out.read_text())
+    one, two, halves = data["one_device"], data["mirrored"], data["halves"]
+    assert two == pytest.approx(one, rel=RTOL)  # (hard_macs_ratio, multiplier)
+    assert one[0] == pytest.approx(sum(halves) / 2, rel=RTOL)
+    assert min(abs(one[0] - h) for h in halves) > 1e-3  # one replica's half would differ
+    assert one[1] == pytest.approx(one[0] - 0.2, rel=RTOL)  # gain 0, rate 1: one step of the excess
+
+
 def test_chief_accepts_a_run_dir_holding_worker_subdirs(tmp_path):
     # The workers of a multi-worker run start together; a non-chief worker
     # may create <run>/worker-1/ before the chief creates <run>/config.json.
