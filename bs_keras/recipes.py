@@ -50,6 +50,7 @@ class Recipe:
     target_macs: float = None
     budget_rate: float = 0.2
     budget_gain: float = 20.0
+    budget_max: float = 100.0
     budget_measure: str = "inference"
     prior_a: float = 0.6
     prior_b: float = 0.4
@@ -158,6 +159,8 @@ class Recipe:
                 bad("target_macs", "a compute budget trains the gates of a gated model: drop --plain")
         if self.budget_measure not in ("inference", "expected"):
             bad("budget_measure", "choose 'inference' (logit > 0 gates) or 'expected' (open probabilities)")
+        if not finite(self.budget_max) or self.budget_max <= 0:
+            bad("budget_max", "must be a finite number > 0")
         if not finite(self.budget_gain) or self.budget_gain < 0:
             bad("budget_gain", "must be a finite number >= 0")
         if not finite(self.budget_rate) or self.budget_rate <= 0:
