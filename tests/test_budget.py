@@ -73,11 +73,13 @@ def _data(n=64):
 
 
 def test_dual_ascent_in_fit_uses_the_measured_inference_ratio():
-    """With a frozen model (lr 0) every gate stays open (logit = init bias 3),
-    so each batch measures the static/ungated ratio, computed here from the
-    architecture: after k steps the multiplier is gain * e + k * rate * e
-    for the excess e = ratio - target."""
+    """With a frozen model (lr 0) and zero logits kernels every gate stays
+    open (logit = init bias 3 for every sample), so each batch measures the
+    static/ungated ratio, computed here from the architecture: after k steps
+    the multiplier is gain * e + k * rate * e for the excess e = ratio - target."""
     model = _model()
+    for gate in find_gates(model):
+        gate.logits_dense.kernel.assign(np.zeros(gate.logits_dense.kernel.shape, "float32"))
     x, y = _data()
     ungated = count_macs(model) - sum(16 * (g.hidden.kernel.shape[0] + g.num_gates) for g in find_gates(model))
     ratio = count_macs(model) / ungated
