@@ -101,6 +101,8 @@ def test_closed_gates_lower_the_measured_ratio_and_the_multiplier():
     """All gates shut (init bias -5): the ratio is what the gates control
     removed, from `gate_table`; under the target the multiplier falls to 0."""
     model = _model(gate_kwargs={"init_bias": -5.0})
+    for gate in find_gates(model):  # logit = -5 for every sample
+        gate.logits_dense.kernel.assign(np.zeros(gate.logits_dense.kernel.shape, "float32"))
     x, y = _data(32)
     table = gate_table(model)
     ungated = count_macs(model) - sum(16 * (i.gate.hidden.kernel.shape[0] + i.gate.num_gates) for i in table)
