@@ -55,7 +55,9 @@ class MacBudget(schedules.Schedule):
         begin: when the budget starts (in `unit`); λ is 0 before.
         end: when the target reaches `target` (falling linearly from 1 at
             `begin`); >= `begin`.
-        rate: multiplier change per step per unit of excess ratio.
+        rate: multiplier change per step per unit of excess ratio (the
+            integral gain).
+        gain: L0 weight per unit of excess ratio (the proportional gain).
         max_multiplier: upper bound of λ.
         measure: the ratio the multiplier follows: "inference" (gates with
             `logit > 0`, as deployed) or "expected" (each gate weighted by
@@ -63,10 +65,13 @@ class MacBudget(schedules.Schedule):
         unit: "epoch" (fractional epochs) or "step".
 
     Attributes:
-        multiplier: the current λ.
+        multiplier: the Lagrange multiplier (the integral part), >= 0.
+        weight: the L0 weight in use, `gain * excess + multiplier`; negative
+            while the network is under budget by more than
+            `multiplier / gain`, which pushes gates back open.
     """
 
-    def __init__(self, target, begin=0.0, end=0.0, rate=0.2, gain=20.0, max_multiplier=100.0, measure="inference",
+    def __init__(self, target, begin=0.0, end=0.0, rate=0.5, gain=50.0, max_multiplier=1000.0, measure="inference",
                  unit="epoch"):
         target = float(target)
         if not 0 < target <= 1:
@@ -93,7 +98,7 @@ class MacBudget(schedules.Schedule):
         self.measure = measure
         self.unit = schedules.check_unit(unit)
         self.multiplier = 0.0
-        self.integral = 0.0
+        self.weight = 0.0
 
     def target_at(self, t):
         """The target ratio at time `t`: 1 until `begin`, `target` from `end`."""
@@ -104,24 +109,26 @@ class MacBudget(schedules.Schedule):
         return 1.0 + (t - self.begin) / (self.end - self.begin) * (self.target - 1.0)
 
     def __call__(self, t):
-        return 0.0 if t < self.begin else self.multiplier
+        return 0.0 if t < self.begin else self.weight
 
     def update(self, t, ratio):
-        """One dual-ascent step after a training step at time `t` that measured `ratio`.
+        """One controller step after a training step at time `t` that measured `ratio`.
 
         Returns:
-            The new multiplier.
+            The new L0 weight (`weight`).
         """
         if t >= self.begin:
             error = float(ratio) - self.target_at(t)
-            self.integral = min(self.max_multiplier, max(0.0, self.integral + self.rate * error))
-            self.multiplier = min(self.max_multiplier, max(0.0, self.gain * error + self.integral))
-        return self.multiplier
+            self.multiplier = min(self.max_multiplier, max(0.0, self.multiplier + self.rate * error))
+            bound = self.max_multiplier
+            self.weight = min(bound, max(-bound, self.gain * error + self.multiplier))
+        return self.weight
 
-    def restore(self, multiplier):
-        """Resume at `multiplier` (read back from the gates' weights): it
-        becomes the integral, the proportional part follows the next error."""
-        self.multiplier = self.integral = float(multiplier)
+    def restore(self, weight):
+        """Resume at the L0 weight read back from the gates: the multiplier
+        is its non-negative part; the proportional part follows the next error."""
+        self.weight = float(weight)
+        self.multiplier = max(0.0, self.weight)
 
     def get_config(self):
         return {

@@ -105,7 +105,8 @@ class GateLossScheduler(keras.callbacks.Callback):
 
     def _value(self, name, schedule, batch):
         value = float(schedule(self._time(schedule, batch)))
-        if not math.isfinite(value) or value < 0:
+        # A MacBudget's L0 weight turns negative to reopen gates when under budget.
+        if not math.isfinite(value) or (value < 0 and schedule is not self._budget):
             raise ValueError(
                 f"The {name} schedule returned {value} at epoch {self._epoch}, "
                 f"batch {batch}; loss weights must be finite and >= 0."

@@ -48,9 +48,9 @@ class Recipe:
     # A compute budget instead of a fixed lambda (bs_keras.MacBudget): the
     # mean conditional MAC ratio to reach, and the multiplier's step size.
     target_macs: float = None
-    budget_rate: float = 0.2
-    budget_gain: float = 20.0
-    budget_max: float = 100.0
+    budget_rate: float = 0.5
+    budget_gain: float = 50.0
+    budget_max: float = 1000.0
     budget_measure: str = "inference"
     prior_a: float = 0.6
     prior_b: float = 0.4

@@ -21,7 +21,7 @@ def test_multiplier_rises_over_budget_falls_under_and_stays_at_least_0():
     assert budget.update(3.5, ratio=0.7) == pytest.approx(1.0)
     assert budget(3.5) == pytest.approx(1.0)
     assert budget.update(4.0, ratio=0.3) == pytest.approx(0.6)  # under budget: falls
-    assert budget.update(4.0, ratio=0.0) == 0.0  # not below 0
+    assert budget.update(4.0, ratio=0.0) == 0.0 and budget.multiplier == 0.0  # not below 0
     assert budget.update(4.0, ratio=1.0) == pytest.approx(1.0)
     for _ in range(10):
         budget.update(4.0, ratio=1.0)
@@ -35,9 +35,15 @@ def test_proportional_part_follows_the_error_at_once():
     # Back on target: only the integral is left; under it, the proportional
     # part takes the multiplier down (to 0) at once, the integral slowly.
     assert budget.update(2, ratio=0.5) == pytest.approx(0.06)
-    assert budget.update(3, ratio=0.45) == 0.0 and budget.integral == pytest.approx(0.055)
+    # Under budget the weight turns negative (it pushes gates back open);
+    # the multiplier, the integral part, only shrinks and stays >= 0.
+    assert budget.update(3, ratio=0.45) == pytest.approx(-0.5 + 0.055) and budget.multiplier == pytest.approx(0.055)
+    assert budget.update(4, ratio=0.0) == pytest.approx(-5.0 + 0.005) and budget.multiplier == pytest.approx(0.005)
+    assert budget.update(5, ratio=0.0) == pytest.approx(-5.0) and budget.multiplier == 0.0
+    budget.restore(-1.5)
+    assert (budget.weight, budget.multiplier) == (-1.5, 0.0)
     budget.restore(2.5)
-    assert (budget.multiplier, budget.integral) == (2.5, 2.5)
+    assert (budget.weight, budget.multiplier) == (2.5, 2.5)
 
 
 @pytest.mark.parametrize(
@@ -88,18 +94,19 @@ def test_dual_ascent_in_fit_uses_the_measured_inference_ratio():
                         callbacks=[bs_keras.GateLossScheduler(0.0, budget)])  # fmt: skip
     h = history.history
     e = ratio - 0.3
-    assert budget.multiplier == pytest.approx(4 * e + 8 * 0.5 * e)
+    assert budget.weight == pytest.approx(4 * e + 8 * 0.5 * e) and budget.multiplier == pytest.approx(8 * 0.5 * e)
     assert h["hard_macs_ratio"] == pytest.approx([ratio, ratio])
     assert h["mac_target"] == pytest.approx([0.3, 0.3])
     # `lam` logs the multiplier the last batch of each epoch used.
     assert h["lam"] == pytest.approx([4 * e + 3 * 0.5 * e, 4 * e + 7 * 0.5 * e])
-    # The gates' L0 weights hold the current multiplier (shares sum to 1).
-    assert sum(float(g.l0_coef) for g in find_gates(model)) == pytest.approx(budget.multiplier)
+    # The gates' L0 weights hold the current weight (shares sum to 1).
+    assert sum(float(g.l0_coef) for g in find_gates(model)) == pytest.approx(budget.weight)
 
 
 def test_closed_gates_lower_the_measured_ratio_and_the_multiplier():
     """All gates shut (init bias -5): the ratio is what the gates control
-    removed, from `gate_table`; under the target the multiplier falls to 0."""
+    removed, from `gate_table`; under the target the multiplier falls to 0
+    and the weight turns negative."""
     model = _model(gate_kwargs={"init_bias": -5.0})
     for gate in find_gates(model):  # logit = -5 for every sample
         gate.logits_dense.kernel.assign(np.zeros(gate.logits_dense.kernel.shape, "float32"))
@@ -107,12 +114,13 @@ def test_closed_gates_lower_the_measured_ratio_and_the_multiplier():
     table = gate_table(model)
     ungated = count_macs(model) - sum(16 * (i.gate.hidden.kernel.shape[0] + i.gate.num_gates) for i in table)
     closed = (count_macs(model) - sum(i.channels * i.macs_per_channel for i in table)) / ungated
-    budget = MacBudget(0.9, rate=1.0, unit="step")
+    budget = MacBudget(0.9, rate=1.0, gain=2.0, unit="step")
     budget.restore(0.2)
     history = model.fit(x, y, batch_size=16, epochs=1, verbose=0,
                         callbacks=[bs_keras.GateLossScheduler(0.0, budget)])  # fmt: skip
     assert history.history["hard_macs_ratio"] == pytest.approx([closed])
     assert closed < 0.9 and budget.multiplier == 0.0
+    assert budget.weight == pytest.approx(2.0 * (closed - 0.9))
 
 
 def test_resume_restores_the_multiplier(tmp_path):
@@ -129,8 +137,7 @@ def test_resume_restores_the_multiplier(tmp_path):
     scheduler = bs_keras.GateLossScheduler(0.0, fresh)
     scheduler.set_model(resumed)
     scheduler.on_train_begin()
-    assert fresh.multiplier == pytest.approx(budget.multiplier)
-    assert fresh.integral == pytest.approx(budget.multiplier)
+    assert fresh.weight == pytest.approx(budget.weight) and fresh.multiplier == pytest.approx(budget.weight)
 
 
 def test_block_gates_under_a_budget_train_without_nan():
@@ -141,7 +148,7 @@ def test_block_gates_under_a_budget_train_without_nan():
     history = model.fit(x, y, batch_size=16, epochs=3, verbose=0,
                         callbacks=[bs_keras.GateLossScheduler(0.0, budget)])  # fmt: skip
     assert all(np.isfinite(v) for v in history.history["loss"])
-    assert budget.multiplier > 0
+    assert budget.multiplier > 0 or budget.weight < 0
 
 
 @pytest.mark.parametrize(
