@@ -178,6 +178,13 @@ def test_keras_applications_resnet50v2_gates_after_the_first_conv_reading_the_pr
         assert (info.producer, info.consumers) == (f"{block}_1_conv", [f"{block}_2_conv"])  # through the pad
         x = info.gate._inbound_nodes[0].input_tensors[0]
         assert x._keras_history[0].name == f"{block}_preact_relu"
+    # Compaction looks through the ZeroPadding2D between the gate and the 3x3.
+    images = _images(gated, n=12, seed=2)
+    set_gate_pattern(gated, images, off=0.4, on=0.3)
+    compact = compact_model(gated, images)
+    np.testing.assert_allclose(np.asarray(compact(images, training=False)),
+                               np.asarray(gated(images, training=False)), atol=1e-5)  # fmt: skip
+    assert count_macs(compact) < 0.9 * count_macs(gated)
 
 
 def test_keras_applications_model_inside_a_sequential_classifier():
