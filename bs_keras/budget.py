@@ -58,6 +58,8 @@ class MacBudget(schedules.Schedule):
         rate: multiplier change per step per unit of excess ratio (the
             integral gain).
         gain: L0 weight per unit of excess ratio (the proportional gain).
+        unwind: how many times faster the multiplier falls than it rises
+            (under budget, so that it does not keep closing gates).
         max_multiplier: upper bound of λ.
         measure: the ratio the multiplier follows: "inference" (gates with
             `logit > 0`, as deployed) or "expected" (each gate weighted by
@@ -71,8 +73,8 @@ class MacBudget(schedules.Schedule):
             `multiplier / gain`, which pushes gates back open.
     """
 
-    def __init__(self, target, begin=0.0, end=0.0, rate=0.5, gain=50.0, max_multiplier=1000.0, measure="inference",
-                 unit="epoch"):
+    def __init__(self, target, begin=0.0, end=0.0, rate=0.5, gain=50.0, unwind=1.0, max_multiplier=1000.0,
+                 measure="inference", unit="epoch"):
         target = float(target)
         if not 0 < target <= 1:
             raise ValueError(
@@ -90,8 +92,11 @@ class MacBudget(schedules.Schedule):
             raise ValueError(f"max_multiplier must be a finite number > 0. Received: max_multiplier={max_multiplier}")
         if not (math.isfinite(float(gain)) and gain >= 0):
             raise ValueError(f"gain must be a finite number >= 0. Received: gain={gain}")
+        if not (math.isfinite(float(unwind)) and unwind >= 1):
+            raise ValueError(f"unwind must be a finite number >= 1. Received: unwind={unwind}")
         self.rate = float(rate)
         self.gain = float(gain)
+        self.unwind = float(unwind)
         self.max_multiplier = float(max_multiplier)
         if measure not in MEASURES:
             raise ValueError(f"measure must be one of {MEASURES}. Received: measure={measure!r}")
@@ -119,7 +124,8 @@ class MacBudget(schedules.Schedule):
         """
         if t >= self.begin:
             error = float(ratio) - self.target_at(t)
-            self.multiplier = min(self.max_multiplier, max(0.0, self.multiplier + self.rate * error))
+            rate = self.rate if error > 0 else self.rate * self.unwind
+            self.multiplier = min(self.max_multiplier, max(0.0, self.multiplier + rate * error))
             bound = self.max_multiplier
             self.weight = min(bound, max(-bound, self.gain * error + self.multiplier))
         return self.weight
@@ -137,6 +143,7 @@ class MacBudget(schedules.Schedule):
             "end": self.end,
             "rate": self.rate,
             "gain": self.gain,
+            "unwind": self.unwind,
             "max_multiplier": self.max_multiplier,
             "measure": self.measure,
             "unit": self.unit,

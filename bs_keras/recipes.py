@@ -51,6 +51,7 @@ class Recipe:
     budget_rate: float = 0.5
     budget_gain: float = 50.0
     budget_max: float = 1000.0
+    budget_unwind: float = 1.0
     budget_measure: str = "inference"
     prior_a: float = 0.6
     prior_b: float = 0.4
@@ -159,6 +160,8 @@ class Recipe:
                 bad("target_macs", "a compute budget trains the gates of a gated model: drop --plain")
         if self.budget_measure not in ("inference", "expected"):
             bad("budget_measure", "choose 'inference' (logit > 0 gates) or 'expected' (open probabilities)")
+        if not finite(self.budget_unwind) or self.budget_unwind < 1:
+            bad("budget_unwind", "must be a finite number >= 1")
         if not finite(self.budget_max) or self.budget_max <= 0:
             bad("budget_max", "must be a finite number > 0")
         if not finite(self.budget_gain) or self.budget_gain < 0:

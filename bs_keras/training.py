@@ -278,7 +278,8 @@ def gate_callback(recipe):
     if recipe.target_macs is not None:
         lam = MacBudget(
             recipe.target_macs, begin=recipe.lam_begin * recipe.epochs, end=recipe.lam_end * recipe.epochs,
-            rate=recipe.budget_rate, gain=recipe.budget_gain, max_multiplier=recipe.budget_max,
+            rate=recipe.budget_rate, gain=recipe.budget_gain, unwind=recipe.budget_unwind,
+            max_multiplier=recipe.budget_max,
             measure=recipe.budget_measure,
         )  # fmt: skip
     return GateLossScheduler(gamma, lam, l0_weighting=recipe.l0_weighting)

@@ -74,7 +74,9 @@ def parse_args(argv=None):
                    help="--target-macs: integral gain, the multiplier's change per step per unit excess (default 0.2)")
     t.add_argument("--budget-gain", type=number,
                    help="--target-macs: proportional gain, multiplier per unit excess (default 20)")
-    t.add_argument("--budget-max", type=number, help="--target-macs: the multiplier's upper bound (default 100)")
+    t.add_argument("--budget-max", type=number, help="--target-macs: the multiplier's upper bound")
+    t.add_argument("--budget-unwind", type=number,
+                   help="--target-macs: how many times faster the multiplier falls than it rises")
     t.add_argument("--budget-measure", choices=("inference", "expected"),
                    help="--target-macs: the ratio the multiplier follows (logit > 0 gates, or open probabilities)")
     t.add_argument("--prior-a", type=number, help="Beta prior parameter a (default 0.6)")
@@ -96,7 +98,7 @@ def parse_args(argv=None):
 
 RECIPE_FLAGS = (
     "dataset", "model", "gated", "width_multiplier", "group_size", "gate_granularity", "image_size", "epochs", "batch_size",
-    "lr", "lr_schedule", "optimizer", "weight_decay", "clipnorm", "gamma", "lam", "target_macs", "budget_rate", "budget_gain", "budget_max", "budget_measure",
+    "lr", "lr_schedule", "optimizer", "weight_decay", "clipnorm", "gamma", "lam", "target_macs", "budget_rate", "budget_gain", "budget_max", "budget_unwind", "budget_measure",
     "prior_a", "prior_b",
     "l0_weighting", "seed", "validation_split", "limit_train", "limit_eval", "crop_size", "aux_weight",
     "init_from", "prune_from", "prune_macs", "gate_from",
