@@ -98,8 +98,8 @@ def parse_args(argv=None):
 
 RECIPE_FLAGS = (
     "dataset", "model", "gated", "width_multiplier", "group_size", "gate_granularity", "image_size", "epochs", "batch_size",
-    "lr", "lr_schedule", "optimizer", "weight_decay", "clipnorm", "gamma", "lam", "target_macs", "budget_rate", "budget_gain", "budget_max", "budget_unwind", "budget_measure",
-    "prior_a", "prior_b",
+    "lr", "lr_schedule", "optimizer", "weight_decay", "clipnorm", "gamma", "lam", "prior_a", "prior_b",
+    "target_macs", "budget_rate", "budget_gain", "budget_max", "budget_unwind", "budget_measure",
     "l0_weighting", "seed", "validation_split", "limit_train", "limit_eval", "crop_size", "aux_weight",
     "init_from", "prune_from", "prune_macs", "gate_from",
 )
