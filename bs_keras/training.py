@@ -351,11 +351,12 @@ class ClassificationTask:
 
     monitor = "val_accuracy"
 
-    def __init__(self, recipe, data_dir, manual_dir):
+    def __init__(self, recipe, data_dir, manual_dir, skip_bad_images=False):
         self.recipe = recipe
         self.source = data_lib.get_dataset(
             recipe.dataset, data_dir=data_dir, manual_dir=manual_dir, image_size=recipe.image_size,
             validation_split=recipe.validation_split, seed=recipe.seed,
+            skip_bad_images=skip_bad_images,
         )  # fmt: skip
         self.info = self.source.info
         self.train_examples = self.info.train_examples
@@ -527,10 +528,20 @@ def _what(recipe):
     return f"{recipe.model} ({'gated' if recipe.gated else 'plain'})"
 
 
-def make_task(recipe, data_dir=None, manual_dir=None):
+def make_task(recipe, data_dir=None, manual_dir=None, skip_bad_images=False):
     if recipe.task == "segmentation":
         return SegmentationTask(recipe, data_dir, manual_dir)
-    return ClassificationTask(recipe, data_dir, manual_dir)
+    return ClassificationTask(recipe, data_dir, manual_dir, skip_bad_images)
+
+
+def _log_bad_files(info, dataset, log):
+    """Logs the image files `skip_bad_images` left out; returns them for the report."""
+    bad = list(getattr(info, "bad_files", ()))
+    if bad:
+        shown = "\n".join(f"  {path}: {reason}" for path, reason in bad[:20])
+        more = f"\n  ... and {len(bad) - 20} more (all in report.json)" if len(bad) > 20 else ""
+        log(f"--skip-bad-images: left out {len(bad)} undecodable image file(s) of {dataset}:\n{shown}{more}")
+    return [{"path": path, "reason": reason} for path, reason in bad]
 
 
 def train(
@@ -544,9 +555,13 @@ def train(
     jit_compile=False,
     overwrite=False,
     verbose=None,
+    skip_bad_images=False,
     log=print,
 ):
     """Trains (or resumes) a run and writes its report. Returns the report.
+
+    `skip_bad_images` leaves out the files of an image folder that cannot be
+    decoded (otherwise they stop the run before training).
 
     Raises:
         RunError: a problem the user must fix (message says how).
@@ -569,6 +584,7 @@ def train(
         "manual_dir": manual_dir,
         "versions": _versions(),
         "command": sys.argv,
+        "skip_bad_images": bool(skip_bad_images),
     }
     state = prepare_run_dir(run_dir, recipe, runtime, overwrite=overwrite)
     done_epochs = state["epoch"] if state else 0
@@ -583,7 +599,8 @@ def train(
     keras.utils.set_random_seed(recipe.seed)
     if mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
-    task = make_task(recipe, data_dir, manual_dir)
+    task = make_task(recipe, data_dir, manual_dir, skip_bad_images)
+    skipped = _log_bad_files(task.info, recipe.dataset, log)
     if task.train_examples < recipe.batch_size:
         raise RunError(
             f"--batch-size={recipe.batch_size} is larger than the {task.train_examples} "
@@ -659,6 +676,8 @@ def train(
         "train_wall_seconds_this_session": wall,
         "best": load_state(run_dir),
     }
+    if skipped:
+        extra["skipped_bad_images"] = skipped
     report, text = task.report(model, eval_ds, run_dir, extra, write=is_chief)
     log(text)
     log(f"Report: {os.path.join(run_dir, 'report.json')}")
@@ -666,7 +685,7 @@ def train(
 
 
 def evaluate(model_path, dataset, out_dir=None, *, data_dir=None, manual_dir=None, batch_size=128,
-             image_size=None, limit_eval=None, log=print):
+             image_size=None, limit_eval=None, skip_bad_images=False, log=print):
     """Evaluates a saved `.keras` model and writes the same report as training."""
     from bs_keras import recipes
 
@@ -689,12 +708,16 @@ def evaluate(model_path, dataset, out_dir=None, *, data_dir=None, manual_dir=Non
         _, eval_ds = task.datasets()
         report, text = task.report(model, eval_ds, out_dir, extra, write=True)
     else:
-        source = data_lib.get_dataset(dataset, data_dir=data_dir, manual_dir=manual_dir, image_size=image_size)
+        source = data_lib.get_dataset(dataset, data_dir=data_dir, manual_dir=manual_dir, image_size=image_size,
+                                      skip_bad_images=skip_bad_images)
         if tuple(source.info.image_shape) != expected:
             raise RunError(
                 f"The model takes images of shape {expected}, but {dataset} gives "
                 f"{tuple(source.info.image_shape)}; pass --image-size or the dataset it was trained on."
             )
+        skipped = _log_bad_files(source.info, dataset, log)
+        if skipped:
+            extra["skipped_bad_images"] = skipped
         eval_ds = _limited(source.eval(batch_size), limit_eval, batch_size)
         report, text = classification_report(model, eval_ds, out_dir, extra)
     log(text)
