@@ -6,7 +6,8 @@
 A run directory holds `config.json` (the resolved recipe and runtime),
 `logs/` (TensorBoard), `log.csv`, `last.keras`, `best.keras`, `state/`
 (weights + optimizer of the last completed epoch, for resume) and, at the
-end, `report.json`, `per_sample.npz` and two PNG plots.
+end, `report.json`, `per_sample.npz` and two PNG plots. While a run writes
+it, `.lock` names its process (`bs_keras.run_lock.RunLock`).
 """
 
 import hashlib
@@ -34,6 +35,7 @@ from bs_keras.callbacks import (
 )
 from bs_keras.models import add_gates, cifar_resnet, imagenet_resnet
 from bs_keras.budget import MacBudget
+from bs_keras.run_lock import LOCK_NAME, RunLock, RunLockedError
 from bs_keras.schedules import paper_schedules
 
 STRATEGIES = ("auto", "cpu", "mirrored", "multi_worker", "tpu")
@@ -305,7 +307,9 @@ def prepare_run_dir(run_dir, recipe, runtime, overwrite=False):
     """
     config_path = os.path.join(run_dir, "config.json")
     if overwrite and os.path.exists(run_dir):
-        shutil.rmtree(run_dir)
+        for entry in os.listdir(run_dir):  # all but the lock this run holds
+            if entry != LOCK_NAME:
+                _remove_path(os.path.join(run_dir, entry))
     if os.path.exists(config_path):
         with open(config_path) as f:
             saved = json.load(f)
@@ -321,7 +325,9 @@ def prepare_run_dir(run_dir, recipe, runtime, overwrite=False):
         return load_state(run_dir)
     # Non-chief workers of a multi-worker run write <run>/worker-N/, possibly
     # before the chief gets here.
-    if os.path.exists(run_dir) and [e for e in os.listdir(run_dir) if not re.fullmatch(r"worker-\d+", e)]:
+    if os.path.exists(run_dir) and [
+        e for e in os.listdir(run_dir) if not re.fullmatch(r"worker-\d+", e) and e != LOCK_NAME
+    ]:
         raise RunError(
             f"{run_dir} exists and is not a bs_keras run directory (no config.json). "
             "Choose another --run-dir or pass --overwrite."
@@ -329,6 +335,13 @@ def prepare_run_dir(run_dir, recipe, runtime, overwrite=False):
     os.makedirs(run_dir, exist_ok=True)
     report_lib.write_json(config_path, {"recipe": recipe.to_dict(), "runtime": runtime})
     return None
+
+
+def _remove_path(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
 
 
 # -------------------------------------------------------------------- train
@@ -560,11 +573,13 @@ def train(
 ):
     """Trains (or resumes) a run and writes its report. Returns the report.
 
+    The run directory is locked (`<run_dir>/.lock`) while the run writes it.
     `skip_bad_images` leaves out the files of an image folder that cannot be
     decoded (otherwise they stop the run before training).
 
     Raises:
-        RunError: a problem the user must fix (message says how).
+        RunError: a problem the user must fix (message says how), e.g.
+            another process holds the run directory.
         SystemExit(3): the loss became NaN; the last good checkpoint is kept.
     """
     recipe.validate()
@@ -586,6 +601,21 @@ def train(
         "command": sys.argv,
         "skip_bad_images": bool(skip_bad_images),
     }
+    try:
+        lock = RunLock(run_dir, log=log).acquire()
+    except RunLockedError as e:
+        raise RunError(str(e)) from None
+    with lock:
+        return _train_locked(
+            recipe, run_dir, runtime, strategy_obj, is_chief, data_dir=data_dir, manual_dir=manual_dir,
+            mixed_precision=mixed_precision, jit_compile=jit_compile, overwrite=overwrite,
+            verbose=verbose, skip_bad_images=skip_bad_images, log=log,
+        )  # fmt: skip
+
+
+def _train_locked(recipe, run_dir, runtime, strategy_obj, is_chief, *, data_dir, manual_dir,
+                  mixed_precision, jit_compile, overwrite, verbose, skip_bad_images, log):
+    """`train` once its run directory is locked."""
     state = prepare_run_dir(run_dir, recipe, runtime, overwrite=overwrite)
     done_epochs = state["epoch"] if state else 0
     if done_epochs >= recipe.epochs and os.path.exists(os.path.join(run_dir, "report.json")):

@@ -3,11 +3,14 @@ two runs on one run directory, damaged checkpoints, a full disk."""
 
 import io
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from bs_keras import data
+from bs_keras import data, recipes, run_lock, training
 from bs_keras.cli import train as train_cli
 
 PIL_Image = pytest.importorskip("PIL.Image")
@@ -114,3 +117,94 @@ def test_train_stops_on_a_bad_image_before_training_and_skip_bad_images_leaves_i
     assert report["skipped_bad_images"] == [{"path": str(root / "cat" / "broken.png"),
                                              "reason": "a text file, not an image"}]
     assert report["evaluation"]["num_samples"] == 4  # round(0.1 * 37) held out, none of them bad
+
+
+# ---------------------------------------------------------------- run lock
+
+_HOLD_LOCK = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("run_lock", sys.argv[1])
+run_lock = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(run_lock)
+run_lock.RunLock(sys.argv[2], command=["train.py", "--run-dir", sys.argv[2], "--epochs", "9"]).acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def _hold_lock(run_dir):
+    """A child process holding the lock of `run_dir` (bs_keras/run_lock.py
+    loaded alone: no TensorFlow import, so it is ready in well under a second)."""
+    child = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, run_lock.__file__, str(run_dir)],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "locked"
+    return child
+
+
+def test_a_second_run_on_a_held_run_dir_is_refused_and_a_killed_holders_lock_is_taken_over(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    child = _hold_lock(run_dir)
+    try:
+        code = train_cli.main(["--model", "resnet20", "--epochs", "1", "--run-dir", str(run_dir)])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert f"error: {run_dir} is in use by another run (pid {child.pid} on " in err
+        assert f"train.py --run-dir {run_dir} --epochs 9)" in err
+        assert f"kill {child.pid}" in err and "choose another --run-dir" in err
+        assert os.listdir(run_dir) == [".lock"]  # nothing written, the holder's lock kept
+        with pytest.raises(run_lock.RunLockedError, match=f"pid {child.pid}"):
+            run_lock.RunLock(run_dir).acquire()
+    finally:
+        child.kill()  # SIGKILL: no cleanup, the lock file stays
+        child.wait()
+    assert json.loads((run_dir / ".lock").read_text())["pid"] == child.pid
+    logs = []
+    with run_lock.RunLock(run_dir, command=["again"], log=logs.append):
+        assert len(logs) == 1 and "Taking over the stale lock" in logs[0] and f"pid {child.pid}" in logs[0]
+        holder = json.loads((run_dir / ".lock").read_text())
+        assert holder["pid"] == os.getpid() and holder["command"] == ["again"]
+    assert not (run_dir / ".lock").exists()
+
+
+def test_the_lock_is_released_on_exit_and_each_worker_dir_locks_on_its_own(tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        with run_lock.RunLock(run_dir):
+            raise SystemExit(3)
+    assert not (run_dir / ".lock").exists()
+
+    recipe = recipes.default_recipe_for("fashion_mnist").replace(model="resnet20", epochs=1).validate()
+    with run_lock.RunLock(run_dir):
+        with run_lock.RunLock(run_dir / "worker-1"):
+            # Held: another acquisition, even in this process, is refused.
+            with pytest.raises(run_lock.RunLockedError, match=f"pid {os.getpid()}"):
+                run_lock.RunLock(run_dir).acquire()
+            assert training.prepare_run_dir(str(run_dir / "worker-1"), recipe, {}) is None
+            assert training.prepare_run_dir(str(run_dir), recipe, {}) is None  # .lock and worker-1/ are fine
+        assert os.listdir(run_dir / "worker-1") == ["config.json"]
+        (run_dir / "junk.txt").write_text("x")
+        assert training.prepare_run_dir(str(run_dir), recipe, {}, overwrite=True) is None
+        assert sorted(os.listdir(run_dir)) == [".lock", "config.json"]  # --overwrite keeps the lock
+    assert os.listdir(run_dir) == ["config.json"]
+
+
+def test_without_flock_a_lock_is_stale_when_its_pid_is_gone(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_lock, "fcntl", None)
+    lock_file = tmp_path / ".lock"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock_file.write_text(json.dumps({"pid": gone.pid, "host": run_lock.socket.gethostname(), "command": ["x"]}))
+    logs = []
+    with run_lock.RunLock(tmp_path, log=logs.append):
+        assert "stale" in logs[0]
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock_file.write_text(json.dumps({"pid": alive.pid, "host": run_lock.socket.gethostname()}))
+        with pytest.raises(run_lock.RunLockedError, match=f"pid {alive.pid}"):
+            run_lock.RunLock(tmp_path).acquire()
+        lock_file.write_text(json.dumps({"pid": gone.pid, "host": "another-machine"}))
+        with pytest.raises(run_lock.RunLockedError, match="delete .*\\.lock and rerun"):
+            run_lock.RunLock(tmp_path).acquire()  # another host's pid cannot be checked
+    finally:
+        alive.kill()
+        alive.wait()
