@@ -1,17 +1,29 @@
 """What goes wrong on a real machine: undecodable files in an image folder,
 two runs on one run directory, damaged checkpoints, a full disk."""
 
+import csv
+import errno
 import io
 import json
 import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 
 from bs_keras import data, recipes, run_lock, training
+from bs_keras.callbacks import (
+    CheckpointWriteError,
+    RunCheckpoint,
+    RunCSVLogger,
+    StopOnNaN,
+    keras_file_problem,
+    resume_states,
+)
 from bs_keras.cli import train as train_cli
+from bs_keras.io_utils import atomic_path
 
 PIL_Image = pytest.importorskip("PIL.Image")
 
@@ -208,3 +220,204 @@ def test_without_flock_a_lock_is_stale_when_its_pid_is_gone(tmp_path, monkeypatc
     finally:
         alive.kill()
         alive.wait()
+
+
+# ------------------------------------------------------- checkpoints, full disk
+
+
+def _tiny_fit(run_dir, epochs, state=None, callbacks=(), initial_epoch=0):
+    from bs_keras.models import cifar_resnet
+
+    keras.utils.set_random_seed(0)
+    model = cifar_resnet(8, input_shape=(8, 8, 1), num_classes=3, seed=0)
+    model.compile(keras.optimizers.SGD(0.01, momentum=0.9), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.optimizer.build(model.trainable_variables)  # so that load_weights restores it too
+    x = np.random.default_rng(0).normal(size=(32, 8, 8, 1)).astype("float32")
+    y = np.arange(32) % 3
+    if epochs > initial_epoch:
+        guard = StopOnNaN()
+        checkpoint = RunCheckpoint(str(run_dir), guard, state=state)
+        model.fit(x, y, batch_size=16, epochs=epochs, initial_epoch=initial_epoch, verbose=0,
+                  validation_data=(x, y), callbacks=[guard, checkpoint, *callbacks])
+    return model
+
+
+def _no_temp_files(run_dir):
+    return [os.path.join(d, f) for d, _, files in os.walk(run_dir) for f in files if ".tmp-" in f] == []
+
+
+def _full_disk_on(method, call):
+    """`keras.Model.<method>` that writes half a file and fails with ENOSPC on its `call`-th call."""
+    real = getattr(keras.Model, method)
+    calls = []
+
+    def patched(self, filepath, *args, **kwargs):
+        calls.append(filepath)
+        if len(calls) == call:
+            with open(filepath, "wb") as f:
+                f.write(b"PK\x03\x04 half written")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filepath)
+        return real(self, filepath, *args, **kwargs)
+
+    return patched
+
+
+# Model.save: last.keras and best.keras of epoch 1, then last.keras of epoch 2;
+# Model.save_weights: the resume weights of epoch 1, then of epoch 2.
+@pytest.mark.parametrize("method, call", [("save", 3), ("save_weights", 2)])
+def test_a_full_disk_during_a_checkpoint_leaves_the_previous_one_intact(tmp_path, monkeypatch, method, call):
+    monkeypatch.setattr(keras.Model, method, _full_disk_on(method, call))
+    with pytest.raises(CheckpointWriteError) as raised:
+        _tiny_fit(tmp_path, epochs=3)
+    message = str(raised.value)
+    assert raised.value.errno == errno.ENOSPC
+    name = "last.keras" if method == "save" else os.path.join("state", "epoch-0002.weights.h5")
+    assert message.startswith(f"Could not write {tmp_path / name}: No space left on device (the disk is full). "
+                              "Free some space;")
+    assert "the checkpoint of epoch 1 is intact, and rerunning the same command resumes from it" in message
+    monkeypatch.undo()
+    assert _no_temp_files(tmp_path)
+    state = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert state["epoch"] == 1
+    for path in (tmp_path / "last.keras", tmp_path / "best.keras"):
+        assert keras_file_problem(path) is None
+        keras.models.load_model(path)
+    model = _tiny_fit(tmp_path, epochs=0)
+    model.load_weights(tmp_path / "state" / state["weights"])
+
+
+def test_a_late_write_error_at_fsync_keeps_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "state.json"
+    target.write_text("old")
+
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="No space left"):
+        with atomic_path(target) as tmp:
+            with open(tmp, "w") as f:
+                f.write("new")
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["state.json"]
+
+
+def test_resume_goes_back_to_the_previous_epoch_when_the_newest_state_is_damaged(tmp_path):
+    _tiny_fit(tmp_path, epochs=3)
+    state_dir = tmp_path / "state"
+    assert sorted(os.listdir(state_dir)) == ["epoch-0002.weights.h5", "epoch-0003.weights.h5",
+                                             "previous.json", "state.json"]
+    assert json.loads((state_dir / "previous.json").read_text())["epoch"] == 2
+    states, damaged = resume_states(tmp_path)
+    assert [s["epoch"] for s in states] == [3, 2] and damaged == []
+
+    weights = state_dir / "epoch-0003.weights.h5"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    model = _tiny_fit(tmp_path, epochs=0)
+    logs = []
+    state = training.restore_checkpoint(model, str(tmp_path), states, damaged, log=logs.append)
+    assert state["epoch"] == 2
+    assert f"{weights} (OSError" in logs[0] and "the intact checkpoint of epoch 2" in logs[0]
+    assert int(model.optimizer.iterations.numpy()) == 4  # 2 epochs of 2 steps
+
+    (state_dir / "state.json").write_text('{"epoch": 3, "wei')  # truncated JSON
+    states, damaged = resume_states(tmp_path)
+    assert [s["epoch"] for s in states] == [2] and damaged[0][0] == str(state_dir / "state.json")
+    (state_dir / "epoch-0002.weights.h5").write_bytes(b"")
+    with pytest.raises(training.RunError) as raised:
+        training.restore_checkpoint(model, str(tmp_path), states, damaged)
+    message = str(raised.value)
+    assert f"Cannot resume {tmp_path}: damaged checkpoint files: {state_dir / 'state.json'} (JSONDecodeError" in message
+    assert f"{state_dir / 'epoch-0002.weights.h5'} (" in message
+    assert "Restore the files from a backup, or pass --overwrite to start the run again" in message
+
+
+def test_keras_file_problem_detects_truncated_and_corrupt_archives(tmp_path):
+    path = tmp_path / "last.keras"
+    _tiny_fit(tmp_path, epochs=0).save(path)
+    assert keras_file_problem(path) is None
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    assert "BadZipFile" in keras_file_problem(path)
+    corrupt = bytearray(whole)
+    corrupt[len(whole) // 3] ^= 0xFF  # inside a member's data: its CRC fails
+    path.write_bytes(bytes(corrupt))
+    assert keras_file_problem(path) is not None
+    assert keras_file_problem(tmp_path / "none.keras") == "missing"
+
+
+def test_csv_rows_of_epochs_trained_again_are_dropped(tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_text("epoch,loss\n0,1.0\n1,0.9\n2,0.8\n3,0.")  # the run went back to epoch 2's checkpoint
+    logger = RunCSVLogger(path)
+    logger.on_epoch_begin(2)
+    logger.on_epoch_end(2, {"loss": 0.7})
+    logger.on_epoch_begin(3)  # only the first epoch of a run looks back
+    logger.on_epoch_end(3, {"loss": 0.6})
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["epoch"], r["loss"]) for r in rows] == [("0", "1.0"), ("1", "0.9"), ("2", "0.7"), ("3", "0.6")]
+
+
+# --------------------------------------------------------------- train(), end to end
+
+TINY = dict(model="resnet20", width_multiplier=0.25, batch_size=32, limit_train=64, limit_eval=32, seed=0)
+
+
+@pytest.mark.slow
+def test_train_recovers_from_a_full_disk_and_from_damaged_checkpoints(tmp_path, monkeypatch):
+    recipe = recipes.default_recipe_for("fashion_mnist").replace(**TINY, epochs=3).validate()
+    run_dir = tmp_path / "run"
+    logs = []
+
+    def train(**kwargs):
+        logs.clear()
+        return training.train(recipe, str(run_dir), verbose=0, log=logs.append, **kwargs)
+
+    def epochs_logged():
+        with open(run_dir / "log.csv") as f:
+            return [r["epoch"] for r in csv.DictReader(f)]
+
+    # The disk fills up while epoch 2 writes last.keras: a RunError (train.py prints it, exit 2).
+    monkeypatch.setattr(keras.Model, "save", _full_disk_on("save", 3))
+    with pytest.raises(training.RunError, match="^Could not write .*last.keras: No space left on device .* "
+                       "epoch 1 is intact"):
+        train()
+    monkeypatch.undo()
+    assert json.loads((run_dir / "state" / "state.json").read_text())["epoch"] == 1
+    assert keras_file_problem(run_dir / "last.keras") is None and _no_temp_files(run_dir)
+    assert not (run_dir / ".lock").exists()
+    train()  # the same flags again: resumes
+    assert f"Resuming {run_dir} after epoch 1 of 3." in logs
+    assert epochs_logged() == ["0", "1", "2"]
+
+    # The newest resume weights are truncated (and the run died before its report).
+    weights = run_dir / "state" / "epoch-0003.weights.h5"
+    weights.write_bytes(weights.read_bytes()[:2000])
+    (run_dir / "report.json").unlink()
+    train()
+    assert any(f"{weights} (OSError" in line and "checkpoint of epoch 2" in line for line in logs), logs
+    assert f"Resuming {run_dir} after epoch 2 of 3." in logs
+    assert epochs_logged() == ["0", "1", "2"]
+    model = keras.models.load_model(run_dir / "last.keras")
+    assert int(model.optimizer.iterations.numpy()) == 6  # epoch 2's optimizer state, then one epoch
+    assert (run_dir / "report.json").exists()
+
+    # A complete run whose last.keras is truncated: rebuilt from the final resume state.
+    last = run_dir / "last.keras"
+    last.write_bytes(last.read_bytes()[:3000])
+    train()
+    assert any(f"{last} was damaged" in line and "checkpoint of epoch 3" in line for line in logs), logs
+    assert int(keras.models.load_model(last).optimizer.iterations.numpy()) == 6
+
+    # Nothing left to resume from: one error naming the files and the way out.
+    (run_dir / "state" / "state.json").write_text("{")
+    (run_dir / "state" / "epoch-0002.weights.h5").write_bytes(b"\0" * 100)
+    with pytest.raises(training.RunError) as raised:
+        train()
+    message = str(raised.value)
+    assert "state.json (JSONDecodeError" in message and "epoch-0002.weights.h5 (" in message
+    assert "pass --overwrite to start the run again" in message
+    (run_dir / "config.json").write_text('{"recipe": ')
+    with pytest.raises(training.RunError, match="config.json is damaged .* pass --overwrite"):
+        train()
+    assert not (run_dir / ".lock").exists()
