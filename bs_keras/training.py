@@ -688,6 +688,8 @@ def train(
         lock = RunLock(run_dir, log=log).acquire()
     except RunLockedError as e:
         raise RunError(str(e)) from None
+    except OSError as e:
+        raise RunError(f"Cannot lock the run directory {run_dir}: {e}. Choose a writable --run-dir.") from e
     with lock:
         return _train_locked(
             recipe, run_dir, runtime, strategy_obj, is_chief, data_dir=data_dir, manual_dir=manual_dir,

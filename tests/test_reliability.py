@@ -200,6 +200,14 @@ def test_the_lock_is_released_on_exit_and_each_worker_dir_locks_on_its_own(tmp_p
     assert os.listdir(run_dir) == ["config.json"]
 
 
+def test_a_run_dir_that_cannot_be_locked_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert train_cli.main(["--epochs", "1", "--run-dir", str(tmp_path / "file" / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: Cannot lock the run directory {tmp_path / 'file' / 'run'}: ")
+    assert "Choose a writable --run-dir." in err
+
+
 def test_without_flock_a_lock_is_stale_when_its_pid_is_gone(tmp_path, monkeypatch):
     monkeypatch.setattr(run_lock, "fcntl", None)
     lock_file = tmp_path / ".lock"
