@@ -23,6 +23,7 @@ import dataclasses
 import gzip
 import math
 import os
+import re
 import struct
 import zlib
 
@@ -69,6 +70,18 @@ class DatasetNotFoundError(FileNotFoundError):
     """
 
 
+class BadImagesError(ValueError):
+    """Files of an image folder that TensorFlow cannot decode.
+
+    The message names every file and why; `bad` holds the `(path, reason)`
+    pairs.
+    """
+
+    def __init__(self, message, bad=()):
+        super().__init__(message)
+        self.bad = list(bad)
+
+
 @dataclasses.dataclass
 class DatasetInfo:
     """What a `DataSource` yields.
@@ -82,6 +95,8 @@ class DatasetInfo:
         class_names: class names in label order, or `None`.
         mean: per-channel mean subtracted from the [0, 1] images.
         std: per-channel standard deviation the images are divided by.
+        bad_files: `(path, reason)` of the image-folder files left out
+            because they cannot be decoded (`skip_bad_images=True`).
     """
 
     name: str
@@ -92,6 +107,7 @@ class DatasetInfo:
     class_names: list | None
     mean: tuple = DEFAULT_MEAN
     std: tuple = DEFAULT_STD
+    bad_files: tuple = ()
 
 
 class DataSource:
@@ -211,7 +227,7 @@ class DataSource:
 
 
 def get_dataset(name, *, data_dir=None, manual_dir=None, image_size=None, validation_split=0.1,
-                seed=0, channels=None):
+                seed=0, channels=None, skip_bad_images=False):
     """Returns the `DataSource` for a dataset name or a folder of images.
 
     Names:
@@ -232,8 +248,12 @@ def get_dataset(name, *, data_dir=None, manual_dir=None, image_size=None, valida
       normalized with mean 0.5 and std 0.5.
     - a folder with one subfolder of images (png/jpeg/bmp/gif) per class;
       `validation_split` of the images, picked with `seed`, are held out for
-      evaluation. A name that is also a TFDS name is read as the TFDS
-      dataset unless it starts with `./`, `/` or `~`.
+      evaluation. Files with another extension are ignored; every image is
+      decoded once first, and files that cannot be (empty, truncated, text,
+      TIFF, ...) stop it with one error naming them all, or are left out
+      with `skip_bad_images=True` (listed in `info.bad_files`). A name that
+      is also a TFDS name is read as the TFDS dataset unless it starts
+      with `./`, `/` or `~`.
 
     TFDS datasets are used when prepared in `data_dir`; otherwise they are
     prepared once from source archives in `manual_dir` (default
@@ -250,12 +270,15 @@ def get_dataset(name, *, data_dir=None, manual_dir=None, image_size=None, valida
         seed: seed of the folder train/validation split.
         channels: 1 or 3 to convert the images; default: the dataset's own
             (for a folder, the first image's).
+        skip_bad_images: for a folder, leave out the files that cannot be
+            decoded instead of raising `BadImagesError`.
 
     Returns:
         A `DataSource`.
 
     Raises:
         DatasetNotFoundError: the data is not present locally.
+        BadImagesError: a folder holds files that cannot be decoded.
         ValueError: unknown name or invalid arguments.
     """
     name = os.fspath(name)
@@ -269,7 +292,7 @@ def get_dataset(name, *, data_dir=None, manual_dir=None, image_size=None, valida
     path = os.path.expanduser(name)
     explicit_path = name.startswith((".", os.sep, "~"))
     if explicit_path and os.path.isdir(path):
-        return _folder_source(path, size, channels, validation_split, seed)
+        return _folder_source(path, size, channels, validation_split, seed, skip_bad_images)
     if name == "fashion_mnist":
         return _fashion_mnist_source(data_dir, manual_dir, size, channels)
     if name == "cifar10":
@@ -280,7 +303,7 @@ def get_dataset(name, *, data_dir=None, manual_dir=None, image_size=None, valida
     tfds_names = set(tfds.list_builders(with_community_datasets=False))
     is_tfds = name.split("/")[0].split(":")[0] in tfds_names
     if os.path.isdir(path) and not is_tfds:
-        return _folder_source(path, size, channels, validation_split, seed)
+        return _folder_source(path, size, channels, validation_split, seed, skip_bad_images)
     if is_tfds and not explicit_path:
         return _tfds_source(name, data_dir, manual_dir, size, channels, validation_split)
     if explicit_path or os.sep in name:
@@ -713,9 +736,98 @@ def _scan_folder(root):
     return classes, files, labels
 
 
-def _folder_source(root, size, channels, validation_split, seed):
+def _read_image(path):  # any of png/jpeg/bmp/gif, 1-4 channels, any size
+    return tf.io.decode_image(tf.io.read_file(path), channels=0, expand_animations=False)
+
+
+def find_bad_images(files):
+    """The files among `files` that the folder pipeline cannot decode.
+
+    Decodes every file once (in parallel, with the pipeline's own decoder),
+    then looks again at the failures to say why.
+
+    Args:
+        files: image file paths.
+
+    Returns:
+        List of `(path, reason)`, in the order of `files`.
+    """
+    if not files:
+        return []
+    paths = tf.data.Dataset.from_tensor_slices(np.array(files))
+    ds = tf.data.Dataset.zip(tf.data.Dataset.range(len(files)), paths)
+    ds = ds.map(lambda i, path: (i, tf.shape(_read_image(path))), num_parallel_calls=_AUTOTUNE,
+                deterministic=False)  # fmt: skip
+    decoded = np.zeros(len(files), bool)
+    for index, _ in ds.ignore_errors().batch(4096).as_numpy_iterator():
+        decoded[index] = True
+    bad = []
+    for i in np.flatnonzero(~decoded):
+        reason = _image_problem(files[i])
+        if reason is not None:  # None: decodes now (changed since)
+            bad.append((files[i], reason))
+    return bad
+
+
+_OTHER_FORMATS = ((b"II*\0", "TIFF"), (b"MM\0*", "TIFF"), (b"8BPS", "Photoshop PSD"),
+                  (b"%PDF", "PDF"), (b"RIFF", "RIFF (not WebP)"))  # fmt: skip
+
+
+def _image_problem(path):
+    """Why `path` cannot be decoded as an image, or None if it can."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if not head:
+        return "empty file (0 bytes)"
+    try:
+        _read_image(path)
+        return None
+    except tf.errors.OpError as e:
+        message = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:\w+\].*", "", e.message, flags=re.S).strip()
+    if not message.startswith("Unknown image file format"):
+        return f"corrupt or truncated ({message})"
+    readable = "JPEG, PNG, GIF, BMP or WebP"
+    for magic, kind in _OTHER_FORMATS:
+        if head.startswith(magic):
+            return f"a {kind} file, not {readable}; convert it"
+    if head[4:8] == b"ftyp":
+        return f"a {head[8:12].decode('ascii', 'replace')} (HEIF/MP4-family) file, not {readable}; convert it"
+    try:
+        if b"\0" not in head:
+            head.decode("utf-8")
+            return "a text file, not an image"
+    except UnicodeDecodeError:
+        pass
+    return f"not {readable} data (unknown format)"
+
+
+def _bad_images_message(root, bad, total, problem=None):
+    lines = "\n".join(f"  {path}: {reason}" for path, reason in bad)
+    if problem is None:
+        return (
+            f"{len(bad)} of the {total} image files in {root!r} cannot be decoded:\n{lines}\n"
+            "Delete or replace them, or leave them out with --skip-bad-images "
+            "(get_dataset(..., skip_bad_images=True))."
+        )
+    return (
+        f"{root!r}: {problem} once its {len(bad)} undecodable image files are left out:\n{lines}\n"
+        "Replace them with images, or add more images."
+    )
+
+
+def _folder_source(root, size, channels, validation_split, seed, skip_bad_images=False):
     classes, files, labels = _scan_folder(root)
-    first = tf.io.decode_image(tf.io.read_file(files[0]), channels=0, expand_animations=False)
+    bad = find_bad_images(files)
+    if bad and not skip_bad_images:
+        raise BadImagesError(_bad_images_message(root, bad, len(files)), bad)
+    bad_paths = {path for path, _ in bad}
+    good = np.array([f not in bad_paths for f in files])
+    if not good.any():
+        raise BadImagesError(_bad_images_message(root, bad, len(files), "no images are left"), bad)
+    first = _read_image(files[int(np.argmax(good))])
     size = size or tuple(first.shape[:2])
     channels = channels or (1 if first.shape[-1] <= 2 else 3)
     n = len(files)
@@ -726,22 +838,28 @@ def _folder_source(root, size, channels, validation_split, seed):
         raise ValueError(
             f"validation_split={validation_split} leaves no training images of the {n} in {root!r}."
         )
+    # The split is drawn over all files, then the bad ones are left out: a
+    # good image stays on its side of the split whether or not others are bad.
     order = np.random.default_rng(seed).permutation(n)
     eval_idx, train_idx = np.sort(order[:n_eval]), np.sort(order[n_eval:])
+    eval_idx, train_idx = eval_idx[good[eval_idx]], train_idx[good[train_idx]]
+    if not len(train_idx) or (validation_split > 0 and not len(eval_idx)):
+        split_name = "training" if not len(train_idx) else "evaluation"
+        problem = f"no {split_name} images are left (validation_split={validation_split})"
+        raise BadImagesError(_bad_images_message(root, bad, n, problem), bad)
     files, labels = np.array(files), np.array(labels, np.int32)
 
     def split(idx):
         return tf.data.Dataset.from_tensor_slices((files[idx], labels[idx]))
 
-    def read_image(path):  # any of png/jpeg/bmp/gif, 1-4 channels, any size
-        return tf.io.decode_image(tf.io.read_file(path), channels=0, expand_animations=False)
-
-    return image_source(
+    source = image_source(
         os.fspath(root), lambda shuffle_files, seed: split(train_idx), lambda: split(eval_idx),
         len(train_idx), len(eval_idx), native_shape=(None, None, None), class_names=classes,
         size=size, channels=channels, mean=DEFAULT_MEAN, std=DEFAULT_STD, pad=None,
-        read=read_image,
+        read=_read_image,
     )  # fmt: skip
+    source.info.bad_files = tuple(bad)
+    return source
 
 
 # --------------------------------------------------------------------------- shared image helpers

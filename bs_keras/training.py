@@ -5,8 +5,9 @@
 
 A run directory holds `config.json` (the resolved recipe and runtime),
 `logs/` (TensorBoard), `log.csv`, `last.keras`, `best.keras`, `state/`
-(weights + optimizer of the last completed epoch, for resume) and, at the
-end, `report.json`, `per_sample.npz` and two PNG plots.
+(weights + optimizer of the last two completed epochs, for resume) and, at
+the end, `report.json`, `per_sample.npz` and two PNG plots. While a run
+writes it, `.lock` names its process (`bs_keras.run_lock.RunLock`).
 """
 
 import hashlib
@@ -25,15 +26,19 @@ import bs_keras
 from bs_keras import data as data_lib
 from bs_keras import report as report_lib
 from bs_keras.callbacks import (
+    CheckpointWriteError,
     GateLossScheduler,
     GateTensorBoard,
     RunCheckpoint,
     RunCSVLogger,
     StopOnNaN,
-    load_state,
+    keras_file_problem,
+    resume_states,
 )
+from bs_keras.io_utils import atomic_path
 from bs_keras.models import add_gates, cifar_resnet, imagenet_resnet
 from bs_keras.budget import MacBudget
+from bs_keras.run_lock import LOCK_NAME, RunLock, RunLockedError
 from bs_keras.schedules import paper_schedules
 
 STRATEGIES = ("auto", "cpu", "mirrored", "multi_worker", "tpu")
@@ -307,10 +312,21 @@ def prepare_run_dir(run_dir, recipe, runtime, overwrite=False):
     """
     config_path = os.path.join(run_dir, "config.json")
     if overwrite and os.path.exists(run_dir):
-        shutil.rmtree(run_dir)
+        for entry in os.listdir(run_dir):  # all but the lock this run holds
+            if entry != LOCK_NAME:
+                _remove_path(os.path.join(run_dir, entry))
     if os.path.exists(config_path):
-        with open(config_path) as f:
-            saved = json.load(f)
+        try:
+            with open(config_path) as f:
+                saved = json.load(f)
+            if not isinstance(saved, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise RunError(
+                f"{config_path} is damaged ({type(e).__name__}: {e}); it records the run's settings, "
+                "so the run cannot be resumed. Restore it from a backup, or pass --overwrite to start "
+                "the run again."
+            ) from e
         if saved.get("recipe") != recipe.to_dict():
             diff = sorted(
                 k for k in set(saved.get("recipe", {})) | set(recipe.to_dict())
@@ -320,10 +336,13 @@ def prepare_run_dir(run_dir, recipe, runtime, overwrite=False):
                 f"{run_dir} holds a run with different settings ({', '.join(diff)}). "
                 "Resume it with the same flags, choose another --run-dir, or pass --overwrite."
             )
-        return load_state(run_dir)
+        states, _ = resume_states(run_dir)
+        return states[0] if states else None
     # Non-chief workers of a multi-worker run write <run>/worker-N/, possibly
     # before the chief gets here.
-    if os.path.exists(run_dir) and [e for e in os.listdir(run_dir) if not re.fullmatch(r"worker-\d+", e)]:
+    if os.path.exists(run_dir) and [
+        e for e in os.listdir(run_dir) if not re.fullmatch(r"worker-\d+", e) and e != LOCK_NAME
+    ]:
         raise RunError(
             f"{run_dir} exists and is not a bs_keras run directory (no config.json). "
             "Choose another --run-dir or pass --overwrite."
@@ -331,6 +350,13 @@ def prepare_run_dir(run_dir, recipe, runtime, overwrite=False):
     os.makedirs(run_dir, exist_ok=True)
     report_lib.write_json(config_path, {"recipe": recipe.to_dict(), "runtime": runtime})
     return None
+
+
+def _remove_path(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
 
 
 # -------------------------------------------------------------------- train
@@ -353,11 +379,12 @@ class ClassificationTask:
 
     monitor = "val_accuracy"
 
-    def __init__(self, recipe, data_dir, manual_dir):
+    def __init__(self, recipe, data_dir, manual_dir, skip_bad_images=False):
         self.recipe = recipe
         self.source = data_lib.get_dataset(
             recipe.dataset, data_dir=data_dir, manual_dir=manual_dir, image_size=recipe.image_size,
             validation_split=recipe.validation_split, seed=recipe.seed,
+            skip_bad_images=skip_bad_images,
         )  # fmt: skip
         self.info = self.source.info
         self.train_examples = self.info.train_examples
@@ -529,10 +556,89 @@ def _what(recipe):
     return f"{recipe.model} ({'gated' if recipe.gated else 'plain'})"
 
 
-def make_task(recipe, data_dir=None, manual_dir=None):
+def make_task(recipe, data_dir=None, manual_dir=None, skip_bad_images=False):
     if recipe.task == "segmentation":
         return SegmentationTask(recipe, data_dir, manual_dir)
-    return ClassificationTask(recipe, data_dir, manual_dir)
+    return ClassificationTask(recipe, data_dir, manual_dir, skip_bad_images)
+
+
+def _log_bad_files(info, dataset, log):
+    """Logs the image files `skip_bad_images` left out; returns them for the report."""
+    bad = list(getattr(info, "bad_files", ()))
+    if bad:
+        shown = "\n".join(f"  {path}: {reason}" for path, reason in bad[:20])
+        more = f"\n  ... and {len(bad) - 20} more (all in report.json)" if len(bad) > 20 else ""
+        log(f"--skip-bad-images: left out {len(bad)} undecodable image file(s) of {dataset}:\n{shown}{more}")
+    return [{"path": path, "reason": reason} for path, reason in bad]
+
+
+def _damaged_models(run_dir, state):
+    """`(path, reason)` of the run's `last.keras` / `best.keras` that cannot be loaded."""
+    if not state:
+        return []
+    names = ["last.keras"] + (["best.keras"] if state.get("best") is not None else [])
+    paths = [os.path.join(run_dir, name) for name in names]
+    return [(path, problem) for path in paths if (problem := keras_file_problem(path))]
+
+
+def _cannot_resume(run_dir, damaged):
+    files = "; ".join(f"{path} ({reason})" for path, reason in damaged)
+    return RunError(
+        f"Cannot resume {run_dir}: damaged checkpoint files: {files}. No intact resume "
+        "checkpoint is left. Restore the files from a backup, or pass --overwrite to start the "
+        "run again (this deletes the run directory)."
+    )
+
+
+def restore_checkpoint(model, run_dir, states, damaged, log=print):
+    """Loads the newest intact resume state of `run_dir` into `model`.
+
+    Tries `state/state.json`'s weights, then `state/previous.json`'s (the
+    epoch before), and logs which files were damaged.
+
+    Args:
+        model: the built, compiled model.
+        run_dir: the run directory.
+        states, damaged: from `bs_keras.callbacks.resume_states(run_dir)`.
+
+    Returns:
+        The state loaded.
+
+    Raises:
+        RunError: no state loads; the message names every damaged file.
+    """
+    damaged = list(damaged)
+    for state in states:
+        path = os.path.join(run_dir, "state", state["weights"])
+        try:
+            model.load_weights(path)
+        except Exception as e:  # noqa: BLE001 (truncated h5, wrong variables, ...: the file's problem)
+            damaged.append((path, f"{type(e).__name__}: {e}"))
+            continue
+        if damaged:
+            files = "; ".join(f"{p} ({r})" for p, r in damaged)
+            log(f"Damaged checkpoint files: {files}. Going back to the intact checkpoint of epoch {state['epoch']}.")
+        return state
+    raise _cannot_resume(run_dir, damaged)
+
+
+def _repair_models(model, run_dir, state, damaged_models, epochs, log):
+    """Rewrites a damaged last.keras (or best.keras of this epoch) from the
+    restored model; returns the state to continue from."""
+    for path, problem in damaged_models:
+        if os.path.basename(path) == "last.keras" or state.get("best_epoch") == state["epoch"]:
+            with atomic_path(path) as tmp:
+                model.save(tmp)
+            log(f"{path} was damaged ({problem}); rewrote it from the checkpoint of epoch {state['epoch']}.")
+            continue
+        later = (
+            "it will hold the best of the epochs trained from now on" if state["epoch"] < epochs else
+            "use last.keras, or pass --overwrite to train the run again"
+        )  # fmt: skip
+        log(f"{path} is damaged ({problem}) and the weights of its epoch {state.get('best_epoch')} are "
+            f"not kept elsewhere: {later}.")
+        state = {**state, "best": None, "best_epoch": None}
+    return state
 
 
 def train(
@@ -546,12 +652,19 @@ def train(
     jit_compile=False,
     overwrite=False,
     verbose=None,
+    skip_bad_images=False,
     log=print,
 ):
     """Trains (or resumes) a run and writes its report. Returns the report.
 
+    The run directory is locked (`<run_dir>/.lock`) while the run writes it.
+    `skip_bad_images` leaves out the files of an image folder that cannot be
+    decoded (otherwise they stop the run before training).
+
     Raises:
-        RunError: a problem the user must fix (message says how).
+        RunError: a problem the user must fix (message says how), e.g.
+            another process holds the run directory, a checkpoint is
+            damaged, or a checkpoint write failed (the disk is full).
         SystemExit(3): the loss became NaN; the last good checkpoint is kept.
     """
     recipe.validate()
@@ -571,10 +684,33 @@ def train(
         "manual_dir": manual_dir,
         "versions": _versions(),
         "command": sys.argv,
+        "skip_bad_images": bool(skip_bad_images),
     }
+    try:
+        lock = RunLock(run_dir, log=log).acquire()
+    except RunLockedError as e:
+        raise RunError(str(e)) from None
+    except OSError as e:
+        raise RunError(f"Cannot lock the run directory {run_dir}: {e}. Choose a writable --run-dir.") from e
+    with lock:
+        return _train_locked(
+            recipe, run_dir, runtime, strategy_obj, is_chief, data_dir=data_dir, manual_dir=manual_dir,
+            mixed_precision=mixed_precision, jit_compile=jit_compile, overwrite=overwrite,
+            verbose=verbose, skip_bad_images=skip_bad_images, log=log,
+        )  # fmt: skip
+
+
+def _train_locked(recipe, run_dir, runtime, strategy_obj, is_chief, *, data_dir, manual_dir,
+                  mixed_precision, jit_compile, overwrite, verbose, skip_bad_images, log):
+    """`train` once its run directory is locked."""
     state = prepare_run_dir(run_dir, recipe, runtime, overwrite=overwrite)
+    states, damaged = resume_states(run_dir)
+    if damaged and not states:
+        raise _cannot_resume(run_dir, damaged)
+    damaged_models = _damaged_models(run_dir, state)
     done_epochs = state["epoch"] if state else 0
-    if done_epochs >= recipe.epochs and os.path.exists(os.path.join(run_dir, "report.json")):
+    if done_epochs >= recipe.epochs and os.path.exists(os.path.join(run_dir, "report.json")) \
+            and not damaged_models:
         with open(os.path.join(run_dir, "report.json")) as f:
             report = json.load(f)
         log(f"{run_dir} is complete ({done_epochs} epochs); its report: {os.path.join(run_dir, 'report.json')}")
@@ -585,7 +721,8 @@ def train(
     keras.utils.set_random_seed(recipe.seed)
     if mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
-    task = make_task(recipe, data_dir, manual_dir)
+    task = make_task(recipe, data_dir, manual_dir, skip_bad_images)
+    skipped = _log_bad_files(task.info, recipe.dataset, log)
     if task.train_examples < recipe.batch_size:
         raise RunError(
             f"--batch-size={recipe.batch_size} is larger than the {task.train_examples} "
@@ -606,19 +743,23 @@ def train(
             optimizer=build_optimizer(recipe, steps_per_epoch), jit_compile=jit_compile, **task.compile_args()
         )
         build_for_fit(model, train_ds.element_spec)
-        if state:
-            model.load_weights(os.path.join(run_dir, "state", state["weights"]))
+        if states:
+            state = restore_checkpoint(model, run_dir, states, damaged, log)
+            done_epochs = state["epoch"]
             log(f"Resuming {run_dir} after epoch {done_epochs} of {recipe.epochs}.")
+    if states:
+        state = _repair_models(model, run_dir, state, _damaged_models(run_dir, state), recipe.epochs, log)
 
     if isinstance(strategy_obj, tf.distribute.MultiWorkerMirroredStrategy):
         _patch_multi_worker_reduce(strategy_obj)
     nan_guard = StopOnNaN()
+    checkpoint = RunCheckpoint(run_dir, nan_guard, monitor=task.monitor, state=state)
     callbacks = []
     if recipe.gated:
         callbacks.append(gate_callback(recipe))
     callbacks += [
         nan_guard,
-        RunCheckpoint(run_dir, nan_guard, monitor=task.monitor),
+        checkpoint,
         RunCSVLogger(os.path.join(run_dir, "log.csv")),
         keras.callbacks.TensorBoard(os.path.join(run_dir, "logs"), write_graph=False),
     ]
@@ -634,19 +775,22 @@ def train(
         f"run directory {run_dir}"
     )
     start = time.time()
-    model.fit(
-        train_ds,
-        validation_data=fit_eval,
-        epochs=recipe.epochs,
-        initial_epoch=done_epochs,
-        callbacks=callbacks,
-        verbose=verbose,
-        shuffle=False,  # the tf.data pipeline shuffles
-    )
+    try:
+        model.fit(
+            train_ds,
+            validation_data=fit_eval,
+            epochs=recipe.epochs,
+            initial_epoch=done_epochs,
+            callbacks=callbacks,
+            verbose=verbose,
+            shuffle=False,  # the tf.data pipeline shuffles
+        )
+    except CheckpointWriteError as e:
+        raise RunError(str(e)) from e
     wall = time.time() - start
+    kept = checkpoint.state if checkpoint.state.get("weights") else None
     if nan_guard.bad is not None:
         epoch, batch, value = nan_guard.bad
-        kept = load_state(run_dir)
         where = f"epoch {kept['epoch']}" if kept else "none (no epoch completed)"
         log(
             f"Stopped: the loss became {value} at epoch {epoch + 1}, batch {batch}. "
@@ -659,8 +803,10 @@ def train(
         "recipe": recipe.to_dict(),
         "epochs_completed": recipe.epochs,
         "train_wall_seconds_this_session": wall,
-        "best": load_state(run_dir),
+        "best": kept,
     }
+    if skipped:
+        extra["skipped_bad_images"] = skipped
     report, text = task.report(model, eval_ds, run_dir, extra, write=is_chief)
     log(text)
     log(f"Report: {os.path.join(run_dir, 'report.json')}")
@@ -668,7 +814,7 @@ def train(
 
 
 def evaluate(model_path, dataset, out_dir=None, *, data_dir=None, manual_dir=None, batch_size=128,
-             image_size=None, limit_eval=None, log=print):
+             image_size=None, limit_eval=None, skip_bad_images=False, log=print):
     """Evaluates a saved `.keras` model and writes the same report as training."""
     from bs_keras import recipes
 
@@ -691,12 +837,16 @@ def evaluate(model_path, dataset, out_dir=None, *, data_dir=None, manual_dir=Non
         _, eval_ds = task.datasets()
         report, text = task.report(model, eval_ds, out_dir, extra, write=True)
     else:
-        source = data_lib.get_dataset(dataset, data_dir=data_dir, manual_dir=manual_dir, image_size=image_size)
+        source = data_lib.get_dataset(dataset, data_dir=data_dir, manual_dir=manual_dir, image_size=image_size,
+                                      skip_bad_images=skip_bad_images)
         if tuple(source.info.image_shape) != expected:
             raise RunError(
                 f"The model takes images of shape {expected}, but {dataset} gives "
                 f"{tuple(source.info.image_shape)}; pass --image-size or the dataset it was trained on."
             )
+        skipped = _log_bad_files(source.info, dataset, log)
+        if skipped:
+            extra["skipped_bad_images"] = skipped
         eval_ds = _limited(source.eval(batch_size), limit_eval, batch_size)
         report, text = classification_report(model, eval_ds, out_dir, extra)
     log(text)

@@ -168,9 +168,13 @@ def test_resume_after_kill_continues_from_the_last_completed_epoch(tmp_path):
     assert killed_state["epoch"] == 1
     assert not (run_dir / "report.json").exists()
 
+    assert json.loads((run_dir / ".lock").read_text())["pid"] == proc.pid  # kill -9 left it
+
     result = _run(args)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Taking over the stale lock of {run_dir} (pid {proc.pid} on " in result.stdout
     assert "Resuming" in result.stdout and "after epoch 1 of 3" in result.stdout
+    assert not (run_dir / ".lock").exists()
     with open(run_dir / "log.csv") as f:
         epochs = [r["epoch"] for r in csv.DictReader(f)]
     assert epochs == ["0", "1", "2"]
@@ -182,6 +186,29 @@ def test_resume_after_kill_continues_from_the_last_completed_epoch(tmp_path):
     assert (run_dir / "report.json").exists()
     # The best metric survived the crash: best_epoch refers to the whole run.
     assert state["best"] >= killed_state["best"]
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_run_dir_is_refused_while_the_first_runs(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*TINY, "--epochs", "2", "--run-dir", str(run_dir)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
+    first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and first.poll() is None and not (run_dir / ".lock").exists():
+        time.sleep(0.05)
+    assert first.poll() is None, "the first run ended before the second started"
+    second = _run(args)
+    assert second.returncode == 2
+    assert f"error: {run_dir} is in use by another run (pid {first.pid} on " in second.stderr
+    assert f"train.py {' '.join(args)})" in second.stderr and f"kill {first.pid}" in second.stderr
+    assert "Traceback" not in second.stderr
+    output, _ = first.communicate(timeout=300)
+    assert first.returncode == 0, output[-3000:]
+    with open(run_dir / "log.csv") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["0", "1"]  # written by the first run only
+    assert not (run_dir / ".lock").exists()
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -31,6 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--list-recipes", action="store_true", help="print the recipes and exit")
     p.add_argument("--dataset", help="fashion_mnist (default), cifar10, imagenet2012, cityscapes, any TFDS "
                    "image-classification name, or a folder with one subfolder per class")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="image folders: leave out (and list) the files that cannot be decoded instead of stopping")
     p.add_argument("--data-dir", help="TFDS data directory")
     p.add_argument("--manual-dir", help="directory with manually downloaded archives (ImageNet, Cityscapes)")
     p.add_argument("--run-dir", help="run directory (default runs/<recipe>)")
@@ -136,6 +138,7 @@ def main(argv=None):
                 args.model_path, args.dataset, args.run_dir, data_dir=args.data_dir,
                 manual_dir=args.manual_dir, batch_size=args.batch_size or 128,
                 image_size=args.image_size, limit_eval=args.limit_eval,
+                skip_bad_images=args.skip_bad_images,
             )
             return 0
         recipe = resolve_recipe(args)
@@ -144,6 +147,7 @@ def main(argv=None):
             recipe, run_dir, data_dir=args.data_dir, manual_dir=args.manual_dir,
             strategy=args.strategy, mixed_precision=args.mixed_precision,
             jit_compile=args.jit_compile, overwrite=args.overwrite,
+            skip_bad_images=args.skip_bad_images,
         )
         return 0
     except (ValueError, training.RunError, FileNotFoundError) as e:
