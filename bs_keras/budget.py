@@ -73,7 +73,7 @@ class MacBudget(schedules.Schedule):
             `multiplier / gain`, which pushes gates back open.
     """
 
-    def __init__(self, target, begin=0.0, end=0.0, rate=0.5, gain=50.0, unwind=1.0, max_multiplier=1000.0,
+    def __init__(self, target, begin=0.0, end=0.0, rate=2.0, gain=100.0, unwind=10.0, max_multiplier=1000.0,
                  measure="inference", unit="epoch"):
         target = float(target)
         if not 0 < target <= 1:

@@ -14,7 +14,7 @@ from bs_keras.models import cifar_resnet
 
 
 def test_multiplier_rises_over_budget_falls_under_and_stays_at_least_0():
-    budget = MacBudget(0.5, begin=1.0, end=3.0, rate=2.0, gain=0.0, max_multiplier=5.0)  # integral only
+    budget = MacBudget(0.5, begin=1.0, end=3.0, rate=2.0, gain=0.0, unwind=1.0, max_multiplier=5.0)  # integral only
     assert [budget.target_at(t) for t in (0.0, 1.0, 2.0, 3.0, 9.0)] == pytest.approx([1.0, 1.0, 0.75, 0.5, 0.5])
     assert budget.update(0.5, ratio=1.0) == 0.0 and budget(0.5) == 0.0  # before begin: no pressure
     assert budget.update(3.0, ratio=0.8) == pytest.approx(0.6)  # 2 * (0.8 - 0.5)
@@ -29,7 +29,7 @@ def test_multiplier_rises_over_budget_falls_under_and_stays_at_least_0():
 
 
 def test_proportional_part_follows_the_error_at_once():
-    budget = MacBudget(0.5, rate=0.1, gain=10.0, unit="step")
+    budget = MacBudget(0.5, rate=0.1, gain=10.0, unwind=1.0, unit="step")
     assert budget.update(0, ratio=0.8) == pytest.approx(10 * 0.3 + 0.1 * 0.3)
     assert budget.update(1, ratio=0.8) == pytest.approx(10 * 0.3 + 0.2 * 0.3)
     # Back on target: only the integral is left; under it, the proportional
@@ -44,6 +44,16 @@ def test_proportional_part_follows_the_error_at_once():
     assert (budget.weight, budget.multiplier) == (-1.5, 0.0)
     budget.restore(2.5)
     assert (budget.weight, budget.multiplier) == (2.5, 2.5)
+
+
+def test_unwind_makes_the_multiplier_fall_faster_than_it_rises():
+    budget = MacBudget(0.5, rate=0.1, gain=0.0, unwind=10.0, unit="step")
+    budget.update(0, ratio=0.7)  # +0.1 * 0.2
+    assert budget.multiplier == pytest.approx(0.02)
+    budget.update(1, ratio=0.49)  # -0.1 * 10 * 0.01
+    assert budget.multiplier == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="unwind must be"):
+        MacBudget(0.5, unwind=0.5)
 
 
 @pytest.mark.parametrize(

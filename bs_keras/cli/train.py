@@ -73,12 +73,12 @@ def parse_args(argv=None):
                         "ratio (of the ungated network) to end at, in (0, 1]; the L0 weight becomes a "
                         "multiplier driven to it (bs_keras.MacBudget)")
     t.add_argument("--budget-rate", type=number,
-                   help="--target-macs: integral gain, the multiplier's change per step per unit excess (default 0.2)")
+                   help="--target-macs: integral gain, the multiplier's change per step per unit excess (default 2)")
     t.add_argument("--budget-gain", type=number,
-                   help="--target-macs: proportional gain, multiplier per unit excess (default 20)")
+                   help="--target-macs: proportional gain, L0 weight per unit excess (default 100)")
     t.add_argument("--budget-max", type=number, help="--target-macs: the multiplier's upper bound")
     t.add_argument("--budget-unwind", type=number,
-                   help="--target-macs: how many times faster the multiplier falls than it rises")
+                   help="--target-macs: how many times faster the multiplier falls than it rises (default 10)")
     t.add_argument("--budget-measure", choices=("inference", "expected"),
                    help="--target-macs: the ratio the multiplier follows (logit > 0 gates, or open probabilities)")
     t.add_argument("--prior-a", type=number, help="Beta prior parameter a (default 0.6)")
