@@ -19,10 +19,15 @@ BARE_PY_RE = re.compile(r"`([\w-]+\.py)`")
 SKIP_DIRS = {".venv", ".git", "runs", "exported", "build"}
 
 
-def _quick_start():
+def _block(heading):
+    """The first Python code block after `heading` in the README."""
     text = (ROOT / "README.md").read_text()
-    section = text.split("## Quick start", 1)[1]
+    section = text.split(heading, 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def _quick_start():
+    return _block("## Quick start")
 
 
 def _doc_paths():
@@ -68,10 +73,17 @@ def test_readme_quick_start_runs_and_learns():
         "assert h['accuracy'][-1] > 0.9, h['accuracy']\n"
         "assert 'cond_macs_ratio' in h and 'gate_open_rate' in h\n"
         "assert 0 < per_sample.min() <= per_sample.max() <= bs_keras.count_macs(model)\n"
+    )
+    # The budget section's block continues the quick start (same model and data).
+    budget_block = _block("## Train to a compute budget")
+    check_budget = (
+        "\nh = model.history.history\n"
+        "assert h['mac_target'][-1] == 0.5 and h['mac_target'][0] > 0.5, h['mac_target']\n"
+        "assert budget.multiplier > 0 and 'hard_macs_ratio' in h\n"
         "print('README_OK')\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code + check],
+        [sys.executable, "-c", code + check + budget_block + check_budget],
         cwd=ROOT,
         capture_output=True,
         text=True,
