@@ -121,6 +121,10 @@ class ChannelGate(keras.layers.Layer):
         bs_coef: initial weight of this gate's batch-shaping loss.
         l0_coef: initial weight of this gate's L0 loss.
         seed: int seed for the training noise (reproducible runs).
+        stop_input_gradient: stop the gradient at the gate's input `x`: the
+            gate MLP learns from the pooled block input without moving it
+            (neither the gate losses nor the task loss reach the backbone
+            through the gate; the gated features `h` are unaffected).
         **kwargs: base `Layer` arguments.
 
     Call arguments:
@@ -145,6 +149,7 @@ class ChannelGate(keras.layers.Layer):
         bs_coef=0.0,
         l0_coef=0.0,
         seed=None,
+        stop_input_gradient=False,
         **kwargs,
     ):
         # Gate math stays float32 under mixed precision: the inputs are not
@@ -187,6 +192,7 @@ class ChannelGate(keras.layers.Layer):
         self._init_bs_coef = float(bs_coef)
         self._init_l0_coef = float(l0_coef)
         self.seed = seed
+        self.stop_input_gradient = bool(stop_input_gradient)
         self.seed_generator = keras.random.SeedGenerator(seed, name="gate_seed")
         self.stats = GateStats(name=f"{self.name}_stats")
         self.channels = None
@@ -245,6 +251,8 @@ class ChannelGate(keras.layers.Layer):
 
     def gate_logits(self, x, training=False):
         """Gate logits of shape `(batch, num_gates)` for block input `x`."""
+        if self.stop_input_gradient:
+            x = tf.stop_gradient(x)
         # sum * (1/HW), not reduce_mean: the gradient of reduce_mean divides
         # the broadcast full-size tensor; this scales the small one first.
         # (float16 sums could overflow: mixed precision keeps reduce_mean.)
@@ -326,6 +334,7 @@ class ChannelGate(keras.layers.Layer):
                 "bs_coef": self._init_bs_coef,
                 "l0_coef": self._init_l0_coef,
                 "seed": self.seed,
+                "stop_input_gradient": self.stop_input_gradient,
             }
         )
         return config

@@ -57,6 +57,9 @@ class Recipe:
     prior_b: float = 0.4
     l0_weighting: str = "macs"
     group_size: int = 1
+    # ChannelGate(stop_input_gradient=True): the gate learns from the pooled
+    # block input without moving the backbone.
+    gate_stop_gradient: bool = False
     gate_granularity: str = "channel"
     width_multiplier: float = 1.0
     image_size: int = None
@@ -80,6 +83,14 @@ class Recipe:
     def gate_group_size(self):
         """`ChannelGate(group_size=...)` for this recipe ("all" for block gates)."""
         return "all" if self.gate_granularity == "block" else self.group_size
+
+    @property
+    def gate_kwargs(self):
+        """The `ChannelGate` arguments of this recipe (for the builders and `add_gates`)."""
+        kwargs = {"prior_a": self.prior_a, "prior_b": self.prior_b, "group_size": self.gate_group_size}
+        if self.gate_stop_gradient:
+            kwargs["stop_input_gradient"] = True
+        return kwargs
 
     @property
     def task(self):

@@ -134,7 +134,7 @@ def build_model(recipe, info):
         gamma=recipe.gamma,
         lam=0.0,
         l0_weighting=recipe.l0_weighting,
-        gate_kwargs={"prior_a": recipe.prior_a, "prior_b": recipe.prior_b, "group_size": recipe.gate_group_size},
+        gate_kwargs=recipe.gate_kwargs,
         seed=recipe.seed,
     )
     builder = imagenet_resnet if depth in (18, 34, 50) else cifar_resnet
@@ -183,7 +183,7 @@ def gated_from(recipe, info):
     try:
         return add_gates(
             source,
-            gate_kwargs={"prior_a": recipe.prior_a, "prior_b": recipe.prior_b, "group_size": recipe.gate_group_size},
+            gate_kwargs=recipe.gate_kwargs,
             gamma=recipe.gamma, lam=0.0, l0_weighting=recipe.l0_weighting, seed=recipe.seed,
             weight_decay=recipe.weight_decay,
         )  # fmt: skip
@@ -456,7 +456,7 @@ class SegmentationTask:
             input_shape=(*self.info.crop_size, self.info.channels),
             gated=r.gated, width_multiplier=r.width_multiplier, weight_decay=r.weight_decay,
             gamma=r.gamma, lam=0.0, l0_weighting=r.l0_weighting,
-            gate_kwargs={"prior_a": r.prior_a, "prior_b": r.prior_b, "group_size": r.gate_group_size},
+            gate_kwargs=r.gate_kwargs,
             seed=r.seed,
         )  # fmt: skip
         if r.init_from:

@@ -191,3 +191,53 @@ def test_batch_shaping_is_skipped_while_its_weight_is_zero():
     gate.bs_coef.assign(1.0)
     model(x, training=True)
     assert np.isfinite(gate.stats.values()["batch_shaping"])
+
+
+def test_stop_input_gradient_changes_only_the_gradient_into_the_block_input():
+    """Same weights, same noise: the outputs, the losses and every gradient
+    but the one reaching the block input (the stem conv here) are identical."""
+
+    def build(stop):
+        x = inputs = keras.Input((8, 8, 3))
+        x = keras.layers.Conv2D(4, 3, padding="same", name="stem")(x)
+        h = keras.layers.Conv2D(6, 3, padding="same", name="conv1")(x)
+        h = ChannelGate(init_bias=0.5, seed=3, l0_coef=2.0, stop_input_gradient=stop, name="gate")([x, h])
+        h = keras.layers.Conv2D(4, 3, padding="same", name="conv2")(h)
+        return keras.Model(inputs, keras.layers.Dense(2, name="head")(keras.layers.GlobalAveragePooling2D()(h)))
+
+    plain, stopped = build(False), build(True)
+    stopped.set_weights(plain.get_weights())
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype("float32")
+    grads, outs = [], []
+    for model in (plain, stopped):
+        with tf.GradientTape() as tape:
+            y = model(x, training=True)
+            loss = tf.reduce_sum(y * y) + tf.add_n(model.losses)
+        grads.append(dict(zip([v.path for v in model.trainable_weights], tape.gradient(loss, model.trainable_weights))))
+        outs.append((y.numpy(), float(loss)))
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    assert outs[0][1] == outs[1][1]
+    for path, g in grads[0].items():
+        other = grads[1][path]
+        if path == "stem/kernel":
+            assert np.abs(g.numpy() - other.numpy()).max() > 1e-5, path  # the gate's path into the backbone
+        elif path == "stem/bias":
+            # A per-channel shift of x moves every sample's pooled input alike,
+            # which the gate's batch-statistics BN removes: ~0 either way.
+            np.testing.assert_allclose(g.numpy(), other.numpy(), atol=1e-6)
+        else:
+            np.testing.assert_allclose(g.numpy(), other.numpy(), rtol=1e-6, atol=1e-7, err_msg=path)
+    assert ChannelGate.from_config(stopped.get_layer("gate").get_config()).stop_input_gradient
+
+
+def test_train_py_gate_stop_gradient_reaches_every_gate():
+    from bs_keras import training
+    from bs_keras.cli import train as train_cli
+
+    _, args = train_cli.parse_args(["--gate-stop-gradient", "--width-multiplier", "0.25"])
+    recipe = train_cli.resolve_recipe(args)
+    info = type("Info", (), {"image_shape": (32, 32, 1), "num_classes": 10})()
+    model = training.build_model(recipe, info)
+    assert [g.stop_input_gradient for g in bs_keras.find_gates(model)] == [True] * 9
+    _, args = train_cli.parse_args([])
+    assert not any(g.stop_input_gradient for g in bs_keras.find_gates(training.build_model(train_cli.resolve_recipe(args), info)))

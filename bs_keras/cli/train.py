@@ -47,6 +47,9 @@ def parse_args(argv=None):
     g.add_argument("--gate-granularity", choices=("channel", "block"),
                    help="channel: per-channel gates (default, the paper); block: one gate per residual "
                    "branch (the coarse ConvNet-AIG-style baseline)")
+    g.add_argument("--gate-stop-gradient", action="store_true", default=None,
+                   help="stop the gradient at each gate's input: the gates learn from the pooled block input "
+                   "without moving the backbone (neither L0 nor the task loss reach it through the gate)")
     g.add_argument("--image-size", type=positive_int, help="resize images to this square size")
     g.add_argument("--crop-size", type=positive_int, help="segmentation training crop (default 713 for Cityscapes)")
     g.add_argument("--aux-weight", type=number, help="segmentation auxiliary-head loss weight (default 0.4)")
@@ -99,7 +102,8 @@ def parse_args(argv=None):
 
 
 RECIPE_FLAGS = (
-    "dataset", "model", "gated", "width_multiplier", "group_size", "gate_granularity", "image_size", "epochs", "batch_size",
+    "dataset", "model", "gated", "width_multiplier", "group_size", "gate_granularity", "gate_stop_gradient",
+    "image_size", "epochs", "batch_size",
     "lr", "lr_schedule", "optimizer", "weight_decay", "clipnorm", "gamma", "lam", "prior_a", "prior_b",
     "target_macs", "budget_rate", "budget_gain", "budget_max", "budget_unwind", "budget_measure",
     "l0_weighting", "seed", "validation_split", "limit_train", "limit_eval", "crop_size", "aux_weight",
