@@ -1,13 +1,10 @@
 """`add_gates`: gates for ResNets built elsewhere, with their weights kept."""
 
-import warnings
-
 import keras
 import numpy as np
 import pytest
 
-import bs_keras
-from bs_keras.gates import ChannelGate, find_gates
+from bs_keras.gates import find_gates
 from bs_keras.macs import conditional_macs, count_macs, gate_masks, gate_table
 from bs_keras.models import add_gates, cifar_resnet, imagenet_resnet, residual_blocks
 from bs_keras.deploy import parity

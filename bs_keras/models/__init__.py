@@ -8,7 +8,7 @@
 The gated PSPNet is `bs_keras.segmentation.pspnet`.
 """
 
-from bs_keras.models.resnet import (  # noqa: F401
+from bs_keras.models.resnet import (
     CIFAR_WIDTHS,
     IMAGENET_SPECS,
     IMAGENET_WIDTHS,
@@ -17,4 +17,19 @@ from bs_keras.models.resnet import (  # noqa: F401
     imagenet_resnet,
     weight_decay_regularizer,
 )
-from bs_keras.models.retrofit import ResidualBlock, adapt_inputs, add_gates, copy_model, residual_blocks  # noqa: F401
+from bs_keras.models.retrofit import ResidualBlock, adapt_inputs, add_gates, copy_model, residual_blocks
+
+__all__ = [
+    "CIFAR_WIDTHS",
+    "IMAGENET_SPECS",
+    "IMAGENET_WIDTHS",
+    "ResidualBlock",
+    "adapt_inputs",
+    "add_gates",
+    "cifar_resnet",
+    "copy_model",
+    "gate_factory",
+    "imagenet_resnet",
+    "residual_blocks",
+    "weight_decay_regularizer",
+]
