@@ -198,3 +198,25 @@ def test_recipe_target_becomes_a_budget_over_the_l0_ramp():
     finally:
         del recipes.RECIPES["_t"]
     assert resolved.target_macs is None and resolved.lam == 3.0
+
+
+def test_budget_on_a_gated_pspnet_with_its_two_heads():
+    """Segmentation: the budget measures the PSPNet's backbone gates (MACs of
+    the whole network, both heads) and moves its multiplier."""
+    from bs_keras.segmentation import pspnet, segmentation_losses
+
+    model = pspnet(3, input_shape=(32, 32, 3), width_multiplier=0.125, seed=0)
+    for gate in find_gates(model):
+        gate.logits_dense.kernel.assign(np.zeros(gate.logits_dense.kernel.shape, "float32"))
+    loss, weights = segmentation_losses(0.4)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss=loss, loss_weights=weights)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 3, (4, 32, 32))
+    budget = MacBudget(0.5, rate=1.0, gain=0.0, unit="step")
+    history = model.fit(x, {"seg": y, "aux": y}, batch_size=2, epochs=1, verbose=0,
+                        callbacks=[bs_keras.GateLossScheduler(0.0, budget)])  # fmt: skip
+    ungated = count_macs(model) - sum(16 * (g.hidden.kernel.shape[0] + g.num_gates) for g in find_gates(model))
+    ratio = count_macs(model) / ungated  # every gate open (logit = 3)
+    assert history.history["hard_macs_ratio"] == pytest.approx([ratio])
+    assert budget.multiplier == pytest.approx(2 * (ratio - 0.5))
