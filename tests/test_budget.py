@@ -200,6 +200,7 @@ def test_recipe_target_becomes_a_budget_over_the_l0_ramp():
     assert resolved.target_macs is None and resolved.lam == 3.0
 
 
+@pytest.mark.slow  # a PSPNet fit: about 20 s
 def test_budget_on_a_gated_pspnet_with_its_two_heads():
     """Segmentation: the budget measures the PSPNet's backbone gates (MACs of
     the whole network, both heads) and moves its multiplier."""
