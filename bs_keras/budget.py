@@ -23,6 +23,11 @@ multiplier keeps growing until the measured ratio is the target. The ratio is
 measured with the inference gates, not the sampled ones, because a gate open
 with probability 0.3 costs 0.3 in training but nothing at inference.
 
+Keep the ramp (`begin < end`) with block gates (`group_size="all"`): an
+abrupt target makes the large initial weight shut whole branches for whole
+batches at once, whose zero-variance BatchNormalization can turn the loss
+NaN (seen in a tiny test model; `global_clipnorm` also prevents it).
+
 The multiplier lives in the gates' `l0_coef` weights (λ times each gate's
 share), so a checkpoint holds it and `GateLossScheduler` restores it on
 resume.
