@@ -30,6 +30,7 @@ Budget: 4 epochs of 16,000 images (each epoch a fresh random 16,000 of the
 10,000-image test set; about an hour for the default sweep on 2 CPU cores.
 
     python bench/tradeoff.py                          # the default sweep
+    python bench/tradeoff.py --budget long --root ~/bs_keras_runs/long --dry-run
     python bench/tradeoff.py --dry-run                # print the runs and their state
     python bench/tradeoff.py --families bas_l0 --seeds 0 --lams 10
     python bench/report.py runs/tradeoff --out docs/results
@@ -102,6 +103,53 @@ def plan(families=FAMILIES, seeds=SEEDS, widths=WIDTHS, lams=LAMS, block_lams=BL
     return [(name, flags + ["--seed", str(name_seed(name))]) for name, flags in runs]
 
 
+# --budget long (issue 19): every run the same N optimizer steps on the full
+# 60,000 images (6 epochs of 468 steps at batch 128: N = 2,808). Gated runs
+# get a MAC target (`--target-macs`) instead of a lambda re-chosen for the
+# length. Pruned and gated-from-plain runs start from a plain run of N/2
+# steps and fine-tune N/2. Two seeds for the decisive configurations.
+LONG_COMMON = {"epochs": 6, "limit_train": 60000, "batch_size": 128, "lr": 0.1, "lr_schedule": "cosine",
+               "weight_decay": 5e-4}
+LONG_WIDTHS = (1.0, 0.75, 0.5)
+LONG_TARGETS = (0.75, 0.55, 0.35)
+LONG_DECISIVE = {"plain_w0p75", "bas_l0_t0p55", "pruned_p0p6"}
+
+
+def plan_long(families=FAMILIES, seeds=SEEDS, root=os.path.join("runs", "tradeoff_long")):
+    """The long-budget runs: `(name, train.py flags)`; see LONG_COMMON."""
+    def flags_for(epochs):
+        out = ["--recipe", "fashion_mnist_demo"]
+        for key, value in {**LONG_COMMON, "epochs": epochs}.items():
+            out += [f"--{key.replace('_', '-')}", str(value)]
+        return out
+
+    full, half = flags_for(LONG_COMMON["epochs"]), flags_for(LONG_COMMON["epochs"] // 2)
+    configs = []  # (config name, flags, needs the plain N/2 source)
+    if "plain" in families:
+        configs += [(f"plain_w{_num(w)}", ["--plain", "--width-multiplier", str(w)], False) for w in LONG_WIDTHS]
+    for family in ("l0", "bas_l0"):
+        if family in families:
+            gamma = ["--gamma", "0"] if family == "l0" else []
+            configs += [(f"{family}_t{_num(t)}", ["--target-macs", str(t)] + gamma, False) for t in LONG_TARGETS]
+    if "pruned" in families:
+        configs += [(f"pruned_p{_num(m)}", ["--plain", "--prune-macs", str(m)], True) for m in PRUNE_MACS]
+    if "retrofit" in families:
+        configs += [(f"retrofit_t{_num(t)}", ["--target-macs", str(t)], True) for t in LONG_TARGETS]
+    runs = []
+    for seed in seeds:
+        if any(needs for _, _, needs in configs):
+            runs.append((f"plain_half_w1_s{seed}", half + ["--plain"]))
+        for config, flags, needs in configs:
+            if seed != seeds[0] and config not in LONG_DECISIVE:
+                continue
+            source = []
+            if needs:
+                path = os.path.join(root, f"plain_half_w1_s{seed}", "last.keras")
+                source = ["--prune-from", path] if config.startswith("pruned") else ["--gate-from", path]
+            runs.append((f"{config}_s{seed}", (half if needs else full) + flags + source))
+    return [(name, flags + ["--seed", str(name_seed(name))]) for name, flags in runs]
+
+
 def name_seed(name):
     return int(name.rsplit("_s", 1)[1])
 
@@ -120,7 +168,11 @@ def _csv(text, convert):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default=os.path.join("runs", "tradeoff"), help="directory of the run directories")
+    p.add_argument("--root", help="directory of the run directories (default runs/tradeoff, "
+                   "runs/tradeoff_long with --budget long)")
+    p.add_argument("--budget", choices=("short", "long"), default="short",
+                   help="short: 500 steps per run (the default sweep); long: 2,808 steps per run on the full "
+                   "training set, gated runs at MAC targets, pruned/gated-from-plain runs from a plain half run")
     p.add_argument("--families", type=lambda t: _csv(t, str), default=FAMILIES,
                    help=f"comma-separated subset of {','.join(FAMILIES)}")
     p.add_argument("--seeds", type=lambda t: _csv(t, int), default=SEEDS)
@@ -147,13 +199,18 @@ def main(argv=None):
     args = parse_args(argv)
     from bs_keras.report import write_json
 
+    if args.root is None:
+        args.root = os.path.join("runs", "tradeoff_long" if args.budget == "long" else "tradeoff")
     common = {"epochs": args.epochs, "limit_train": args.limit_train}
     if args.limit_eval:
         common["limit_eval"] = args.limit_eval
     if args.dataset:
         common["dataset"] = args.dataset
-    runs = plan(args.families, args.seeds, args.widths, args.lams, args.block_lams, common,
-                prune_macs=args.prune_macs, root=args.root)
+    if args.budget == "long":
+        runs = plan_long([f for f in args.families if f != "block"], args.seeds, root=args.root)
+    else:
+        runs = plan(args.families, args.seeds, args.widths, args.lams, args.block_lams, common,
+                    prune_macs=args.prune_macs, root=args.root)
     os.makedirs(args.root, exist_ok=True)
     ledger_path = os.path.join(args.root, "sweep.json")
     ledger = {"runs": {}}

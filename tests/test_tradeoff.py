@@ -101,3 +101,41 @@ def test_default_demo_is_the_chosen_sweep_point(tmp_path):
     assert demo.lam in tradeoff.LAMS
     recipes = _recipes(tmp_path)
     assert recipes[name].to_dict() == demo.to_dict()
+
+
+def test_long_budget_plan_matches_every_run_to_the_same_steps(tmp_path):
+    """--budget long (issue 19): N = 6 full epochs for every run; pruned and
+    gated-from-plain runs are N/2 + N/2 from a plain N/2 run of their seed;
+    gated runs have MAC targets; two seeds only for the decisive pair."""
+    runs = tradeoff.plan_long(root=str(tmp_path))
+    for seed in (0, 1):
+        (tmp_path / f"plain_half_w1_s{seed}").mkdir()
+        (tmp_path / f"plain_half_w1_s{seed}" / "last.keras").write_bytes(b"")
+    recipes = {}
+    for name, flags in runs:
+        _, args = train.parse_args(flags)
+        recipes[name] = train.resolve_recipe(args)
+    steps = {name: r.epochs * (60000 // r.batch_size) for name, r in recipes.items()}
+    assert all(r.limit_train == 60000 and r.batch_size == 128 for r in recipes.values())
+    names = list(recipes)
+    for name, r in recipes.items():
+        source = r.prune_from or r.gate_from
+        if source:
+            parent = os.path.basename(os.path.dirname(source))
+            assert parent == f"plain_half_w1_s{r.seed}" and names.index(parent) < names.index(name)
+            assert steps[name] + steps[parent] == 6 * 468
+        elif not name.startswith("plain_half"):
+            assert steps[name] == 6 * 468 >= 2800
+    gated = {k: r for k, r in recipes.items() if r.gated}
+    assert all(r.target_macs in (0.75, 0.55, 0.35) for r in gated.values())
+    assert {r.gamma for k, r in gated.items() if k.startswith("l0_")} == {0.0}
+    assert sorted(k for k in recipes if k.endswith("_s1")) == [
+        "bas_l0_t0p55_s1", "plain_half_w1_s1", "plain_w0p75_s1", "pruned_p0p6_s1"]
+    assert len(runs) == 19
+
+
+def test_long_budget_dry_run_prints_its_plan(tmp_path, capsys):
+    assert tradeoff.main(["--budget", "long", "--root", str(tmp_path / "long"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "19 runs, 0 finished, 19 to do" in out
+    assert "[todo] retrofit_t0p55_s0: python train.py" in out and "--gate-from" in out
