@@ -44,7 +44,7 @@ class GateLossScheduler(keras.callbacks.Callback):
       relative to the ungated network (what `report.json` calls
       `macs_ratio`);
     - with a `MacBudget` as `lam`: `mac_target`, the budget's current target
-      (`lam` is then its multiplier).
+      (`lam` is then the L0 weight the budget set).
 
     Training values are running means over the epoch, like Keras metrics.
     Put this callback before TensorBoard/CSVLogger in the callbacks list.
@@ -97,6 +97,7 @@ class GateLossScheduler(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
         self._train_logs = {}
+        self._previous = [None] * len(self._gates)  # fit resets the gates' stats now
 
     def _time(self, schedule, batch):
         if schedule.unit == "step":
@@ -122,8 +123,9 @@ class GateLossScheduler(keras.callbacks.Callback):
             gating.set_gate_loss_weights(self._gates, self._bs_share, self._l0_share, gamma, lam)
             self._assigned = (gamma, lam)
 
-    def _hard_ratio(self, hard_open_rates):
-        saved = sum(m * (1.0 - h) for m, h in zip(self._gated_macs, hard_open_rates))
+    def _ratio(self, open_rates):
+        """MAC ratio to the ungated network for per-gate open rates."""
+        saved = sum(m * (1.0 - h) for m, h in zip(self._gated_macs, open_rates))
         return (self._static_macs - saved) / self._ungated_macs
 
     def _batch_ratio(self, totals, measure):
@@ -134,12 +136,12 @@ class GateLossScheduler(keras.callbacks.Callback):
         rates = []
         for i, now in enumerate(totals):
             before = self._previous[i]
-            if before is None or now[-1] < before[-1]:  # first step, or the epoch's reset
+            if before is None:  # the epoch's first step (Keras resets the stats)
                 before = 0.0 * now
             steps = now[-1] - before[-1]
             rates.append((now[column] - before[column]) / steps if steps > 0 else 1.0)
             self._previous[i] = now
-        return self._hard_ratio(rates)
+        return self._ratio(rates)
 
     def _gate_logs(self, totals):
         values = [g.stats.values(t) for g, t in zip(self._gates, totals)]
@@ -149,7 +151,7 @@ class GateLossScheduler(keras.callbacks.Callback):
         open_rate = sum(s * v["open_rate"] for s, v in zip(self._bs_share, values))
         saved = sum(m * (1.0 - v["open_rate"]) for m, v in zip(self._gated_macs, values))
         macs = self._static_macs - saved
-        logs = {"hard_macs_ratio": self._hard_ratio([v["hard_open_rate"] for v in values])}
+        logs = {"hard_macs_ratio": self._ratio([v["hard_open_rate"] for v in values])}
         if self._budget is not None:
             logs["mac_target"] = self._budget.target_at(self._time(self._budget, self._batch))
         if all(v["batch_shaping"] is not None for v in values):
