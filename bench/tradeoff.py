@@ -147,6 +147,16 @@ def plan_long(families=FAMILIES, seeds=SEEDS, root=os.path.join("runs", "tradeof
                 path = os.path.join(root, f"plain_half_w1_s{seed}", "last.keras")
                 source = ["--prune-from", path] if config.startswith("pruned") else ["--gate-from", path]
             runs.append((f"{config}_s{seed}", (half if needs else full) + flags + source))
+    # Decisive runs of the first seed first (with their plain N/2 source), so
+    # that a sweep cut short still answers the main question; then the rest of
+    # the first seed, then the other seeds.
+    def priority(name):
+        seed, config = name_seed(name), name.rsplit("_s", 1)[0]
+        if seed != seeds[0]:
+            return 2
+        return 0 if config in LONG_DECISIVE or config == "plain_half_w1" else 1
+
+    runs.sort(key=lambda run: priority(run[0]))
     return [(name, flags + ["--seed", str(name_seed(name))]) for name, flags in runs]
 
 

@@ -132,6 +132,9 @@ def test_long_budget_plan_matches_every_run_to_the_same_steps(tmp_path):
     assert sorted(k for k in recipes if k.endswith("_s1")) == [
         "bas_l0_t0p55_s1", "plain_half_w1_s1", "plain_w0p75_s1", "pruned_p0p6_s1"]
     assert len(runs) == 19
+    # A sweep cut short has answered the decisive comparison of seed 0 first.
+    assert sorted(names[:4]) == ["bas_l0_t0p55_s0", "plain_half_w1_s0", "plain_w0p75_s0", "pruned_p0p6_s0"]
+    assert all(name.endswith("_s1") for name in names[-4:])
 
 
 def test_long_budget_dry_run_prints_its_plan(tmp_path, capsys):
