@@ -65,7 +65,7 @@ CATEGORIES = ("always_on", "conditional", "always_off")
 STD_NOTE = "std is the sample standard deviation (ddof=1) over seeds when n > 1, and 0 when n = 1"
 RUN_METRICS = (
     "accuracy", "macs_ratio", "conditional", "always_on", "always_off",
-    "spearman_macs_loss", "macs_ratio_correct", "macs_ratio_wrong", "wall_seconds",
+    "spearman_macs_loss", "macs_ratio_correct", "macs_ratio_wrong", "wall_seconds", "total_steps",
 )  # fmt: skip
 
 
@@ -90,14 +90,64 @@ def run_family(recipe):
 
 
 def config_knob(family, recipe):
-    """`(knob_name, value)`: width_multiplier (plain), prune_macs (pruned), else lam."""
+    """`(knob_name, value)`: width_multiplier (plain), prune_macs (pruned),
+    target_macs (gated runs trained to a compute budget), else lam."""
+    if family not in KNOBS and recipe.get("target_macs") is not None:
+        return "target_macs", float(recipe["target_macs"])
     name = KNOBS.get(family, ("lam",))[0]
     return name, float(recipe.get(name) if recipe.get(name) is not None else (1.0 if family == "plain" else 0.0))
 
 
-def config_key(family, knob):
-    """Printable configuration name, e.g. `bas_l0 lam=10`."""
-    return f"{family} {KNOBS.get(family, (None, 'lam'))[1]}={knob:g}"
+KNOB_LABELS = {"width_multiplier": "width", "prune_macs": "macs", "target_macs": "target", "lam": "lam"}
+
+
+def config_key(family, knob, knob_name=None):
+    """Printable configuration name, e.g. `bas_l0 lam=10` or `bas_l0 target=0.55`."""
+    knob_name = knob_name or KNOBS.get(family, ("lam",))[0]
+    return f"{family} {KNOB_LABELS[knob_name]}={knob:g}"
+
+
+def knob_label(rows):
+    """Column header for the knob of gated `rows` (dicts with `knob_name`): lam, target or knob."""
+    names = {r["knob_name"] for r in rows}
+    return KNOB_LABELS[names.pop()] if len(names) == 1 else "knob"
+
+
+def _source_run_dir(recipe):
+    """The run directory a pruned / gated-from run started from (its .keras's folder), or None."""
+    source = recipe.get("prune_from") or recipe.get("gate_from")
+    return os.path.dirname(os.path.abspath(source)) if source else None
+
+
+def optimizer_steps(report, recipe):
+    """Optimizer steps of one run: report.json's `optimizer_steps`, else
+    epochs x (limit_train // batch_size) when the recipe fixes the epoch size
+    (runs before the field existed), else None."""
+    steps = report.get("optimizer_steps")
+    if steps is not None:
+        return int(steps)
+    epochs, limit, batch = report.get("epochs_completed"), recipe.get("limit_train"), recipe.get("batch_size")
+    if epochs is not None and limit and batch:
+        return int(epochs) * (int(limit) // int(batch))
+    return None
+
+
+def _run_steps(run_dir, report, recipe):
+    """`(steps, source_steps, total_steps)`: this run's optimizer steps, those
+    of the run its weights came from (prune_from / gate_from, when that run
+    directory has a report.json), and their sum (None when unknown)."""
+    steps = optimizer_steps(report, recipe)
+    source_dir = _source_run_dir(recipe)
+    if source_dir is None:
+        return steps, 0, steps
+    try:
+        source_report = _read_json(os.path.join(source_dir, "report.json"))
+    except (OSError, ValueError):
+        return steps, None, None
+    source_recipe = dict(source_report.get("recipe") or {})
+    source_steps = optimizer_steps(source_report, source_recipe)
+    total = None if steps is None or source_steps is None else steps + source_steps
+    return steps, source_steps, total
 
 
 def average_ranks(values):
@@ -303,7 +353,7 @@ def load_run(run_dir, name=None):
         "family": family,
         "knob_name": knob_name,
         "knob": knob,
-        "config": config_key(family, knob),
+        "config": config_key(family, knob, knob_name),
         "seed": recipe.get("seed"),
         "gated": bool(ev.get("gated")),
         "gamma": recipe.get("gamma"),
@@ -315,6 +365,10 @@ def load_run(run_dir, name=None):
         "epochs": recipe.get("epochs"),
         "epochs_completed": report.get("epochs_completed"),
         "limit_train": recipe.get("limit_train"),
+        "target_macs": recipe.get("target_macs"),
+        "steps": None,  # optimizer steps of this run; total_steps adds its source run's
+        "source_steps": None,
+        "total_steps": None,
         "num_samples": ev.get("num_samples"),
         "accuracy": float(ev["accuracy"]),
         "mean_loss": _finite_or_none(ev.get("mean_loss")),
@@ -336,6 +390,7 @@ def load_run(run_dir, name=None):
         "wall_seconds_source": "report.json",
         "per_sample": None,
     }
+    run["steps"], run["source_steps"], run["total_steps"] = _run_steps(run_dir, report, recipe)
     npz = os.path.join(run_dir, "per_sample.npz")
     per_sample = None
     if os.path.isfile(npz):
@@ -422,7 +477,7 @@ def load_sweep(paths):
         if len(values) > 1:
             warnings.append(f"runs differ in {field}: {', '.join(values)}")
     order = {f: i for i, f in enumerate(FAMILIES)}
-    runs.sort(key=lambda r: (order[r["family"]], r["knob"], r["seed"] if r["seed"] is not None else -1, r["name"]))
+    runs.sort(key=lambda r: (order[r["family"]], r["knob_name"], r["knob"], r["seed"] if r["seed"] is not None else -1, r["name"]))
     return {"runs": runs, "missing": missing, "reference_macs": ref, "reference_macs_source": source,
             "warnings": warnings}  # fmt: skip
 
@@ -434,14 +489,15 @@ def aggregate_configs(runs):
     """Per configuration (family + knob): seeds and `aggregate` of each metric."""
     groups = {}
     for r in runs:
-        groups.setdefault((r["family"], r["knob"]), []).append(r)
+        groups.setdefault((r["family"], r["knob_name"], r["knob"]), []).append(r)
     order = {f: i for i, f in enumerate(FAMILIES)}
     configs = []
-    for (family, knob), members in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
+    for (family, knob_name, knob), members in sorted(groups.items(),
+                                                     key=lambda kv: (order[kv[0][0]], kv[0][1], kv[0][2])):
         c = {
-            "config": config_key(family, knob),
+            "config": config_key(family, knob, knob_name),
             "family": family,
-            "knob_name": members[0]["knob_name"],
+            "knob_name": knob_name,
             "knob": knob,
             "seeds": sorted(m["seed"] for m in members if m["seed"] is not None),
             "runs": [m["name"] for m in members],
@@ -481,7 +537,8 @@ def claim_1a(configs):
             x, acc = _mean(c["macs_ratio"]), _mean(c["accuracy"])
             ref = interpolate(plain, x)
             ref_pruned = interpolate(pruned, x) if pruned else None
-            rows.append({"config": c["config"], "lam": c["knob"], "n": c["n"], "macs_ratio": x, "accuracy": acc,
+            rows.append({"config": c["config"], "knob_name": c["knob_name"], "knob": c["knob"], "n": c["n"],
+                         "macs_ratio": x, "accuracy": acc,
                          "plain_accuracy_at_same_macs": ref,
                          "difference": None if ref is None else acc - ref,
                          "pruned_accuracy_at_same_macs": ref_pruned,
@@ -503,26 +560,28 @@ def claim_1b(configs):
             continue
         x, acc = _mean(c["macs_ratio"]), _mean(c["accuracy"])
         ref = interpolate(curve, x)
-        rows.append({"config": c["config"], "lam": c["knob"], "n": c["n"], "macs_ratio": x, "accuracy": acc,
+        rows.append({"config": c["config"], "knob_name": c["knob_name"], "knob": c["knob"], "n": c["n"],
+                     "macs_ratio": x, "accuracy": acc,
                      "bas_l0_accuracy_at_same_macs": ref,
                      "difference_channel_minus_block": None if ref is None else ref - acc})  # fmt: skip
     return rows
 
 
 def claim_2(configs):
-    """Conditional-gate fraction, L0 only vs BAS + L0, at each lam run in both.
+    """Conditional-gate fraction, L0 only vs BAS + L0, at each knob (lam or
+    MAC target) run in both.
 
-    Each row: lam, `l0` and `bas_l0` aggregates (mean, std, ...) and
-    `difference` (bas_l0 mean - l0 mean).
+    Each row: knob_name, knob, `l0` and `bas_l0` aggregates (mean, std, ...)
+    and `difference` (bas_l0 mean - l0 mean).
     """
-    by = {(c["family"], c["knob"]): c for c in configs}
+    by = {(c["family"], c["knob_name"], c["knob"]): c for c in configs}
     rows = []
-    for lam in sorted({c["knob"] for c in configs if c["family"] == "l0"}):
-        if ("bas_l0", lam) not in by:
+    for name, knob in sorted({(c["knob_name"], c["knob"]) for c in configs if c["family"] == "l0"}):
+        if ("bas_l0", name, knob) not in by:
             continue
-        l0, bas = by[("l0", lam)]["conditional"], by[("bas_l0", lam)]["conditional"]
+        l0, bas = by[("l0", name, knob)]["conditional"], by[("bas_l0", name, knob)]["conditional"]
         diff = None if l0 is None or bas is None else bas["mean"] - l0["mean"]
-        rows.append({"lam": lam, "l0": l0, "bas_l0": bas, "difference": diff})
+        rows.append({"knob_name": name, "knob": knob, "l0": l0, "bas_l0": bas, "difference": diff})
     return rows
 
 
@@ -533,7 +592,8 @@ def claim_3(runs):
         if not r["gated"]:
             continue
         c, w = r["macs_ratio_correct"], r["macs_ratio_wrong"]
-        rows.append({"run": r["name"], "family": r["family"], "lam": r["knob"], "seed": r["seed"],
+        rows.append({"run": r["name"], "family": r["family"], "knob_name": r["knob_name"], "knob": r["knob"],
+                     "seed": r["seed"],
                      "spearman_macs_loss": r["spearman_macs_loss"], "macs_ratio_correct": c,
                      "macs_ratio_wrong": w, "num_wrong": r["num_wrong"],
                      "difference_wrong_minus_correct": None if c is None or w is None else w - c})  # fmt: skip
@@ -547,7 +607,7 @@ def demo_choice(configs, max_macs):
     if not ok:
         return None
     best = max(ok, key=lambda c: (_mean(c["accuracy"]), -c["knob"]))
-    return {"config": best["config"], "lam": best["knob"], "accuracy": _mean(best["accuracy"]),
+    return {"config": best["config"], "knob_name": best["knob_name"], "knob": best["knob"], "accuracy": _mean(best["accuracy"]),
             "macs_ratio": _mean(best["macs_ratio"]), "n": best["n"], "max_macs": max_macs}  # fmt: skip
 
 
@@ -613,7 +673,8 @@ def plot_tradeoff(runs, configs, path, reference_note="", max_macs=None):
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, color=style["color"], marker=style["marker"], ms=6,
                     capsize=3, lw=1.3, label=FAMILY_LABELS[family])  # fmt: skip
         for c, xi, yi in zip(members, x, y):
-            text = {"plain": "w", "pruned": "p"}.get(family, "λ") + f"={c['knob']:g}"
+            text = {"width_multiplier": "w", "prune_macs": "p", "target_macs": "t"}.get(c["knob_name"], "λ") \
+                + f"={c['knob']:g}"
             ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7,
                         color=style["color"])  # fmt: skip
     ax.set_xlabel("mean conditional MACs / ungated full-width MACs" + reference_note)
@@ -628,17 +689,18 @@ def plot_tradeoff(runs, configs, path, reference_note="", max_macs=None):
 
 
 def gate_category_pairs(runs):
-    """`[(lam, l0_run, bas_l0_run)]` for each lam run in both families, smallest seed of each."""
+    """`[(knob, l0_run, bas_l0_run)]` for each knob (lam or MAC target) run in
+    both families, smallest seed of each."""
 
-    def first(family, lam):
-        pool = [r for r in runs if r["family"] == family and r["knob"] == lam and r["layers"]]
+    def first(family, knob):
+        pool = [r for r in runs if r["family"] == family and (r["knob_name"], r["knob"]) == knob and r["layers"]]
         return min(pool, key=lambda r: (r["seed"] if r["seed"] is not None else 0, r["name"])) if pool else None
 
     pairs = []
-    for lam in sorted({r["knob"] for r in runs if r["family"] == "l0"}):
-        a, b = first("l0", lam), first("bas_l0", lam)
+    for knob in sorted({(r["knob_name"], r["knob"]) for r in runs if r["family"] == "l0"}):
+        a, b = first("l0", knob), first("bas_l0", knob)
         if a is not None and b is not None:
-            pairs.append((lam, a, b))
+            pairs.append((knob[1], a, b))
     return pairs
 
 
@@ -662,7 +724,8 @@ def plot_gate_categories(pairs, path):
             ax.set_xticklabels([l["name"].replace("_gate", "") for l in layers], rotation=60, ha="right", fontsize=7)
             ax.set_ylim(0, 1)
             title = "L0 only" if run["family"] == "l0" else "BAS + L0"
-            ax.set_title(f"{title}, λ={lam:g} (seed {run['seed']}): {run['conditional']:.0%} conditional",
+            knob = ("target" if run["knob_name"] == "target_macs" else "λ") + f"={lam:g}"
+            ax.set_title(f"{title}, {knob} (seed {run['seed']}): {run['conditional']:.0%} conditional",
                          fontsize=9)  # fmt: skip
             if col == 0:
                 ax.set_ylabel("fraction of gates")
@@ -719,6 +782,10 @@ def _f(x, digits=3):
     return f"{x:.{digits}f}"
 
 
+def _steps(x):
+    return "–" if x is None else f"{x:,}"
+
+
 def _macs_text(macs):
     return f"{macs / 1e6:.2f} M" if macs >= 1e5 else f"{macs:g}"
 
@@ -748,13 +815,15 @@ def format_markdown(summary):
     out += ["## Runs", ""]
     out.append(_table(
         ["run", "family", "knob", "seed", "accuracy", "MAC ratio", "conditional", "always on", "always off",
-         "rho(MACs, loss)", "MACs correct", "MACs wrong", "wall s"],
+         "rho(MACs, loss)", "MACs correct", "MACs wrong", "steps", "total steps", "wall s"],
         [[r["name"], r["family"], f"{r['knob_name']}={r['knob']:g}", r["seed"], _f(r["accuracy"], 4),
           _f(r["macs_ratio"]), _f(r["conditional"]), _f(r["always_on"]), _f(r["always_off"]),
           _f(r["spearman_macs_loss"]), _f(r["macs_ratio_correct"]), _f(r["macs_ratio_wrong"]),
-          _f(r["wall_seconds"], 0)] for r in summary["runs"]],
+          _steps(r["steps"]), _steps(r["total_steps"]), _f(r["wall_seconds"], 0)] for r in summary["runs"]],
     ))  # fmt: skip
-    out += ["", "MACs correct / wrong: mean MAC ratio of correctly / wrongly classified test samples.", ""]
+    out += ["", "MACs correct / wrong: mean MAC ratio of correctly / wrongly classified test samples. "
+            "steps: this run's optimizer steps; total steps adds those of the run its weights came from "
+            "(pruned and gated-from-plain runs).", ""]
     if summary["missing"]:
         out += ["Missing runs: " + "; ".join(f"{m['name']}: {m['reason']}" for m in summary["missing"]), ""]
     out += ["## Configurations (mean ± std over seeds)", ""]
@@ -790,20 +859,21 @@ def format_markdown(summary):
     out.append(_table(["config", "n", "MAC ratio", "block accuracy", "channel at same MACs",
                        "channel - block"], rows) if rows else "No block-gate runs.")  # fmt: skip
     out += ["", "### 2. Conditional gates: L0 only vs BAS + L0 (fraction of gates, mean ± std)", ""]
-    rows = [[f"{r['lam']:g}", _pm(r["l0"]), _pm(r["bas_l0"]), _f(r["difference"])] for r in claims["2"]]
-    out.append(_table(["lam", "L0 only", "BAS + L0", "BAS+L0 - L0"], rows) if rows
-               else "No lam was run with both L0 only and BAS + L0.")  # fmt: skip
+    rows = [[f"{r['knob']:g}", _pm(r["l0"]), _pm(r["bas_l0"]), _f(r["difference"])] for r in claims["2"]]
+    out.append(_table([knob_label(claims["2"]), "L0 only", "BAS + L0", "BAS+L0 - L0"], rows) if rows
+               else "No lam or MAC target was run with both L0 only and BAS + L0.")  # fmt: skip
     out += ["", "### 3. Harder samples get more compute (per gated run)", ""]
-    rows = [[r["run"], r["family"], f"{r['lam']:g}", r["seed"], _f(r["spearman_macs_loss"]),
+    rows = [[r["run"], r["family"], f"{r['knob']:g}", r["seed"], _f(r["spearman_macs_loss"]),
              _f(r["macs_ratio_correct"]), _f(r["macs_ratio_wrong"]), _f(r["difference_wrong_minus_correct"]),
              r["num_wrong"] if r["num_wrong"] is not None else "–"] for r in claims["3"]]  # fmt: skip
-    out.append(_table(["run", "family", "lam", "seed", "Spearman rho(MACs, loss)", "MACs correct", "MACs wrong",
+    out.append(_table(["run", "family", knob_label(claims["3"]) if claims["3"] else "lam", "seed",
+                       "Spearman rho(MACs, loss)", "MACs correct", "MACs wrong",
                        "wrong - correct", "n wrong"], rows) if rows else "No gated runs.")  # fmt: skip
     out += ["", "### Demo choice", ""]
     d = claims["demo"]
     if d:
         out.append(f"bas_l0 with the best mean accuracy at MAC ratio <= {d['max_macs']:g}: "
-                   f"**lam = {d['lam']:g}** (accuracy {d['accuracy']:.4f}, MAC ratio {d['macs_ratio']:.3f}, "
+                   f"**{KNOB_LABELS[d['knob_name']]} = {d['knob']:g}** (accuracy {d['accuracy']:.4f}, MAC ratio {d['macs_ratio']:.3f}, "
                    f"n = {d['n']}).")  # fmt: skip
     else:
         out.append(f"No bas_l0 configuration has a mean MAC ratio <= {summary['max_macs']:g}.")

@@ -802,6 +802,8 @@ def _train_locked(recipe, run_dir, runtime, strategy_obj, is_chief, *, data_dir,
     extra = {
         "recipe": recipe.to_dict(),
         "epochs_completed": recipe.epochs,
+        # All of the run's optimizer steps (restored with the optimizer on resume).
+        "optimizer_steps": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
         "train_wall_seconds_this_session": wall,
         "best": kept,
     }

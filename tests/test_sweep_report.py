@@ -232,11 +232,11 @@ def test_seed_aggregation(summary):
 def test_claim_1a_and_1b(summary):
     c = summary["claims"]["1a"]
     assert c["plain_range"] == pytest.approx([0.25, 1.0])
-    bas = {r["lam"]: r for r in c["bas_l0"]}
+    bas = {r["knob"]: r for r in c["bas_l0"]}
     assert bas[1.0]["plain_accuracy_at_same_macs"] == pytest.approx(0.80 + 0.35 / 0.75 * 0.11)
     assert bas[1.0]["difference"] == pytest.approx(0.87 - (0.80 + 0.35 / 0.75 * 0.11))
     assert bas[10.0]["plain_accuracy_at_same_macs"] is None and bas[10.0]["difference"] is None  # 0.2 < 0.25
-    l0 = {r["lam"]: r for r in c["l0"]}
+    l0 = {r["knob"]: r for r in c["l0"]}
     assert l0[1.0]["macs_ratio"] == pytest.approx(0.41)
     assert l0[1.0]["plain_accuracy_at_same_macs"] == pytest.approx(0.80 + 0.16 / 0.75 * 0.11)
     assert l0[1.0]["difference"] == pytest.approx(0.81 - (0.80 + 0.16 / 0.75 * 0.11))
@@ -253,7 +253,7 @@ def test_claim_1a_and_1b(summary):
 
 
 def test_claim_2_conditional_fraction(summary):
-    rows = {r["lam"]: r for r in summary["claims"]["2"]}
+    rows = {r["knob"]: r for r in summary["claims"]["2"]}
     assert sorted(rows) == [1.0, 10.0]
     assert rows[1.0]["l0"]["mean"] == pytest.approx(0.2) and rows[1.0]["l0"]["std"] == pytest.approx(math.sqrt(0.02))
     assert rows[1.0]["bas_l0"]["mean"] == pytest.approx(0.5)
@@ -271,9 +271,9 @@ def test_claim_3_and_choices(summary, sweep):
     assert bas["difference_wrong_minus_correct"] == pytest.approx(0.6 - 1400 / 3 / FULL)
     assert rows["l0_lam1_s0"]["spearman_macs_loss"] is None  # constant MACs
     demo = summary["claims"]["demo"]
-    assert demo["lam"] == 1.0 and demo["accuracy"] == pytest.approx(0.87)
+    assert demo["knob"] == 1.0 and demo["accuracy"] == pytest.approx(0.87)
     configs = summary["configs"]
-    assert sr.demo_choice(configs, 0.3)["lam"] == 10.0
+    assert sr.demo_choice(configs, 0.3)["knob"] == 10.0
     assert sr.demo_choice(configs, 0.1) is None
     assert summary["difficulty_run"] == "bas_lam1_s0"
     _, runs, _ = sr.summarize([str(sweep)])
@@ -307,7 +307,7 @@ def test_cli_writes_everything(sweep, tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) >= {"runs", "configs", "claims", "missing", "reference_macs", "difficulty_run", "plots"}
     assert len(summary["runs"]) == 12
-    assert summary["claims"]["demo"]["lam"] == 1.0
+    assert summary["claims"]["demo"]["knob"] == 1.0
     assert summary["plots"] == ["tradeoff.png", "gate_categories.png", "difficulty.png"]
     md = (out / "results.md").read_text()
     assert "ddof=1" in md and "| bas_lam1_s0 | bas_l0 | lam=1 | 0 | 0.8800 | 0.500 |" in md
@@ -355,3 +355,43 @@ def test_help_does_not_import_tensorflow():
             "print('TF', 'tensorflow' in sys.modules)")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert "--difficulty-run" in result.stdout and "TF False" in result.stdout, result.stderr
+
+
+def test_budget_runs_are_keyed_by_target_and_carry_their_steps(tmp_path):
+    """--budget long runs: gated runs at a MAC target are configurations
+    `target=...` (not the unused lam), and every run records its optimizer
+    steps; a pruned run's total adds those of the plain run it started from."""
+    root = tmp_path / "long"
+    src = make_run(root, "plain_half_w1_s0", gated=False, accuracy=0.88, macs=1000)
+    make_run(root, "plain_w1_s0", gated=False, accuracy=0.90, macs=1000)
+    for name, gamma, target in (("bas_l0_t0p55_s0", 0.75, 0.55), ("l0_t0p55_s0", 0.0, 0.55)):
+        d = make_run(root, name, gamma=gamma, lam=12.0, macs=560)
+        for f in ("config.json", "report.json"):
+            data = json.loads((d / f).read_text())
+            data["recipe"]["target_macs"] = target
+            (d / f).write_text(json.dumps(data))
+    pruned = make_run(root, "pruned_p0p6_s0", gated=False, accuracy=0.89, macs=600, prune=0.6)
+    for f in ("config.json", "report.json"):
+        data = json.loads((pruned / f).read_text())
+        data["recipe"]["prune_from"] = str(src / "last.keras")
+        if f == "report.json":
+            data["optimizer_steps"] = 1404  # recorded by train.py: wins over epochs x limit/batch
+        (pruned / f).write_text(json.dumps(data))
+    for d in root.iterdir():  # the fabricated recipes lack a batch size
+        for f in ("config.json", "report.json"):
+            data = json.loads((d / f).read_text())
+            data["recipe"]["batch_size"] = 128
+            (d / f).write_text(json.dumps(data))
+    summary = sr.summarize([str(root)])[0]
+    runs = {r["name"]: r for r in summary["runs"]}
+    assert runs["bas_l0_t0p55_s0"]["config"] == "bas_l0 target=0.55"
+    assert (runs["l0_t0p55_s0"]["knob_name"], runs["l0_t0p55_s0"]["knob"]) == ("target_macs", 0.55)
+    per_epoch = 16000 // 128
+    assert runs["plain_w1_s0"]["steps"] == runs["plain_w1_s0"]["total_steps"] == 3 * per_epoch
+    assert runs["pruned_p0p6_s0"]["steps"] == 1404
+    assert runs["pruned_p0p6_s0"]["source_steps"] == 3 * per_epoch
+    assert runs["pruned_p0p6_s0"]["total_steps"] == 1404 + 3 * per_epoch
+    (row,) = summary["claims"]["2"]
+    assert (row["knob_name"], row["knob"]) == ("target_macs", 0.55)
+    text = sr.format_markdown(summary)
+    assert "| target | L0 only |" in text and "| 1,404 | 1,779 |" in text
