@@ -31,6 +31,7 @@ Budget: 4 epochs of 16,000 images (each epoch a fresh random 16,000 of the
 
     python bench/tradeoff.py                          # the default sweep
     python bench/tradeoff.py --budget long --root ~/bs_keras_runs/long --dry-run
+    python bench/tradeoff.py --budget paper --data-dir ~/tensorflow_datasets   # CIFAR-10, GPU
     python bench/tradeoff.py --dry-run                # print the runs and their state
     python bench/tradeoff.py --families bas_l0 --seeds 0 --lams 10
     python bench/report.py runs/tradeoff --out docs/results
@@ -113,17 +114,32 @@ LONG_COMMON = {"epochs": 6, "limit_train": 60000, "batch_size": 128, "lr": 0.1, 
 LONG_WIDTHS = (1.0, 0.75, 0.5)
 LONG_TARGETS = (0.75, 0.55, 0.35)
 LONG_DECISIVE = {"plain_w0p75", "bas_l0_t0p55", "pruned_p0p6"}
+# --budget paper: the same families and MAC targets with the paper's CIFAR-10
+# protocol, recipe cifar10_resnet20_bas (500 epochs of the 50,000 training
+# images at batch 256, SGD lr 0.1 divided by 10 at epochs 300/375/450, gamma
+# 0.75 annealed to 0 by epoch 100, L0 from epoch 100 at full weight by epoch
+# 300). N/2 = 250 epochs for the plain source of the pruned and gated-from
+# runs, whose schedules then run over their 250 epochs. For a GPU machine.
+PAPER_RECIPE = "cifar10_resnet20_bas"
+PAPER_COMMON = {"epochs": 500}
 
 
-def plan_long(families=FAMILIES, seeds=SEEDS, root=os.path.join("runs", "tradeoff_long")):
-    """The long-budget runs: `(name, train.py flags)`; see LONG_COMMON."""
+def plan_long(families=FAMILIES, seeds=SEEDS, root=os.path.join("runs", "tradeoff_long"), *,
+              recipe="fashion_mnist_demo", common=None, extra=()):
+    """The long-budget runs: `(name, train.py flags)`; see LONG_COMMON.
+
+    `recipe`, `common` (flag values, `epochs` required) and `extra` (more
+    flags for every run, e.g. `--data-dir`) make the paper protocol's plan
+    (`plan_paper`)."""
+    common = LONG_COMMON if common is None else common
+
     def flags_for(epochs):
-        out = ["--recipe", "fashion_mnist_demo"]
-        for key, value in {**LONG_COMMON, "epochs": epochs}.items():
+        out = ["--recipe", recipe]
+        for key, value in {**common, "epochs": epochs}.items():
             out += [f"--{key.replace('_', '-')}", str(value)]
-        return out
+        return out + list(extra)
 
-    full, half = flags_for(LONG_COMMON["epochs"]), flags_for(LONG_COMMON["epochs"] // 2)
+    full, half = flags_for(common["epochs"]), flags_for(common["epochs"] // 2)
     configs = []  # (config name, flags, needs the plain N/2 source)
     if "plain" in families:
         configs += [(f"plain_w{_num(w)}", ["--plain", "--width-multiplier", str(w)], False) for w in LONG_WIDTHS]
@@ -160,6 +176,11 @@ def plan_long(families=FAMILIES, seeds=SEEDS, root=os.path.join("runs", "tradeof
     return [(name, flags + ["--seed", str(name_seed(name))]) for name, flags in runs]
 
 
+def plan_paper(families=FAMILIES, seeds=SEEDS, root=os.path.join("runs", "tradeoff_paper"), extra=()):
+    """The long-budget plan with the paper's CIFAR-10 protocol (PAPER_RECIPE)."""
+    return plan_long(families, seeds, root, recipe=PAPER_RECIPE, common=PAPER_COMMON, extra=extra)
+
+
 def name_seed(name):
     return int(name.rsplit("_s", 1)[1])
 
@@ -179,24 +200,37 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", help="directory of the run directories (default runs/tradeoff, "
-                   "runs/tradeoff_long with --budget long)")
-    p.add_argument("--budget", choices=("short", "long"), default="short",
+                   "runs/tradeoff_long or runs/tradeoff_paper with --budget long or paper)")
+    p.add_argument("--budget", choices=("short", "long", "paper"), default="short",
                    help="short: 500 steps per run (the default sweep); long: 2,808 steps per run on the full "
-                   "training set, gated runs at MAC targets, pruned/gated-from-plain runs from a plain half run")
+                   "training set, gated runs at MAC targets, pruned/gated-from-plain runs from a plain half run; "
+                   "paper: the long plan with the paper's CIFAR-10 protocol (500 epochs, recipe "
+                   f"{PAPER_RECIPE}; needs CIFAR-10 and a GPU)")
+    p.add_argument("--data-dir", help="TFDS data directory (passed to every train.py run)")
+    p.add_argument("--manual-dir", help="directory of the downloaded archives (passed to every train.py run)")
     p.add_argument("--families", type=lambda t: _csv(t, str), default=FAMILIES,
                    help=f"comma-separated subset of {','.join(FAMILIES)}")
     p.add_argument("--seeds", type=lambda t: _csv(t, int), default=SEEDS)
-    p.add_argument("--widths", type=lambda t: _csv(t, float), default=WIDTHS)
-    p.add_argument("--lams", type=lambda t: _csv(t, float), default=LAMS)
-    p.add_argument("--block-lams", type=lambda t: _csv(t, float), default=BLOCK_LAMS)
-    p.add_argument("--prune-macs", type=lambda t: _csv(t, float), default=PRUNE_MACS,
-                   help="MAC fractions of the pruned baselines")
-    p.add_argument("--epochs", type=int, default=COMMON["epochs"])
-    p.add_argument("--limit-train", type=int, default=COMMON["limit_train"])
-    p.add_argument("--limit-eval", type=int, help="evaluate on fewer test images (quick checks only)")
-    p.add_argument("--dataset", help="another dataset than Fashion-MNIST (same recipe otherwise)")
+    short = p.add_argument_group("--budget short only (the long and paper plans are fixed)")
+    short.add_argument("--widths", type=lambda t: _csv(t, float))
+    short.add_argument("--lams", type=lambda t: _csv(t, float))
+    short.add_argument("--block-lams", type=lambda t: _csv(t, float))
+    short.add_argument("--prune-macs", type=lambda t: _csv(t, float), help="MAC fractions of the pruned baselines")
+    short.add_argument("--epochs", type=int)
+    short.add_argument("--limit-train", type=int)
+    short.add_argument("--limit-eval", type=int, help="evaluate on fewer test images (quick checks only)")
+    short.add_argument("--dataset", help="another dataset than Fashion-MNIST (same recipe otherwise)")
     p.add_argument("--dry-run", action="store_true", help="print the runs and whether they are done")
     args = p.parse_args(argv)
+    defaults = {"widths": WIDTHS, "lams": LAMS, "block_lams": BLOCK_LAMS, "prune_macs": PRUNE_MACS,
+                "epochs": COMMON["epochs"], "limit_train": COMMON["limit_train"], "limit_eval": None, "dataset": None}
+    given = [k for k in defaults if getattr(args, k) is not None]
+    if args.budget != "short" and given:
+        p.error(f"--budget {args.budget} runs a fixed plan; "
+                f"{', '.join('--' + k.replace('_', '-') for k in given)} apply to --budget short only")
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     bad = set(args.families) - set(FAMILIES)
     if bad:
         p.error(f"--families: unknown {sorted(bad)}; choose from {', '.join(FAMILIES)}")
@@ -210,17 +244,26 @@ def main(argv=None):
     from bs_keras.report import write_json
 
     if args.root is None:
-        args.root = os.path.join("runs", "tradeoff_long" if args.budget == "long" else "tradeoff")
+        args.root = os.path.join("runs", {"short": "tradeoff", "long": "tradeoff_long",
+                                          "paper": "tradeoff_paper"}[args.budget])
     common = {"epochs": args.epochs, "limit_train": args.limit_train}
     if args.limit_eval:
         common["limit_eval"] = args.limit_eval
     if args.dataset:
         common["dataset"] = args.dataset
+    paths = []
+    for flag in ("data_dir", "manual_dir"):
+        if getattr(args, flag):
+            paths += [f"--{flag.replace('_', '-')}", os.path.abspath(os.path.expanduser(getattr(args, flag)))]
+    families = [f for f in args.families if f != "block"]
     if args.budget == "long":
-        runs = plan_long([f for f in args.families if f != "block"], args.seeds, root=args.root)
+        runs = plan_long(families, args.seeds, root=args.root, extra=paths)
+    elif args.budget == "paper":
+        runs = plan_paper(families, args.seeds, root=args.root, extra=paths)
     else:
         runs = plan(args.families, args.seeds, args.widths, args.lams, args.block_lams, common,
                     prune_macs=args.prune_macs, root=args.root)
+        runs = [(name, flags + paths) for name, flags in runs]
     os.makedirs(args.root, exist_ok=True)
     ledger_path = os.path.join(args.root, "sweep.json")
     ledger = {"runs": {}}

@@ -142,3 +142,46 @@ def test_long_budget_dry_run_prints_its_plan(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "19 runs, 0 finished, 19 to do" in out
     assert "[todo] retrofit_t0p55_s0: python train.py" in out and "--gate-from" in out
+
+
+def test_paper_protocol_plan_is_the_long_plan_with_the_papers_cifar10_schedule(tmp_path, capsys):
+    """--budget paper: the families of --budget long, each run the paper's
+    CIFAR-10 protocol: 500 epochs of the full training set at batch 256, lr
+    0.1 divided by 10 at epochs 300/375/450, gamma 0.75 annealed to 0 by
+    epoch 100, L0 from epoch 100 to full weight by epoch 300; pruned and
+    gated-from runs 250 + 250 epochs from a plain 250-epoch run."""
+    from bs_keras.training import learning_rate
+
+    root = tmp_path / "paper"
+    assert tradeoff.main(["--budget", "paper", "--root", str(root), "--data-dir", str(tmp_path / "tfds"),
+                          "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "19 runs, 0 finished, 19 to do" in out
+    runs = tradeoff.plan_paper(root=str(root), extra=["--data-dir", str(tmp_path / "tfds")])
+    assert [name for name, _ in runs] == [name for name, _ in tradeoff.plan_long(root=str(root))]
+    for seed in (0, 1):
+        (root / f"plain_half_w1_s{seed}").mkdir(parents=True)
+        (root / f"plain_half_w1_s{seed}" / "last.keras").write_bytes(b"")
+    steps_per_epoch = 50000 // 256
+    for name, flags in runs:
+        assert f"[todo] {name}: python train.py {' '.join(flags)}" in out
+        _, args = train.parse_args(flags)
+        r = train.resolve_recipe(args)
+        assert args.data_dir == str(tmp_path / "tfds")
+        assert (r.dataset, r.model, r.batch_size, r.lr, r.limit_train) == ("cifar10", "resnet20", 256, 0.1, None)
+        half = bool(r.prune_from or r.gate_from) or name.startswith("plain_half")
+        assert r.epochs == (250 if half else 500)
+        if r.epochs == 500:
+            drops = learning_rate(r, steps_per_epoch).boundaries
+            assert [int(b) for b in drops] == [e * steps_per_epoch for e in (300, 375, 450)]
+            if r.gated:
+                assert r.gamma == (0.0 if name.startswith("l0_") else 0.75)
+                assert (r.gamma_end * r.epochs, r.lam_begin * r.epochs, r.lam_end * r.epochs) == (100, 100, 300)
+        if r.gated:
+            assert r.target_macs in tradeoff.LONG_TARGETS
+
+
+def test_long_and_paper_plans_refuse_the_short_sweeps_knobs(capsys):
+    with pytest.raises(SystemExit):
+        tradeoff.parse_args(["--budget", "paper", "--lams", "1,2", "--epochs", "3"])
+    assert "--budget paper runs a fixed plan; --lams, --epochs apply to --budget short only" in capsys.readouterr().err
