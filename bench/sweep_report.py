@@ -369,6 +369,8 @@ def load_run(run_dir, name=None):
         "steps": None,  # optimizer steps of this run; total_steps adds its source run's
         "source_steps": None,
         "total_steps": None,
+        "source_dir": None,  # the run directory its weights came from (pruned / gated-from runs)
+        "source_only": False,  # set by load_sweep
         "num_samples": ev.get("num_samples"),
         "accuracy": float(ev["accuracy"]),
         "mean_loss": _finite_or_none(ev.get("mean_loss")),
@@ -391,6 +393,7 @@ def load_run(run_dir, name=None):
         "per_sample": None,
     }
     run["steps"], run["source_steps"], run["total_steps"] = _run_steps(run_dir, report, recipe)
+    run["source_dir"] = _source_run_dir(recipe)
     npz = os.path.join(run_dir, "per_sample.npz")
     per_sample = None
     if os.path.isfile(npz):
@@ -472,6 +475,7 @@ def load_sweep(paths):
         for which in ("correct", "wrong"):
             m = r[f"mean_macs_{which}"]
             r[f"macs_ratio_{which}"] = None if m is None else m / base
+    mark_source_only(runs, warnings)
     for field in ("dataset", "model", "epochs", "limit_train"):
         values = sorted({str(r[field]) for r in runs})
         if len(values) > 1:
@@ -480,6 +484,25 @@ def load_sweep(paths):
     runs.sort(key=lambda r: (order[r["family"]], r["knob_name"], r["knob"], r["seed"] if r["seed"] is not None else -1, r["name"]))
     return {"runs": runs, "missing": missing, "reference_macs": ref, "reference_macs_source": source,
             "warnings": warnings}  # fmt: skip
+
+
+def mark_source_only(runs, warnings):
+    """Sets `source_only` on the runs that only serve as the start of others
+    at a smaller budget (the plain N/2 runs of `--budget long`): the source of
+    a pruned / gated-from run whose total steps are below the sweep's most
+    common total. They stay in the run table but not in the configurations
+    and curves, where they would be averaged with full-budget runs."""
+    totals = [r["total_steps"] for r in runs if r["total_steps"] is not None]
+    if not totals:
+        return
+    budget = max(sorted(set(totals)), key=totals.count)
+    sources = {os.path.normpath(r["source_dir"]) for r in runs if r["source_dir"]}
+    for r in runs:
+        if (os.path.normpath(os.path.abspath(r["path"])) in sources and r["total_steps"] is not None
+                and r["total_steps"] < budget):
+            r["source_only"] = True
+            warnings.append(f"{r['name']}: the start of other runs, trained {r['total_steps']:,} of the sweep's "
+                            f"{budget:,} steps; listed with the runs, left out of the configurations and curves")
 
 
 # ----------------------------------------------------------- aggregation
@@ -904,11 +927,12 @@ def summarize(paths, difficulty_run=None, max_macs=0.6):
 
     Returns:
         `(summary, runs, difficulty)`: the JSON-ready summary (without
-        `plots`), the run dicts with per-sample arrays, and the run chosen
+        `plots`), the run dicts with per-sample arrays (without the
+        `source_only` ones), and the run chosen
         for `difficulty.png` (or None).
     """
     sweep = load_sweep(paths)
-    runs = sweep["runs"]
+    runs = [r for r in sweep["runs"] if not r["source_only"]]
     configs = aggregate_configs(runs)
     difficulty = pick_difficulty_run(runs, difficulty_run, max_macs)
     summary = {
@@ -917,7 +941,7 @@ def summarize(paths, difficulty_run=None, max_macs=0.6):
         "reference_macs": sweep["reference_macs"],
         "reference_macs_source": sweep["reference_macs_source"],
         "std": STD_NOTE,
-        "runs": [{k: v for k, v in r.items() if k != "per_sample"} for r in runs],
+        "runs": [{k: v for k, v in r.items() if k != "per_sample"} for r in sweep["runs"]],
         "missing": sweep["missing"],
         "configs": configs,
         "claims": {

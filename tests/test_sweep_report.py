@@ -377,21 +377,29 @@ def test_budget_runs_are_keyed_by_target_and_carry_their_steps(tmp_path):
         if f == "report.json":
             data["optimizer_steps"] = 1404  # recorded by train.py: wins over epochs x limit/batch
         (pruned / f).write_text(json.dumps(data))
-    for d in root.iterdir():  # the fabricated recipes lack a batch size
+    for d in root.iterdir():  # the fabricated recipes lack a batch size; a run of 6 x 468 steps
         for f in ("config.json", "report.json"):
             data = json.loads((d / f).read_text())
             data["recipe"]["batch_size"] = 128
+            if d.name != "pruned_p0p6_s0":
+                data["recipe"]["limit_train"] = 60000
+                data["epochs_completed"] = 3 if d.name.startswith("plain_half") else 6
             (d / f).write_text(json.dumps(data))
     summary = sr.summarize([str(root)])[0]
     runs = {r["name"]: r for r in summary["runs"]}
     assert runs["bas_l0_t0p55_s0"]["config"] == "bas_l0 target=0.55"
     assert (runs["l0_t0p55_s0"]["knob_name"], runs["l0_t0p55_s0"]["knob"]) == ("target_macs", 0.55)
-    per_epoch = 16000 // 128
-    assert runs["plain_w1_s0"]["steps"] == runs["plain_w1_s0"]["total_steps"] == 3 * per_epoch
+    assert runs["plain_w1_s0"]["steps"] == runs["plain_w1_s0"]["total_steps"] == 6 * 468
     assert runs["pruned_p0p6_s0"]["steps"] == 1404
-    assert runs["pruned_p0p6_s0"]["source_steps"] == 3 * per_epoch
-    assert runs["pruned_p0p6_s0"]["total_steps"] == 1404 + 3 * per_epoch
+    assert runs["pruned_p0p6_s0"]["source_steps"] == 3 * 468
+    assert runs["pruned_p0p6_s0"]["total_steps"] == 1404 + 3 * 468
+    # The plain half run is only the start of the pruned one (1,404 < 2,808 steps): in the run
+    # table, not averaged into the plain width-1 configuration.
+    assert runs["plain_half_w1_s0"]["source_only"] and not runs["plain_w1_s0"]["source_only"]
+    (plain1,) = [c for c in summary["configs"] if c["config"] == "plain width=1"]
+    assert plain1["runs"] == ["plain_w1_s0"]
+    assert any(w.startswith("plain_half_w1_s0: the start of other runs") for w in summary["warnings"])
     (row,) = summary["claims"]["2"]
     assert (row["knob_name"], row["knob"]) == ("target_macs", 0.55)
     text = sr.format_markdown(summary)
-    assert "| target | L0 only |" in text and "| 1,404 | 1,779 |" in text
+    assert "| target | L0 only |" in text and "| 1,404 | 2,808 |" in text
