@@ -153,3 +153,30 @@ def test_freeze_refuses_an_ungated_model():
         diagnose.set_trainable(model, "gates")
     with pytest.raises(ValueError, match="mode must be one of"):
         diagnose.set_trainable(model, "all")
+
+
+@pytest.mark.slow
+def test_freeze_cli_on_a_tiny_run_writes_a_report(tmp_path):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+    run = tmp_path / "run"
+    tiny = ["--width-multiplier", "0.25", "--batch-size", "32", "--limit-train", "64", "--limit-eval", "64",
+            "--epochs", "1", "--lam", "2"]
+    result = subprocess.run([sys.executable, "train.py", *tiny, "--run-dir", str(run)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "freeze"
+    result = subprocess.run(
+        [sys.executable, "bench/diagnose.py", "freeze", "--source", str(run / "last.keras"), "--mode", "gates",
+         "--steps", "3", "--out-dir", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["freeze"]["steps"] == 3 and report["freeze"]["mode"] == "gates"
+    assert report["freeze"]["lam"] == 2.0
+    assert report["evaluation"]["num_samples"] == 64 and 0 < report["evaluation"]["macs_ratio"] <= 1
+    result = subprocess.run([sys.executable, "bench/diagnose.py", "freeze", "--source", str(tmp_path / "x.keras"),
+                             "--mode", "gates", "--out-dir", str(out)], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and "give the last.keras of a finished train.py run" in result.stderr
