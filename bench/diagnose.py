@@ -38,13 +38,16 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # this checkout's bs_keras, not another installed one
+    sys.path.insert(0, ROOT)
 FREEZE_MODES = ("gates", "backbone", "backbone_hard", "none")
 FREEZE_STEPS = 250
 FREEZE_LR = 0.01
 
-# (name, train.py flags after the demo recipe, what the row changes). In the
-# order they run: when time is short the tail (second seeds, then the
-# "maybe" settings) is what goes.
+# (name, train.py flags after the demo recipe, what the row changes). They
+# run in this order, with the freeze rows right after demo_s0 (their
+# source): when time is short the tail (second seeds, then the "maybe"
+# settings) is what goes.
 TRAIN_ROWS = (
     ("demo_s0", [], "the demo recipe (BAS + L0, lambda 12)"),
     ("plain_s0", ["--plain"], "plain ResNet-20"),
@@ -88,8 +91,7 @@ def plan(root, freeze_steps=FREEZE_STEPS, freeze_lr=FREEZE_LR):
         rows.append({"name": name, "kind": "train", "what": what, "run_dir": run_dir, "argv": argv,
                      "command": "python " + " ".join(argv)})
 
-    for row in TRAIN_ROWS:
-        train(*row)
+    train(*TRAIN_ROWS[0])
     source = os.path.join(root, "demo_s0", "last.keras")
     for name, mode, what in FREEZE_ROWS:
         run_dir = os.path.join(root, name)
@@ -97,7 +99,7 @@ def plan(root, freeze_steps=FREEZE_STEPS, freeze_lr=FREEZE_LR):
                 "--steps", str(freeze_steps), "--lr", f"{freeze_lr:g}", "--out-dir", run_dir]
         rows.append({"name": name, "kind": "freeze", "what": what, "run_dir": run_dir, "argv": argv,
                      "command": "python " + " ".join(argv), "needs": "demo_s0"})
-    for row in TAIL_ROWS:
+    for row in TRAIN_ROWS[1:] + TAIL_ROWS:
         train(*row)
     return rows
 
@@ -160,6 +162,8 @@ def run_rows(rows, root):
     todo = [r for r in rows if not is_finished(r["run_dir"])]
     print(f"{len(rows)} rows, {len(rows) - len(todo)} finished, {len(todo)} to do (root {root})", flush=True)
     for i, r in enumerate(todo, 1):
+        if is_finished(r["run_dir"]):  # another driver finished it meanwhile
+            continue
         print(f"[{i}/{len(todo)}] {r['name']}", flush=True)
         with open(os.path.join(root, f"{r['name']}.log"), "a") as log:
             start = time.time()
@@ -340,12 +344,20 @@ def _row_figures(row, root):
         "always_on": cats.get("always_on") if ev.get("gated") else None,
         "always_off": cats.get("always_off") if ev.get("gated") else None,
         "wall_seconds": ledger.get("wall_seconds"), "steps": steps,
+        # Without a ledger entry (a row run outside the driver): fit time only.
+        "fit_seconds": report.get("train_wall_seconds_this_session", (report.get("freeze") or {}).get("train_wall_seconds")),
     }
 
 
 def _train_steps(report):
     r = report["recipe"]
     return report["epochs_completed"] * max(1, (r["limit_train"] or 60000) // r["batch_size"])
+
+
+def _wall(f):
+    if f["wall_seconds"] is not None:
+        return f"{f['wall_seconds']:.0f}"
+    return "–" if f["fit_seconds"] is None else f"{f['fit_seconds']:.0f} (fit only)"
 
 
 def write_table(rows, root, out):
@@ -365,6 +377,9 @@ def write_table(rows, root, out):
         "batch-shaping + L0, lambda 12) with one change, or a freeze-phase fine-tuning of the demo run. "
         "Full 10,000-image test set, deterministic gates.",
         "",
+        "Wall: seconds of the whole row (start-up, training, evaluation) on a 2-core machine shared with other "
+        "jobs; \"fit only\": the row ran outside the driver, its training time from report.json.",
+        "",
         "| row | change | accuracy | MAC ratio | conditional | always on | always off | steps | wall (s) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -372,7 +387,7 @@ def write_table(rows, root, out):
         lines.append(
             f"| {f['name']} | {f['what']} | {f['accuracy']:.4f} | {f['macs_ratio']:.3f} | "
             f"{num(f['conditional'], '.3f')} | {num(f['always_on'], '.3f')} | {num(f['always_off'], '.3f')} | "
-            f"{f['steps']} | {num(f['wall_seconds'], '.0f')} |"
+            f"{f['steps']} | {_wall(f)} |"
         )
     lines += ["", "Commands:", "", "```sh"] + [f"{f['command']}  # {f['name']}" for f in done] + ["```", ""]
     if missing:
