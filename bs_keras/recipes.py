@@ -60,6 +60,9 @@ class Recipe:
     # ChannelGate(stop_input_gradient=True): the gate learns from the pooled
     # block input without moving the backbone.
     gate_stop_gradient: bool = False
+    # ChannelGate's binary-concrete training temperature and initial logit bias.
+    gate_temperature: float = 2.0 / 3.0
+    gate_init_bias: float = 3.0
     gate_granularity: str = "channel"
     width_multiplier: float = 1.0
     image_size: int = None
@@ -87,7 +90,10 @@ class Recipe:
     @property
     def gate_kwargs(self):
         """The `ChannelGate` arguments of this recipe (for the builders and `add_gates`)."""
-        kwargs = {"prior_a": self.prior_a, "prior_b": self.prior_b, "group_size": self.gate_group_size}
+        kwargs = {
+            "prior_a": self.prior_a, "prior_b": self.prior_b, "group_size": self.gate_group_size,
+            "temperature": self.gate_temperature, "init_bias": self.gate_init_bias,
+        }
         if self.gate_stop_gradient:
             kwargs["stop_input_gradient"] = True
         return kwargs
@@ -154,12 +160,14 @@ class Recipe:
             v = getattr(self, field)
             if v is not None and (not isinstance(v, int) or v < 1):
                 bad(field, "must be a positive integer")
-        for field in ("lr", "width_multiplier", "prior_a", "prior_b"):
+        for field in ("lr", "width_multiplier", "prior_a", "prior_b", "gate_temperature"):
             if not finite(getattr(self, field)) or getattr(self, field) <= 0:
                 bad(field, "must be a finite number > 0")
         for field in ("gamma", "lam", "weight_decay", "momentum", "warmup_epochs"):
             if not finite(getattr(self, field)) or getattr(self, field) < 0:
                 bad(field, "must be a finite number >= 0")
+        if not finite(self.gate_init_bias):
+            bad("gate_init_bias", "must be a finite number (the gates' initial logit; positive starts them open)")
         for field in ("gamma_end", "lam_begin", "lam_end", "lr_decay_factor", "validation_split"):
             if not finite(getattr(self, field)) or not 0 <= getattr(self, field) <= 1:
                 bad(field, "must be between 0 and 1")
@@ -205,7 +213,8 @@ class Recipe:
         if self.clipnorm is not None and (not finite(self.clipnorm) or self.clipnorm <= 0):
             bad("clipnorm", "must be a finite number > 0 (global gradient-norm clipping)")
         if self.lam_begin > self.lam_end:
-            bad("lam_begin", f"must be <= lam_end ({self.lam_end})")
+            bad("lam_begin", f"must be <= --lam-end ({self.lam_end}): the L0 ramp runs from --lam-begin "
+                "to --lam-end (fractions of the run)")
         if self.momentum >= 1:
             bad("momentum", "must be < 1")
         if self.warmup_epochs and self.lr_schedule != "cosine":

@@ -50,6 +50,10 @@ def parse_args(argv=None):
     g.add_argument("--gate-stop-gradient", action="store_true", default=None,
                    help="stop the gradient at each gate's input: the gates learn from the pooled block input "
                    "without moving the backbone (neither L0 nor the task loss reach it through the gate)")
+    g.add_argument("--gate-temperature", type=number,
+                   help="binary-concrete temperature of the gates in training (default 2/3)")
+    g.add_argument("--gate-init-bias", type=number,
+                   help="initial bias of the gate logits (default 3.0: gates start open)")
     g.add_argument("--image-size", type=positive_int, help="resize images to this square size")
     g.add_argument("--crop-size", type=positive_int, help="segmentation training crop (default 713 for Cityscapes)")
     g.add_argument("--aux-weight", type=number, help="segmentation auxiliary-head loss weight (default 0.4)")
@@ -75,6 +79,10 @@ def parse_args(argv=None):
                         help="train to a compute budget instead of a fixed --lam: the mean conditional MAC "
                         "ratio (of the ungated network) to end at, in (0, 1]; the L0 weight becomes a "
                         "multiplier driven to it (bs_keras.MacBudget)")
+    t.add_argument("--gamma-end", type=number, help="fraction of the run by which gamma reaches 0 (default 0.2)")
+    t.add_argument("--lam-begin", type=number, help="fraction of the run where the L0 ramp starts (default 0.2)")
+    t.add_argument("--lam-end", type=number,
+                   help="fraction of the run where the L0 weight reaches --lam (default 0.6)")
     t.add_argument("--budget-rate", type=number,
                    help="--target-macs: integral gain, the multiplier's change per step per unit excess (default 2)")
     t.add_argument("--budget-gain", type=number,
@@ -103,6 +111,7 @@ def parse_args(argv=None):
 
 RECIPE_FLAGS = (
     "dataset", "model", "gated", "width_multiplier", "group_size", "gate_granularity", "gate_stop_gradient",
+    "gate_temperature", "gate_init_bias", "gamma_end", "lam_begin", "lam_end",
     "image_size", "epochs", "batch_size",
     "lr", "lr_schedule", "optimizer", "weight_decay", "clipnorm", "gamma", "lam", "prior_a", "prior_b",
     "target_macs", "budget_rate", "budget_gain", "budget_max", "budget_unwind", "budget_measure",

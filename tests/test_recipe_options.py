@@ -1,0 +1,100 @@
+"""The schedule and gate flags of train.py (--lam-begin, --lam-end, --gamma-end,
+--gate-temperature, --gate-init-bias) reach the built model, `add_gates` and the
+gate-loss schedule, and bad values are refused naming the flag."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import bs_keras
+from bs_keras import training
+from bs_keras.cli import train as train_cli
+from bs_keras.models import cifar_resnet
+
+INFO = type("Info", (), {"image_shape": (16, 16, 1), "num_classes": 10})()
+SMALL = ["--width-multiplier", "0.25"]
+
+
+def _recipe(*flags):
+    _, args = train_cli.parse_args([*SMALL, *flags])
+    return train_cli.resolve_recipe(args)
+
+
+def _bias(gate):
+    return gate.logits_dense.bias.numpy()
+
+
+def test_gate_temperature_and_init_bias_reach_every_built_gate_and_the_config(tmp_path):
+    recipe = _recipe("--gate-temperature", "1.0", "--gate-init-bias", "-0.5")
+    gates = bs_keras.find_gates(training.build_model(recipe, INFO))
+    assert len(gates) == 9
+    for g in gates:
+        assert g.get_config()["temperature"] == 1.0
+        np.testing.assert_array_equal(_bias(g), -0.5)
+    default = bs_keras.find_gates(training.build_model(_recipe(), INFO))
+    assert default[0].temperature == pytest.approx(2 / 3)
+    np.testing.assert_array_equal(_bias(default[0]), 3.0)
+    # The resolved config of the run records them (and resuming with others is refused).
+    training.prepare_run_dir(str(tmp_path / "run"), recipe, {})
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["recipe"]
+    assert saved["gate_temperature"] == 1.0 and saved["gate_init_bias"] == -0.5
+    with pytest.raises(training.RunError, match="gate_init_bias, gate_temperature"):
+        training.prepare_run_dir(str(tmp_path / "run"), _recipe(), {})
+
+
+def test_gate_flags_reach_add_gates_with_gate_from(tmp_path):
+    plain = cifar_resnet(20, num_classes=10, input_shape=(16, 16, 1), gated=False, width_multiplier=0.25)
+    path = str(tmp_path / "plain.keras")
+    plain.save(path)
+    recipe = _recipe("--gate-from", path, "--gate-temperature", "0.4", "--gate-init-bias", "1.5")
+    gates = bs_keras.find_gates(training.build_model(recipe, INFO))
+    assert gates and all(g.temperature == pytest.approx(0.4) for g in gates)
+    assert all(np.all(_bias(g) == 1.5) for g in gates)
+
+
+@pytest.mark.parametrize("lam_begin, lam_end, gamma_end", [(0.0, 0.3, 0.2), (0.2, 0.9, 0.2), (0.5, 0.5, 0.05)])
+def test_schedule_fractions_set_the_gate_loss_weights_at_each_step(lam_begin, lam_end, gamma_end):
+    recipe = _recipe("--lam-begin", str(lam_begin), "--lam-end", str(lam_end), "--gamma-end", str(gamma_end))
+    assert (recipe.lam_begin, recipe.lam_end, recipe.gamma_end) == (lam_begin, lam_end, gamma_end)
+    model = training.build_model(recipe, INFO)
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    callback = training.gate_callback(recipe)
+    callback.set_model(model)
+    steps = 125
+    callback.set_params({"epochs": recipe.epochs, "steps": steps})
+    callback.on_train_begin()
+    gates = bs_keras.find_gates(model)
+    for step in (0, 10, 60, 100, 150, 240, 300, 420, 499):
+        epoch, batch = divmod(step, steps)
+        callback.on_epoch_begin(epoch)
+        callback.on_train_batch_begin(batch)
+        t = step / steps  # epochs
+        ramp = np.clip((t - lam_begin * recipe.epochs) / max((lam_end - lam_begin) * recipe.epochs, 1e-12), 0, 1)
+        if lam_end == lam_begin:
+            ramp = float(t >= lam_begin * recipe.epochs)
+        anneal = max(0.0, 1 - t / (gamma_end * recipe.epochs))
+        lam = sum(float(g.l0_coef.numpy()) for g in gates)
+        gamma = sum(float(g.bs_coef.numpy()) for g in gates)
+        assert lam == pytest.approx(recipe.lam * ramp, rel=1e-5, abs=1e-5), step
+        assert gamma == pytest.approx(recipe.gamma * anneal, rel=1e-5, abs=1e-6), step
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lam-begin", "0.7"], "--lam-begin=0.7 is invalid: must be <= --lam-end (0.6)"),
+        (["--lam-end", "1.5"], "--lam-end=1.5 is invalid: must be between 0 and 1"),
+        (["--lam-begin", "-0.1"], "--lam-begin=-0.1 is invalid: must be between 0 and 1"),
+        (["--gamma-end", "2"], "--gamma-end=2.0 is invalid: must be between 0 and 1"),
+        (["--gate-temperature", "0"], "--gate-temperature=0.0 is invalid: must be a finite number > 0"),
+        (["--gate-temperature", "inf"], "--gate-temperature=inf is invalid"),
+        (["--gate-init-bias", "nan"], "--gate-init-bias=nan is invalid: must be a finite number"),
+    ],
+)
+def test_bad_schedule_and_gate_values_name_the_flag(flags, message, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert train_cli.main([*flags, "--run-dir", str(run_dir)]) == 2
+    assert message in capsys.readouterr().err
+    assert not run_dir.exists()
