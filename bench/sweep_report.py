@@ -38,6 +38,7 @@ import os
 
 import numpy as np
 
+from bs_keras.rank_correlation import average_ranks, spearman  # noqa: F401 (sweep_report.spearman)
 from bs_keras.report import save_figure, write_json, write_text
 
 FAMILIES = ("plain", "pruned", "l0", "bas_l0", "block", "retrofit")
@@ -148,39 +149,6 @@ def _run_steps(run_dir, report, recipe):
     source_steps = optimizer_steps(source_report, source_recipe)
     total = None if steps is None or source_steps is None else steps + source_steps
     return steps, source_steps, total
-
-
-def average_ranks(values):
-    """1-based ranks of `values`; tied values share their average rank."""
-    a = np.asarray(values, np.float64).reshape(-1)
-    order = np.argsort(a, kind="mergesort")
-    s = a[order]
-    starts_group = np.r_[True, s[1:] != s[:-1]] if len(s) else np.zeros(0, bool)
-    group = np.cumsum(starts_group) - 1
-    starts = np.flatnonzero(starts_group)
-    ends = np.r_[starts[1:], len(s)]
-    mean_rank = (starts + ends - 1) / 2.0 + 1.0
-    ranks = np.empty(len(a))
-    ranks[order] = mean_rank[group]
-    return ranks
-
-
-def spearman(x, y):
-    """Spearman rank correlation (average ranks for ties).
-
-    Returns nan when there are fewer than 2 samples or either side is constant.
-    """
-    x = np.asarray(x, np.float64).reshape(-1)
-    y = np.asarray(y, np.float64).reshape(-1)
-    if len(x) != len(y):
-        raise ValueError(f"spearman: {len(x)} x values but {len(y)} y values")
-    if len(x) < 2 or np.all(x == x[0]) or np.all(y == y[0]):
-        return math.nan
-    rx = average_ranks(x)
-    ry = average_ranks(y)
-    rx -= rx.mean()
-    ry -= ry.mean()
-    return float(np.dot(rx, ry) / math.sqrt(np.dot(rx, rx) * np.dot(ry, ry)))
 
 
 def interpolate(points, x):

@@ -49,7 +49,7 @@ CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DEFAULT_MEAN, DEFAULT_STD = (0.5,), (0.5,)
 
-BUILTIN_DATASETS = ("fashion_mnist", "cifar10", "imagenet2012")
+BUILTIN_DATASETS = ("fashion_mnist", "fashion_mnist_levels", "cifar10", "imagenet2012")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
@@ -97,6 +97,10 @@ class DatasetInfo:
         std: per-channel standard deviation the images are divided by.
         bad_files: `(path, reason)` of the image-folder files left out
             because they cannot be decoded (`skip_bad_images=True`).
+        eval_metadata: per-example arrays of the evaluation split, in
+            `DataSource.eval()` order (e.g. `{"level": ...}` of
+            `fashion_mnist_levels`), or `None`. The report writes them into
+            `per_sample.npz`.
     """
 
     name: str
@@ -108,6 +112,7 @@ class DatasetInfo:
     mean: tuple = DEFAULT_MEAN
     std: tuple = DEFAULT_STD
     bad_files: tuple = ()
+    eval_metadata: dict | None = dataclasses.field(default=None, repr=False)
 
 
 class DataSource:
@@ -236,6 +241,11 @@ def get_dataset(name, *, data_dir=None, manual_dir=None, image_size=None, valida
       files in `/usr/share/datasets/fashion-mnist` (Debian package
       `dataset-fashion-mnist`; override with the `BS_KERAS_FASHION_MNIST_DIR`
       environment variable), else through TFDS. 28x28x1.
+    - `"fashion_mnist_levels"`: the same IDX files (no TFDS fallback), a
+      quarter of each split left clean (difficulty level 0) and a quarter
+      each corrupted by Gaussian pixel noise of three increasing strengths
+      (levels 1-3), fixed by a dataset seed (`bs_keras.levels_data`). The
+      levels of the evaluation split are in `info.eval_metadata["level"]`.
     - `"cifar10"`: TFDS. Training: zero-pad 4, random 32x32 crop, random
       horizontal flip.
     - `"imagenet2012"`: TFDS from `manual_dir` holding
@@ -295,6 +305,10 @@ def get_dataset(name, *, data_dir=None, manual_dir=None, image_size=None, valida
         return _folder_source(path, size, channels, validation_split, seed, skip_bad_images)
     if name == "fashion_mnist":
         return _fashion_mnist_source(data_dir, manual_dir, size, channels)
+    if name == "fashion_mnist_levels":
+        from bs_keras import levels_data  # builds on this module
+
+        return levels_data.fashion_mnist_levels_source(size, channels)
     if name == "cifar10":
         return _cifar10_source(data_dir, manual_dir, size, channels)
     if name == "imagenet2012":
@@ -447,7 +461,27 @@ def _fashion_mnist_source(data_dir, manual_dir, size, channels):
             how_to=_FASHION_MNIST_HOW_TO + " Or put the original downloads in manual_dir "
             "(TFDS checks their sha256; the Debian package's recompressed files differ).",
         )  # fmt: skip
-    (x_train, y_train), (x_test, y_test) = load_fashion_mnist(directory)
+    return fashion_mnist_arrays_source("fashion_mnist", *load_fashion_mnist(directory), size, channels)
+
+
+def fashion_mnist_arrays_source(name, train, test, size=None, channels=None):
+    """A `DataSource` over Fashion-MNIST-style arrays, with its pipeline.
+
+    The preprocessing, augmentation (pad 2, crop, flip), normalization and
+    caching of `get_dataset("fashion_mnist")`, for images already in memory
+    (e.g. the corrupted copies of `bs_keras.levels_data`).
+
+    Args:
+        name: the `info.name`.
+        train: `(images, labels)`, uint8 `(N, 28, 28)` and `(N,)`.
+        test: the same for the evaluation split, used in order.
+        size: model input size `(height, width)`, or `None` for 28x28.
+        channels: 1 or 3, or `None` for 1.
+
+    Returns:
+        A `DataSource`.
+    """
+    (x_train, y_train), (x_test, y_test) = train, test
 
     def train_split(shuffle_files, seed):
         return tf.data.Dataset.from_tensor_slices((x_train[..., None], y_train))
@@ -456,7 +490,7 @@ def _fashion_mnist_source(data_dir, manual_dir, size, channels):
         return tf.data.Dataset.from_tensor_slices((x_test[..., None], y_test))
 
     return image_source(
-        "fashion_mnist", train_split, eval_split, len(x_train), len(x_test),
+        name, train_split, eval_split, len(x_train), len(x_test),
         native_shape=(*x_train.shape[1:], 1), class_names=list(FASHION_MNIST_CLASSES),
         size=size, channels=channels, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, pad=2,
     )  # fmt: skip

@@ -409,12 +409,16 @@ class ClassificationTask:
         return {"loss": "sparse_categorical_crossentropy", "metrics": ["accuracy", task_loss]}
 
     def report(self, model, eval_ds, run_dir, extra, write):
-        return classification_report(model, eval_ds, run_dir, extra, write)
+        return classification_report(model, eval_ds, run_dir, extra, write, metadata=self.info.eval_metadata)
 
 
-def classification_report(model, eval_ds, run_dir, extra, write=True):
-    """Evaluates a classifier; writes report.json, per_sample.npz and plots."""
-    summary, per_sample = report_lib.evaluate_model(model, eval_ds)
+def classification_report(model, eval_ds, run_dir, extra, write=True, metadata=None):
+    """Evaluates a classifier; writes report.json, per_sample.npz and plots.
+
+    `metadata`: the data source's `info.eval_metadata` (e.g. the difficulty
+    levels of `fashion_mnist_levels`), in `eval_ds` order.
+    """
+    summary, per_sample = report_lib.evaluate_model(model, eval_ds, metadata=metadata)
     if write:
         report_lib.write_report(summary, per_sample, run_dir, extra)
     return {**extra, "evaluation": summary}, report_lib.format_summary(summary)
@@ -850,7 +854,7 @@ def evaluate(model_path, dataset, out_dir=None, *, data_dir=None, manual_dir=Non
         if skipped:
             extra["skipped_bad_images"] = skipped
         eval_ds = _limited(source.eval(batch_size), limit_eval, batch_size)
-        report, text = classification_report(model, eval_ds, out_dir, extra)
+        report, text = classification_report(model, eval_ds, out_dir, extra, metadata=source.info.eval_metadata)
     log(text)
     log(f"Report: {os.path.join(out_dir, 'report.json')}")
     return report

@@ -29,8 +29,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--recipe", help="named recipe to start from (see --list-recipes)")
     p.add_argument("--list-recipes", action="store_true", help="print the recipes and exit")
-    p.add_argument("--dataset", help="fashion_mnist (default), cifar10, imagenet2012, cityscapes, any TFDS "
-                   "image-classification name, or a folder with one subfolder per class")
+    p.add_argument("--dataset", help="fashion_mnist (default), fashion_mnist_levels (difficulty levels 0-3), "
+                   "cifar10, imagenet2012, cityscapes, any TFDS image-classification name, or a folder "
+                   "with one subfolder per class")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="image folders: leave out (and list) the files that cannot be decoded instead of stopping")
     p.add_argument("--data-dir", help="TFDS data directory")
