@@ -34,6 +34,7 @@ Budget: 4 epochs of 16,000 images (each epoch a fresh random 16,000 of the
     python bench/tradeoff.py --budget paper --data-dir ~/tensorflow_datasets   # CIFAR-10, GPU
     python bench/tradeoff.py --dry-run                # print the runs and their state
     python bench/tradeoff.py --families bas_l0 --seeds 0 --lams 10
+    python bench/tradeoff.py --budget long --only l0_t0p55_s0,plain_half_w1_s1   # these, in this order
     python bench/report.py runs/tradeoff --out docs/results
 """
 
@@ -220,6 +221,8 @@ def parse_args(argv=None):
     short.add_argument("--limit-train", type=int)
     short.add_argument("--limit-eval", type=int, help="evaluate on fewer test images (quick checks only)")
     short.add_argument("--dataset", help="another dataset than Fashion-MNIST (same recipe otherwise)")
+    p.add_argument("--only", type=lambda t: _csv(t, str),
+                   help="comma-separated run names (as --dry-run lists them) to run, in this order")
     p.add_argument("--dry-run", action="store_true", help="print the runs and whether they are done")
     args = p.parse_args(argv)
     defaults = {"widths": WIDTHS, "lams": LAMS, "block_lams": BLOCK_LAMS, "prune_macs": PRUNE_MACS,
@@ -264,6 +267,14 @@ def main(argv=None):
         runs = plan(args.families, args.seeds, args.widths, args.lams, args.block_lams, common,
                     prune_macs=args.prune_macs, root=args.root)
         runs = [(name, flags + paths) for name, flags in runs]
+    if args.only:
+        by_name = dict(runs)
+        unknown = [n for n in args.only if n not in by_name]
+        if unknown:
+            print(f"error: --only: no run named {', '.join(unknown)} in this plan; "
+                  f"--dry-run lists them", file=sys.stderr)
+            return 2
+        runs = [(n, by_name[n]) for n in args.only]
     os.makedirs(args.root, exist_ok=True)
     ledger_path = os.path.join(args.root, "sweep.json")
     ledger = {"runs": {}}

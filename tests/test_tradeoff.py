@@ -185,3 +185,15 @@ def test_long_and_paper_plans_refuse_the_short_sweeps_knobs(capsys):
     with pytest.raises(SystemExit):
         tradeoff.parse_args(["--budget", "paper", "--lams", "1,2", "--epochs", "3"])
     assert "--budget paper runs a fixed plan; --lams, --epochs apply to --budget short only" in capsys.readouterr().err
+
+
+def test_only_runs_the_named_runs_in_the_given_order(tmp_path, capsys):
+    root = str(tmp_path / "long")
+    assert tradeoff.main(["--budget", "long", "--root", root, "--dry-run",
+                          "--only", "l0_t0p55_s0,plain_half_w1_s1"]) == 0
+    out = capsys.readouterr().out
+    assert "2 runs, 0 finished, 2 to do" in out
+    listed = [line.split("] ")[1].split(":")[0] for line in out.splitlines() if line.startswith("  [")]
+    assert listed == ["l0_t0p55_s0", "plain_half_w1_s1"]
+    assert tradeoff.main(["--budget", "long", "--root", root, "--only", "l0_t0p55_s0,bas_l0_lam12_s0"]) == 2
+    assert "no run named bas_l0_lam12_s0 in this plan" in capsys.readouterr().err
