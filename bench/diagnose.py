@@ -12,6 +12,9 @@ demo run's `last.keras`:
   backbone trains on exactly the network that is evaluated;
 - `freeze_none`: the same extra steps of ordinary training (budget match).
 
+The phase rows then try the hard-gate phase (`--hard-gates-begin`) inside
+the demo's own 500 steps, alone and with a compute budget.
+
 The freeze rows train `--freeze-steps` steps (default 250: two epochs of
 16,000 images) at the demo recipe's final settings (L0 weight lambda,
 gamma 0) with SGD at lr `--freeze-lr` (default 0.01, constant), then evaluate on the
@@ -68,6 +71,16 @@ FREEZE_ROWS = tuple(
         ("none", "from demo_s0: everything fine-tuned (budget match)"),
     )
 )
+# The hard-gate phase (train.py --hard-gates-begin), which the freeze rows
+# suggested (freeze_backbone_hard): inside the demo's 500 steps, and with a
+# compute budget, the candidates for the demo recipe.
+PHASE_ROWS = (
+    ("hard0p8", ["--hard-gates-begin", "0.8"], "hard-gate phase over the last 20 % of the run"),
+    ("hard0p6", ["--hard-gates-begin", "0.6"], "hard-gate phase over the last 40 % (from the end of the L0 ramp)"),
+    ("target0p5", ["--target-macs", "0.5"], "compute budget 0.5 instead of lambda 12"),
+    ("target0p5_hard0p8", ["--target-macs", "0.5", "--hard-gates-begin", "0.8"],
+     "compute budget 0.5 and the hard-gate phase over the last 20 %"),
+)
 TAIL_ROWS = (
     ("plain_s1", ["--plain", "--seed", "1"], "plain ResNet-20, seed 1"),
     ("lam0_s1", ["--lam", "0", "--seed", "1"], "gated, BAS only (lambda 0), seed 1"),
@@ -99,7 +112,7 @@ def plan(root, freeze_steps=FREEZE_STEPS, freeze_lr=FREEZE_LR):
                 "--steps", str(freeze_steps), "--lr", f"{freeze_lr:g}", "--out-dir", run_dir]
         rows.append({"name": name, "kind": "freeze", "what": what, "run_dir": run_dir, "argv": argv,
                      "command": "python " + " ".join(argv), "needs": "demo_s0"})
-    for row in TRAIN_ROWS[1:] + TAIL_ROWS:
+    for row in TRAIN_ROWS[1:] + PHASE_ROWS + TAIL_ROWS:
         train(*row)
     return rows
 

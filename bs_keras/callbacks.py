@@ -45,6 +45,7 @@ class GateLossScheduler(keras.callbacks.Callback):
       `macs_ratio`);
     - with a `MacBudget` as `lam`: `mac_target`, the budget's current target
       (`lam` is then the L0 weight the budget set).
+    - with `hard`: `hard_gates`, 1 in the hard-gate phase.
 
     Training values are running means over the epoch, like Keras metrics.
     Put this callback before TensorBoard/CSVLogger in the callbacks list.
@@ -57,12 +58,20 @@ class GateLossScheduler(keras.callbacks.Callback):
             `hard_macs_ratio` of the batch, and restored from the gates'
             weights when training resumes).
         l0_weighting: "macs" or "channels" (as in `configure_gate_losses`).
+        hard: optional schedule (or number) for the hard-gate phase: while
+            it is > 0 the gates train with their inference decisions
+            (`logit > 0`, no sampling, the gate MLP frozen in inference
+            mode) and both loss weights are 0, so the backbone fine-tunes on
+            exactly the network that is evaluated; e.g.
+            `Linear(0, 1, 3.2, 3.2)` for the last 20 % of 4 epochs. A
+            `MacBudget` holds still meanwhile.
     """
 
-    def __init__(self, gamma, lam, l0_weighting="macs"):
+    def __init__(self, gamma, lam, l0_weighting="macs", hard=None):
         super().__init__()
         self.gamma = schedules.get(gamma)
         self.lam = schedules.get(lam)
+        self.hard = None if hard is None else schedules.get(hard)
         if l0_weighting not in gating.L0_WEIGHTINGS:
             raise ValueError(
                 f"l0_weighting must be one of {gating.L0_WEIGHTINGS}. "
@@ -76,6 +85,7 @@ class GateLossScheduler(keras.callbacks.Callback):
         self._steps_per_epoch = None
         self._last = None
         self._assigned = None
+        self._hard = None
         self._train_logs = {}
 
     def on_train_begin(self, logs=None):
@@ -117,8 +127,15 @@ class GateLossScheduler(keras.callbacks.Callback):
         return value
 
     def on_train_batch_begin(self, batch, logs=None):
-        gamma = self._value("gamma", self.gamma, batch)
-        lam = self._value("lam", self.lam, batch)
+        hard = self.hard is not None and self._value("hard", self.hard, batch) > 0
+        if hard != self._hard:
+            gating.set_hard_training(self._gates, hard)
+            self._hard = hard
+        if hard:
+            gamma = lam = 0.0
+        else:
+            gamma = self._value("gamma", self.gamma, batch)
+            lam = self._value("lam", self.lam, batch)
         if self._assigned != (gamma, lam):
             gating.set_gate_loss_weights(self._gates, self._bs_share, self._l0_share, gamma, lam)
             self._assigned = (gamma, lam)
@@ -168,7 +185,7 @@ class GateLossScheduler(keras.callbacks.Callback):
         self._batch = batch
         totals = [g.stats.totals() for g in self._gates]
         gamma, lam = self._assigned  # what this batch used
-        if self._budget is not None:
+        if self._budget is not None and not self._hard:
             t = self._time(self._budget, batch)
             self._budget.update(t, self._batch_ratio(totals, self._budget.measure))
             # Assigned now, not at the next batch: a checkpoint after this
@@ -179,6 +196,8 @@ class GateLossScheduler(keras.callbacks.Callback):
                 self._assigned = (gamma, new_lam)
         self._step += 1
         self._train_logs = {"gamma": gamma, "lam": lam, **self._gate_logs(totals)}
+        if self.hard is not None:
+            self._train_logs["hard_gates"] = float(self._hard)
         if logs is not None:
             logs.update(self._train_logs)
 
@@ -192,6 +211,7 @@ class GateLossScheduler(keras.callbacks.Callback):
             "gamma": keras.saving.serialize_keras_object(self.gamma),
             "lam": keras.saving.serialize_keras_object(self.lam),
             "l0_weighting": self.l0_weighting,
+            "hard": None if self.hard is None else keras.saving.serialize_keras_object(self.hard),
         }
 
 

@@ -11,6 +11,11 @@ In training the gate adds its own share of the batch-shaping and L0 losses
 (`add_loss`), weighted by two non-trainable variables `bs_coef` and
 `l0_coef` that `bs_keras.callbacks.GateLossScheduler` assigns every step, and
 it keeps running statistics (`stats`) the callback reads for logging.
+
+A third variable, `hard_training`, switches training to the inference
+decisions (`logit > 0`, the gate MLP's BatchNorm on its moving statistics):
+the hard-gate phase at the end of a run, where the backbone trains on
+exactly the network that is evaluated and the gates stop moving.
 """
 
 import contextlib
@@ -132,6 +137,9 @@ class ChannelGate(keras.layers.Layer):
             looks at, and the features `h` (`(batch, ..., channels)`) it
             gates.
         training: whether to sample (True) or use hard `logit > 0` gates.
+            While the `hard_training` variable is 1, training uses the hard
+            gates too (no sampling, the gate MLP in inference mode: the gate
+            gets no gradient from the task loss).
 
     Reference:
         Bejnordi, Blankevoort, Welling. Batch-Shaping for Learning
@@ -248,6 +256,11 @@ class ChannelGate(keras.layers.Layer):
             trainable=False,
             name="l0_coef",
         )
+        # 1 in the hard-gate phase (GateLossScheduler assigns it); saved
+        # with the weights, so a resumed run stays in its phase.
+        self.hard_training = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, name="hard_training"
+        )
 
     def gate_logits(self, x, training=False):
         """Gate logits of shape `(batch, num_gates)` for block input `x`."""
@@ -301,11 +314,22 @@ class ChannelGate(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         x, h = inputs
-        logits = self.gate_logits(x, training=training)
         if training:
-            mask = self._sample(logits)
+            hard = self.hard_training > 0.5
+            logits = tf.cond(
+                hard,
+                lambda: tf.stop_gradient(self.gate_logits(x, training=False)),
+                lambda: self.gate_logits(x, training=True),
+            )
+            mask = tf.cond(
+                hard,
+                lambda: tf.cast(logits > 0, tf.float32),
+                lambda: self._sample(logits),
+            )
+            # In the hard phase the scheduler sets both loss weights to 0.
             self._add_losses(logits, mask)
         else:
+            logits = self.gate_logits(x, training=training)
             mask = tf.cast(logits > 0, tf.float32)
         _record(self, tf.stop_gradient(mask))
         if self.group_size > 1:
@@ -313,6 +337,16 @@ class ChannelGate(keras.layers.Layer):
         mask = tf.cast(mask, h.dtype)
         shape = [-1] + [1] * (len(h.shape) - 2) + [self.channels]
         return h * tf.reshape(mask, shape)
+
+    def load_own_variables(self, store):
+        own = self._trainable_variables + self._non_trainable_variables
+        if len(store.keys()) == len(own) - 1 and own[-1] is self.hard_training:
+            # Saved before `hard_training` existed: load the rest, start soft.
+            for i, v in enumerate(own[:-1]):
+                v.assign(store[f"{i}"])
+            self.hard_training.assign(0.0)
+            return
+        super().load_own_variables(store)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[1])

@@ -50,6 +50,12 @@ def set_gate_loss_weights(gates, bs_share, l0_share, gamma, lam):
         gate.l0_coef.assign(lam * l0)
 
 
+def set_hard_training(gates, hard):
+    """Switch the gates' training to their inference decisions (`hard`) or back."""
+    for gate in gates:
+        gate.hard_training.assign(1.0 if hard else 0.0)
+
+
 def configure_gate_losses(model, gamma=0.75, lam=0.0, l0_weighting="macs"):
     """Set constant gate-loss weights so the gate losses are the global terms.
 

@@ -20,8 +20,9 @@ GATE_GRANULARITIES = ("channel", "block")
 class Recipe:
     """Every setting of a training run.
 
-    Fractions (`lr_decay_at`, `gamma_end`, `lam_begin`, `lam_end`) are of
-    the total epochs, so a recipe keeps its shape when `epochs` changes.
+    Fractions (`lr_decay_at`, `gamma_end`, `lam_begin`, `lam_end`,
+    `hard_gates_begin`) are of the total epochs, so a recipe keeps its shape
+    when `epochs` changes.
     """
 
     name: str
@@ -45,6 +46,9 @@ class Recipe:
     lam: float = 0.2
     lam_begin: float = 0.2
     lam_end: float = 0.6
+    # The hard-gate phase: from this fraction of the run on, the gates train
+    # with their inference decisions and no gate losses (None: no phase).
+    hard_gates_begin: float = None
     # A compute budget instead of a fixed lambda (bs_keras.MacBudget): the
     # mean conditional MAC ratio to reach, and the multiplier's step size.
     target_macs: float = None
@@ -212,6 +216,15 @@ class Recipe:
                     "(e.g. runs/<run>/best.keras)")
         if self.clipnorm is not None and (not finite(self.clipnorm) or self.clipnorm <= 0):
             bad("clipnorm", "must be a finite number > 0 (global gradient-norm clipping)")
+        if self.hard_gates_begin is not None:
+            if not finite(self.hard_gates_begin) or not 0 < self.hard_gates_begin < 1:
+                bad("hard_gates_begin", "the fraction of the run after which the gates train with their "
+                    "inference decisions must be between 0 and 1 (exclusive)")
+            if not self.gated:
+                bad("hard_gates_begin", "the hard-gate phase trains a gated model: drop --plain")
+            if self.hard_gates_begin < self.lam_end:
+                bad("hard_gates_begin", f"must be >= --lam-end ({self.lam_end}): the gates stop learning in "
+                    "the hard-gate phase, so the L0 ramp must end before it")
         if self.lam_begin > self.lam_end:
             bad("lam_begin", f"must be <= --lam-end ({self.lam_end}): the L0 ramp runs from --lam-begin "
                 "to --lam-end (fractions of the run)")

@@ -39,7 +39,7 @@ from bs_keras.io_utils import atomic_path
 from bs_keras.models import add_gates, cifar_resnet, imagenet_resnet
 from bs_keras.budget import MacBudget
 from bs_keras.run_lock import LOCK_NAME, RunLock, RunLockedError
-from bs_keras.schedules import paper_schedules
+from bs_keras.schedules import Linear, paper_schedules
 
 STRATEGIES = ("auto", "cpu", "mirrored", "multi_worker", "tpu")
 EXIT_NAN = 3
@@ -271,7 +271,8 @@ def build_optimizer(recipe, steps_per_epoch):
 
 def gate_callback(recipe):
     """`GateLossScheduler` with the paper's schedule shape; with `target_macs`
-    a `MacBudget` over the same L0 ramp replaces the fixed lambda."""
+    a `MacBudget` over the same L0 ramp replaces the fixed lambda; with
+    `hard_gates_begin` the run ends with the hard-gate phase."""
     gamma, lam = paper_schedules(
         recipe.epochs,
         gamma=recipe.gamma,
@@ -287,7 +288,11 @@ def gate_callback(recipe):
             max_multiplier=recipe.budget_max,
             measure=recipe.budget_measure,
         )  # fmt: skip
-    return GateLossScheduler(gamma, lam, l0_weighting=recipe.l0_weighting)
+    hard = None
+    if recipe.hard_gates_begin is not None:
+        begin = recipe.hard_gates_begin * recipe.epochs
+        hard = Linear(0.0, 1.0, begin, begin)  # 0 up to `begin`, then 1
+    return GateLossScheduler(gamma, lam, l0_weighting=recipe.l0_weighting, hard=hard)
 
 
 # ------------------------------------------------------------------ run dir

@@ -104,8 +104,8 @@ def _expected_savings(cats, new_channels):
         # conv1 filters (3x3xCin) + bn1 (gamma, beta, mean, var) + conv2 input slices (3x3xCout)
         params += removed * (9 * s["cin"] + 4 + 9 * s["width"])
         macs += removed * (s["pixels"] * 9 * s["cin"] + s["pixels"] * 9 * s["width"])
-        if not np.any(cat == COND):  # gate removed: hidden Dense, its BN, logits, 2 coefficients
-            params += s["cin"] * HIDDEN + 4 * HIDDEN + (HIDDEN + 1) * s["width"] + 2
+        if not np.any(cat == COND):  # gate removed: hidden Dense, its BN, logits, 3 scalar weights
+            params += s["cin"] * HIDDEN + 4 * HIDDEN + (HIDDEN + 1) * s["width"] + 3
             macs += s["cin"] * HIDDEN + HIDDEN * s["width"]
         else:  # logits of the removed gates
             params += (HIDDEN + 1) * removed

@@ -84,6 +84,10 @@ def parse_args(argv=None):
     t.add_argument("--lam-begin", type=number, help="fraction of the run where the L0 ramp starts (default 0.2)")
     t.add_argument("--lam-end", type=number,
                    help="fraction of the run where the L0 weight reaches --lam (default 0.6)")
+    t.add_argument("--hard-gates-begin", type=number,
+                   help="end the run with a hard-gate phase from this fraction of it on (>= --lam-end): the "
+                   "gates train with their inference decisions (logit > 0) and no gate losses, so the backbone "
+                   "fine-tunes on the network that is evaluated (default: no phase)")
     t.add_argument("--budget-rate", type=number,
                    help="--target-macs: integral gain, the multiplier's change per step per unit excess (default 2)")
     t.add_argument("--budget-gain", type=number,
@@ -112,7 +116,7 @@ def parse_args(argv=None):
 
 RECIPE_FLAGS = (
     "dataset", "model", "gated", "width_multiplier", "group_size", "gate_granularity", "gate_stop_gradient",
-    "gate_temperature", "gate_init_bias", "gamma_end", "lam_begin", "lam_end",
+    "gate_temperature", "gate_init_bias", "gamma_end", "lam_begin", "lam_end", "hard_gates_begin",
     "image_size", "epochs", "batch_size",
     "lr", "lr_schedule", "optimizer", "weight_decay", "clipnorm", "gamma", "lam", "prior_a", "prior_b",
     "target_macs", "budget_rate", "budget_gain", "budget_max", "budget_unwind", "budget_measure",

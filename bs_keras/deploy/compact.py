@@ -387,6 +387,7 @@ def _copy_gate(old, new, plan):
     new.logits_dense.set_weights([new_kernel.astype(kernel.dtype), new_bias.astype(bias.dtype)])
     new.bs_coef.assign(old.bs_coef)
     new.l0_coef.assign(old.l0_coef)
+    new.hard_training.assign(old.hard_training)
 
 
 def apply_compaction(model, plans, name=None):
