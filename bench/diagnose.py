@@ -80,6 +80,13 @@ PHASE_ROWS = (
     ("target0p5", ["--target-macs", "0.5"], "compute budget 0.5 instead of lambda 12"),
     ("target0p5_hard0p8", ["--target-macs", "0.5", "--hard-gates-begin", "0.8"],
      "compute budget 0.5 and the hard-gate phase over the last 20 %"),
+    # The phase over the last 40 % left the gates at 0.73 of the MACs (they
+    # still lag at the end of the L0 ramp): ramp earlier so they have closed.
+    ("early_hard0p6", ["--lam-begin", "0.1", "--lam-end", "0.4", "--hard-gates-begin", "0.6"],
+     "L0 ramp 10-40 %, hard-gate phase over the last 40 %"),
+    ("target0p5_early_hard0p6", ["--target-macs", "0.5", "--lam-begin", "0.1", "--lam-end", "0.4",
+                                 "--hard-gates-begin", "0.6"],
+     "compute budget 0.5 over an L0 ramp 10-40 %, hard-gate phase over the last 40 %"),
 )
 TAIL_ROWS = (
     ("plain_s1", ["--plain", "--seed", "1"], "plain ResNet-20, seed 1"),

@@ -55,6 +55,7 @@ def test_plan_rows_change_one_field_of_the_demo(tmp_path):
     assert changed["hard0p6"] == {"hard_gates_begin"}
     assert changed["target0p5"] == {"target_macs"}
     assert changed["target0p5_hard0p8"] == {"target_macs", "hard_gates_begin"}
+    assert changed["early_hard0p6"] == {"lam_begin", "lam_end", "hard_gates_begin"}
     freeze = [r for r in rows if r["kind"] == "freeze"]
     assert [r["name"] for r in freeze] == [f"freeze_{m}" for m in diagnose.FREEZE_MODES]
     for r in freeze:
