@@ -41,12 +41,15 @@ import numpy as np
 from bs_keras.rank_correlation import average_ranks, spearman  # noqa: F401 (sweep_report.spearman)
 from bs_keras.report import save_figure, write_json, write_text
 
-FAMILIES = ("plain", "pruned", "l0", "bas_l0", "block", "retrofit")
+FAMILIES = ("plain", "pruned", "l0", "bas_l0", "bas_l0_hard", "block", "retrofit")
+# Gated channel families compared with the plain and pruned curves (claim 1a).
+GATED_CHANNEL_FAMILIES = ("bas_l0", "l0", "bas_l0_hard", "retrofit")
 KNOBS = {"plain": ("width_multiplier", "width"), "pruned": ("prune_macs", "macs")}
 FAMILY_LABELS = {
     "plain": "plain (width multiplier)",
     "l0": "L0 only (gamma = 0)",
     "bas_l0": "batch-shaping + L0",
+    "bas_l0_hard": "batch-shaping + L0, hard-gate phase",
     "block": "block gates",
     "pruned": "magnitude-pruned plain, fine-tuned",
     "retrofit": "gated from trained plain, fine-tuned",
@@ -55,6 +58,7 @@ FAMILY_STYLE = {
     "plain": {"color": "#252525", "marker": "s"},
     "l0": {"color": "#1f78b4", "marker": "^"},
     "bas_l0": {"color": "#e31a1c", "marker": "o"},
+    "bas_l0_hard": {"color": "#b15928", "marker": "*"},
     "block": {"color": "#33a02c", "marker": "D"},
     "pruned": {"color": "#6a3d9a", "marker": "v"},
     "retrofit": {"color": "#ff7f00", "marker": "P"},
@@ -78,7 +82,9 @@ class SweepError(ValueError):
 
 
 def run_family(recipe):
-    """Family of a run from its recipe dict: plain, pruned, block, retrofit, l0 or bas_l0."""
+    """Family of a run from its recipe dict: plain, pruned, block, retrofit, l0,
+    bas_l0 or bas_l0_hard (batch-shaping + L0 ending with a hard-gate phase,
+    `hard_gates_begin`)."""
     if not recipe.get("gated", True):
         return "pruned" if recipe.get("prune_from") else "plain"
     if recipe.get("gate_from"):
@@ -87,7 +93,7 @@ def run_family(recipe):
         return "block"
     if float(recipe.get("gamma", 0.0)) == 0.0:
         return "l0"
-    return "bas_l0"
+    return "bas_l0" if recipe.get("hard_gates_begin") is None else "bas_l0_hard"
 
 
 def config_knob(family, recipe):
@@ -511,7 +517,8 @@ def _curve(configs, family):
 def claim_1a(configs):
     """Gated configs vs the plain width curve at the same MAC ratio.
 
-    Returns `{"plain_range": [lo, hi] or None, "bas_l0": [...], "l0": [...]}`;
+    Returns `{"plain_range": [lo, hi] or None, "pruned_range": ..., and a
+    list per family of GATED_CHANNEL_FAMILIES}`;
     each row: config, lam, macs_ratio, accuracy (means),
     `plain_accuracy_at_same_macs` (None outside the plain range) and
     `difference` (gated - plain).
@@ -520,7 +527,7 @@ def claim_1a(configs):
     pruned = _curve(configs, "pruned")
     out = {"plain_range": [min(p[0] for p in plain), max(p[0] for p in plain)] if plain else None,
            "pruned_range": [min(p[0] for p in pruned), max(p[0] for p in pruned)] if pruned else None}
-    for family in ("bas_l0", "l0"):
+    for family in GATED_CHANNEL_FAMILIES:
         rows = []
         for c in configs:
             if c["family"] != family:
@@ -836,7 +843,7 @@ def format_markdown(summary):
     out.append("")
     rows = [[r["config"], r["n"], _f(r["macs_ratio"]), _f(r["accuracy"], 4), _f(r["plain_accuracy_at_same_macs"], 4),
              _f(r["difference"], 4), _f(r.get("pruned_accuracy_at_same_macs"), 4), _f(r.get("difference_vs_pruned"), 4)]
-            for fam in ("bas_l0", "l0") for r in c1[fam]]  # fmt: skip
+            for fam in GATED_CHANNEL_FAMILIES for r in c1.get(fam, [])]  # fmt: skip
     out.append(_table(["config", "n", "MAC ratio", "accuracy", "plain at same MACs", "difference",
                        "pruned at same MACs", "difference vs pruned"], rows) if rows
                else "No gated channel configurations.")  # fmt: skip

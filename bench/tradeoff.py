@@ -17,7 +17,11 @@ Trains, with the same epochs, schedule shape, data and seeds, through
 - gated from the same trained plain run (`--gate-from`, `bs_keras.add_gates`:
   its weights kept, every gate open at the start), fine-tuned with
   batch-shaping + L0 at each lambda with the same 4-epoch recipe: the fair
-  opponent of static pruning (both start from trained weights).
+  opponent of static pruning (both start from trained weights);
+- `bas_l0_hard` (not in the short sweep by default): batch-shaping + L0
+  ending with the hard-gate phase over the last 20 % of the run
+  (`--hard-gates-begin 0.8`: the gates train with their inference
+  decisions, the backbone fine-tunes on the evaluated network).
 
 Every run is a normal train.py run directory under `--root`
 (`<family>_<knob>_s<seed>`); `bench/report.py` reads them. The sweep is
@@ -48,7 +52,12 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = ("plain", "l0", "bas_l0", "block", "pruned", "retrofit")
+FAMILIES = ("plain", "l0", "bas_l0", "block", "pruned", "retrofit", "bas_l0_hard")
+# bas_l0_hard: batch-shaping + L0 ending with the hard-gate phase from this
+# fraction of the run (train.py --hard-gates-begin); not in the short sweep
+# unless asked for (--families).
+HARD_BEGIN = 0.8
+SHORT_FAMILIES = tuple(f for f in FAMILIES if f != "bas_l0_hard")
 WIDTHS = (1.0, 0.75, 0.5, 0.35)
 LAMS = (8.0, 12.0, 20.0)
 BLOCK_LAMS = (1.0, 3.0, 8.0)
@@ -68,7 +77,7 @@ def _num(value):
     return f"{value:g}".replace(".", "p")
 
 
-def plan(families=FAMILIES, seeds=SEEDS, widths=WIDTHS, lams=LAMS, block_lams=BLOCK_LAMS, common=None,
+def plan(families=SHORT_FAMILIES, seeds=SEEDS, widths=WIDTHS, lams=LAMS, block_lams=BLOCK_LAMS, common=None,
          prune_macs=PRUNE_MACS, root=os.path.join("runs", "tradeoff")):
     """The runs of the sweep: a list of `(name, train.py flags)`."""
     common = {**COMMON, **(common or {})}
@@ -85,6 +94,10 @@ def plan(families=FAMILIES, seeds=SEEDS, widths=WIDTHS, lams=LAMS, block_lams=BL
                 for lam in lams:
                     gamma = ["--gamma", "0"] if family == "l0" else []
                     runs.append((f"{family}_lam{_num(lam)}_s{seed}", base + ["--lam", str(lam)] + gamma))
+            elif family == "bas_l0_hard":
+                for lam in lams:
+                    runs.append((f"bas_l0_hard_lam{_num(lam)}_s{seed}",
+                                 base + ["--lam", str(lam), "--hard-gates-begin", str(HARD_BEGIN)]))
             elif family == "block":
                 for lam in block_lams:
                     runs.append((f"block_lam{_num(lam)}_s{seed}", base + [
@@ -114,6 +127,8 @@ LONG_COMMON = {"epochs": 6, "limit_train": 60000, "batch_size": 128, "lr": 0.1, 
                "weight_decay": 5e-4}
 LONG_WIDTHS = (1.0, 0.75, 0.5)
 LONG_TARGETS = (0.75, 0.55, 0.35)
+# The hard-gate phase at the decisive MAC target only (one seed).
+LONG_HARD_TARGETS = (0.55,)
 LONG_DECISIVE = {"plain_w0p75", "bas_l0_t0p55", "pruned_p0p6"}
 # --budget paper: the same families and MAC targets with the paper's CIFAR-10
 # protocol, recipe cifar10_resnet20_bas (500 epochs of the 50,000 training
@@ -148,6 +163,9 @@ def plan_long(families=FAMILIES, seeds=SEEDS, root=os.path.join("runs", "tradeof
         if family in families:
             gamma = ["--gamma", "0"] if family == "l0" else []
             configs += [(f"{family}_t{_num(t)}", ["--target-macs", str(t)] + gamma, False) for t in LONG_TARGETS]
+    if "bas_l0_hard" in families:
+        configs += [(f"bas_l0_hard_t{_num(t)}", ["--target-macs", str(t), "--hard-gates-begin", str(HARD_BEGIN)],
+                     False) for t in LONG_HARD_TARGETS]
     if "pruned" in families:
         configs += [(f"pruned_p{_num(m)}", ["--plain", "--prune-macs", str(m)], True) for m in PRUNE_MACS]
     if "retrofit" in families:
@@ -209,8 +227,9 @@ def parse_args(argv=None):
                    f"{PAPER_RECIPE}; needs CIFAR-10 and a GPU)")
     p.add_argument("--data-dir", help="TFDS data directory (passed to every train.py run)")
     p.add_argument("--manual-dir", help="directory of the downloaded archives (passed to every train.py run)")
-    p.add_argument("--families", type=lambda t: _csv(t, str), default=FAMILIES,
-                   help=f"comma-separated subset of {','.join(FAMILIES)}")
+    p.add_argument("--families", type=lambda t: _csv(t, str),
+                   help=f"comma-separated subset of {','.join(FAMILIES)} (default: all; --budget short: "
+                   f"all but bas_l0_hard)")
     p.add_argument("--seeds", type=lambda t: _csv(t, int), default=SEEDS)
     short = p.add_argument_group("--budget short only (the long and paper plans are fixed)")
     short.add_argument("--widths", type=lambda t: _csv(t, float))
@@ -225,6 +244,8 @@ def parse_args(argv=None):
                    help="comma-separated run names (as --dry-run lists them) to run, in this order")
     p.add_argument("--dry-run", action="store_true", help="print the runs and whether they are done")
     args = p.parse_args(argv)
+    if args.families is None:
+        args.families = SHORT_FAMILIES if args.budget == "short" else FAMILIES
     defaults = {"widths": WIDTHS, "lams": LAMS, "block_lams": BLOCK_LAMS, "prune_macs": PRUNE_MACS,
                 "epochs": COMMON["epochs"], "limit_train": COMMON["limit_train"], "limit_eval": None, "dataset": None}
     given = [k for k in defaults if getattr(args, k) is not None]

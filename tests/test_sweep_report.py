@@ -120,6 +120,8 @@ def test_family_classification():
     assert sr.run_family({"gated": True, "gamma": 0.0, "gate_granularity": "channel"}) == "l0"
     assert sr.run_family({"gated": True, "gamma": 0.75}) == "bas_l0"
     assert sr.run_family({"gated": True, "gamma": 0.75, "gate_from": "runs/plain/last.keras"}) == "retrofit"
+    assert sr.run_family({"gated": True, "gamma": 0.75, "hard_gates_begin": 0.8}) == "bas_l0_hard"
+    assert sr.run_family({"gated": True, "gamma": 0.75, "hard_gates_begin": None}) == "bas_l0"
     assert sr.config_knob("plain", {"width_multiplier": 0.5, "lam": 3}) == ("width_multiplier", 0.5)
     assert sr.config_knob("block", {"width_multiplier": 0.5, "lam": 3}) == ("lam", 3.0)
     pruned = {"gated": False, "prune_from": "a.keras", "prune_macs": 0.4, "width_multiplier": 1.0}
@@ -370,6 +372,11 @@ def test_budget_runs_are_keyed_by_target_and_carry_their_steps(tmp_path):
             data = json.loads((d / f).read_text())
             data["recipe"]["target_macs"] = target
             (d / f).write_text(json.dumps(data))
+    hard = make_run(root, "bas_l0_hard_t0p55_s0", gamma=0.75, lam=12.0, macs=560, accuracy=0.95)
+    for f in ("config.json", "report.json"):
+        data = json.loads((hard / f).read_text())
+        data["recipe"].update(target_macs=0.55, hard_gates_begin=0.8)
+        (hard / f).write_text(json.dumps(data))
     pruned = make_run(root, "pruned_p0p6_s0", gated=False, accuracy=0.89, macs=600, prune=0.6)
     for f in ("config.json", "report.json"):
         data = json.loads((pruned / f).read_text())
@@ -401,5 +408,10 @@ def test_budget_runs_are_keyed_by_target_and_carry_their_steps(tmp_path):
     assert any(w.startswith("plain_half_w1_s0: the start of other runs") for w in summary["warnings"])
     (row,) = summary["claims"]["2"]
     assert (row["knob_name"], row["knob"]) == ("target_macs", 0.55)
+    # The hard-gate phase run is its own configuration, in claim 1a like the others.
+    (hard,) = summary["claims"]["1a"]["bas_l0_hard"]
+    assert hard["config"] == "bas_l0_hard target=0.55" and hard["accuracy"] == pytest.approx(0.95)
+    assert summary["claims"]["1a"]["bas_l0"][0]["config"] == "bas_l0 target=0.55"
     text = sr.format_markdown(summary)
+    assert "| bas_l0_hard target=0.55 | 1 |" in text
     assert "| target | L0 only |" in text and "| 1,404 | 2,808 |" in text

@@ -131,7 +131,10 @@ def test_long_budget_plan_matches_every_run_to_the_same_steps(tmp_path):
     assert {r.gamma for k, r in gated.items() if k.startswith("l0_")} == {0.0}
     assert sorted(k for k in recipes if k.endswith("_s1")) == [
         "bas_l0_t0p55_s1", "plain_half_w1_s1", "plain_w0p75_s1", "pruned_p0p6_s1"]
-    assert len(runs) == 19
+    assert len(runs) == 20
+    hard = recipes["bas_l0_hard_t0p55_s0"]
+    assert (hard.target_macs, hard.hard_gates_begin, hard.gamma) == (0.55, 0.8, 0.75)
+    assert not any(r.hard_gates_begin for k, r in recipes.items() if k != "bas_l0_hard_t0p55_s0")
     # A sweep cut short has answered the decisive comparison of seed 0 first.
     assert sorted(names[:4]) == ["bas_l0_t0p55_s0", "plain_half_w1_s0", "plain_w0p75_s0", "pruned_p0p6_s0"]
     assert all(name.endswith("_s1") for name in names[-4:])
@@ -140,7 +143,7 @@ def test_long_budget_plan_matches_every_run_to_the_same_steps(tmp_path):
 def test_long_budget_dry_run_prints_its_plan(tmp_path, capsys):
     assert tradeoff.main(["--budget", "long", "--root", str(tmp_path / "long"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "19 runs, 0 finished, 19 to do" in out
+    assert "20 runs, 0 finished, 20 to do" in out
     assert "[todo] retrofit_t0p55_s0: python train.py" in out and "--gate-from" in out
 
 
@@ -156,7 +159,7 @@ def test_paper_protocol_plan_is_the_long_plan_with_the_papers_cifar10_schedule(t
     assert tradeoff.main(["--budget", "paper", "--root", str(root), "--data-dir", str(tmp_path / "tfds"),
                           "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "19 runs, 0 finished, 19 to do" in out
+    assert "20 runs, 0 finished, 20 to do" in out
     runs = tradeoff.plan_paper(root=str(root), extra=["--data-dir", str(tmp_path / "tfds")])
     assert [name for name, _ in runs] == [name for name, _ in tradeoff.plan_long(root=str(root))]
     for seed in (0, 1):
