@@ -208,6 +208,20 @@ def is_finished(run_dir):
     return os.path.exists(os.path.join(run_dir, "report.json"))
 
 
+def _locked_by_other(run_dir):
+    """Whether a live process holds the run directory's lock (another driver
+    on the same root is training it)."""
+    from bs_keras.run_lock import RunLock, RunLockedError
+
+    if not os.path.isdir(run_dir):
+        return False
+    try:
+        RunLock(run_dir, log=lambda message: None).acquire().release()
+    except RunLockedError:
+        return True
+    return False
+
+
 def _csv(text, convert):
     try:
         return tuple(convert(v) for v in text.split(",") if v.strip())
@@ -312,6 +326,9 @@ def main(argv=None):
     sweep_start = time.time()
     for i, (name, flags) in enumerate(todo, 1):
         run_dir = os.path.join(args.root, name)
+        if is_finished(run_dir) or _locked_by_other(run_dir):
+            print(f"[{i}/{len(todo)}] {name}: finished or running in another driver; skipped", flush=True)
+            continue
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), *flags, "--run-dir", run_dir]
         print(f"[{i}/{len(todo)}] {name} (elapsed {time.time() - sweep_start:.0f} s)", flush=True)
         with open(os.path.join(args.root, f"{name}.log"), "a") as log:

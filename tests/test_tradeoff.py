@@ -200,3 +200,34 @@ def test_only_runs_the_named_runs_in_the_given_order(tmp_path, capsys):
     assert listed == ["l0_t0p55_s0", "plain_half_w1_s1"]
     assert tradeoff.main(["--budget", "long", "--root", root, "--only", "l0_t0p55_s0,bas_l0_lam12_s0"]) == 2
     assert "no run named bas_l0_lam12_s0 in this plan" in capsys.readouterr().err
+
+
+def test_runs_another_driver_finished_or_holds_are_skipped(tmp_path, capsys, monkeypatch):
+    """Two drivers on one root: a run finished after this driver listed its
+    runs, or locked by a live train.py, is skipped instead of trained twice."""
+    from bs_keras.run_lock import RunLock
+
+    root = tmp_path / "long"
+    finished_later = str(root / "l0_t0p55_s0")
+    seen = []
+
+    def is_finished(run_dir):  # unfinished when listed, finished when its turn comes
+        seen.append(run_dir)
+        return run_dir == finished_later and seen.count(run_dir) > 1
+
+    started = []
+    monkeypatch.setattr(tradeoff, "is_finished", is_finished)
+    monkeypatch.setattr(tradeoff.subprocess, "call", lambda cmd, **kw: started.append(cmd) or 1)
+    held = RunLock(root / "plain_half_w1_s1").acquire()
+    try:
+        assert tradeoff.main(["--budget", "long", "--root", str(root), "--only",
+                              "plain_half_w1_s1,l0_t0p55_s0"]) == 0
+    finally:
+        held.release()
+    out = capsys.readouterr().out
+    assert "plain_half_w1_s1: finished or running in another driver; skipped" in out
+    assert "l0_t0p55_s0: finished or running in another driver; skipped" in out
+    assert started == []
+    # Unlocked and unfinished: it runs (the fake train.py fails, so the driver stops).
+    assert tradeoff.main(["--budget", "long", "--root", str(root), "--only", "plain_half_w1_s1"]) == 1
+    assert len(started) == 1
