@@ -135,6 +135,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join("docs", "results"),
                    help="where diagnosis.md and diagnosis.json go")
     p.add_argument("--only", help="comma-separated row names to run (default: all)")
+    p.add_argument("--curve", default=os.path.join(ROOT, "docs", "results", "summary.json"),
+                   help="summary.json of the 500-step sweep: its BAS + L0 curve is the reference at each "
+                   "row's MAC ratio (default: the published one)")
     p.add_argument("--freeze-steps", type=int, default=FREEZE_STEPS)
     p.add_argument("--freeze-lr", type=float, default=FREEZE_LR)
     p.add_argument("--dry-run", action="store_true", help="print the rows, their commands and state")
@@ -170,7 +173,7 @@ def main(argv=None):
         rc = run_rows(rows, args.root)
         if rc:
             return rc
-    write_table(plan(args.root, args.freeze_steps, args.freeze_lr), args.root, args.out)
+    write_table(plan(args.root, args.freeze_steps, args.freeze_lr), args.root, args.out, args.curve)
     return 0
 
 
@@ -380,12 +383,33 @@ def _wall(f):
     return "–" if f["fit_seconds"] is None else f"{f['fit_seconds']:.0f} (fit only)"
 
 
-def write_table(rows, root, out):
-    """Writes `diagnosis.md` and `diagnosis.json` from the finished rows."""
+def reference_curve(summary_path, family="bas_l0"):
+    """`(macs_ratio, accuracy)` means of one family's configurations in a
+    sweep's summary.json (`bench/report.py`), or None without the file."""
+    summary = _read_json(summary_path) if summary_path else None
+    if summary is None:
+        return None
+    return [(c["macs_ratio"]["mean"], c["accuracy"]["mean"]) for c in summary["configs"] if c["family"] == family]
+
+
+def write_table(rows, root, out, curve_path=None):
+    """Writes `diagnosis.md` and `diagnosis.json` from the finished rows.
+
+    `curve_path`: the 500-step sweep's summary.json; each gated row is then
+    compared with its batch-shaping + L0 curve (fixed lambdas, mean of
+    seeds) interpolated at the row's MAC ratio, since one-change rows end at
+    different ratios.
+    """
     from bs_keras.report import write_json, write_text
+    from sweep_report import interpolate
 
     done = [f for f in (_row_figures(r, root) for r in rows) if f is not None]
     missing = [r["name"] for r in rows if not is_finished(r["run_dir"])]
+    curve = reference_curve(curve_path)
+    for f in done:
+        ref = interpolate(curve, f["macs_ratio"]) if curve and f["conditional"] is not None else None
+        f["curve_accuracy_at_same_macs"] = ref
+        f["difference_vs_curve"] = None if ref is None else f["accuracy"] - ref
 
     def num(v, fmt):
         return "–" if v is None else format(v, fmt)
@@ -400,12 +424,18 @@ def write_table(rows, root, out):
         "Wall: seconds of the whole row (start-up, training, evaluation) on a 2-core machine shared with other "
         "jobs; \"fit only\": the row ran outside the driver, its training time from report.json.",
         "",
-        "| row | change | accuracy | MAC ratio | conditional | always on | always off | steps | wall (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Curve: the 500-step sweep's batch-shaping + L0 runs (lambda 8/12/20, mean of two seeds, "
+        + (f"`{curve_path}`" if curve else "not given") + ") interpolated at the row's MAC ratio; "
+        "difference = row - curve (– outside the curve's range or for ungated rows).",
+        "",
+        "| row | change | accuracy | MAC ratio | curve at same MACs | difference | conditional | always on | "
+        "always off | steps | wall (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in done:
         lines.append(
             f"| {f['name']} | {f['what']} | {f['accuracy']:.4f} | {f['macs_ratio']:.3f} | "
+            f"{num(f['curve_accuracy_at_same_macs'], '.4f')} | {num(f['difference_vs_curve'], '+.4f')} | "
             f"{num(f['conditional'], '.3f')} | {num(f['always_on'], '.3f')} | {num(f['always_off'], '.3f')} | "
             f"{f['steps']} | {_wall(f)} |"
         )

@@ -86,9 +86,17 @@ def test_write_table_from_reports(tmp_path):
     source = str(tmp_path / "demo_s0" / "last.keras")
     report("freeze_gates", 0.81, 0.5, {"freeze": {"steps": 250, "source": source}})
     out = tmp_path / "out"
-    diagnose.write_table(diagnose.plan(str(tmp_path)), str(tmp_path), str(out))
+    curve = tmp_path / "summary.json"
+
+    def config(family, macs, acc):
+        return {"family": family, "macs_ratio": {"mean": macs}, "accuracy": {"mean": acc}}
+
+    curve.write_text(json.dumps({"configs": [config("bas_l0", 0.4, 0.70), config("bas_l0", 0.6, 0.80),
+                                             config("plain", 0.5, 0.99)]}))
+    diagnose.write_table(diagnose.plan(str(tmp_path)), str(tmp_path), str(out), str(curve))
     md = (out / "diagnosis.md").read_text()
-    assert "| demo_s0 | the demo recipe (BAS + L0, lambda 12) | 0.8000 | 0.520 | 0.300 |" in md
+    # Curve at 0.52: 0.70 + 0.6 * 0.10 = 0.76 (bas_l0 only); 0.80 - 0.76 = +0.04.
+    assert "| demo_s0 | the demo recipe (BAS + L0, lambda 12) | 0.8000 | 0.520 | 0.7600 | +0.0400 | 0.300 |" in md
     assert "| 500 + 250 |" in md
     data = json.loads((out / "diagnosis.json").read_text())
     assert [r["name"] for r in data["rows"]] == ["demo_s0", "freeze_gates"]
