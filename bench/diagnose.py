@@ -87,6 +87,12 @@ PHASE_ROWS = (
     ("target0p5_early_hard0p6", ["--target-macs", "0.5", "--lam-begin", "0.1", "--lam-end", "0.4",
                                  "--hard-gates-begin", "0.6"],
      "compute budget 0.5 over an L0 ramp 10-40 %, hard-gate phase over the last 40 %"),
+    # Second seeds of the demo candidates.
+    ("target0p5_s1", ["--target-macs", "0.5", "--seed", "1"], "compute budget 0.5 instead of lambda 12, seed 1"),
+    ("target0p5_early_hard0p6_s1", ["--target-macs", "0.5", "--lam-begin", "0.1", "--lam-end", "0.4",
+                                    "--hard-gates-begin", "0.6", "--seed", "1"],
+     "compute budget 0.5 over an L0 ramp 10-40 %, hard-gate phase over the last 40 %, seed 1"),
+    ("demo_s1", ["--seed", "1"], "the demo recipe, seed 1"),
 )
 TAIL_ROWS = (
     ("plain_s1", ["--plain", "--seed", "1"], "plain ResNet-20, seed 1"),
