@@ -81,7 +81,7 @@ def plan(families=SHORT_FAMILIES, seeds=SEEDS, widths=WIDTHS, lams=LAMS, block_l
          prune_macs=PRUNE_MACS, root=os.path.join("runs", "tradeoff")):
     """The runs of the sweep: a list of `(name, train.py flags)`."""
     common = {**COMMON, **(common or {})}
-    base = ["--recipe", "fashion_mnist_demo"]
+    base = ["--recipe", "fashion_mnist_sweep"]
     for key, value in common.items():
         base += [f"--{key.replace('_', '-')}", str(value)]
     runs = []
@@ -141,7 +141,7 @@ PAPER_COMMON = {"epochs": 500}
 
 
 def plan_long(families=FAMILIES, seeds=SEEDS, root=os.path.join("runs", "tradeoff_long"), *,
-              recipe="fashion_mnist_demo", common=None, extra=()):
+              recipe="fashion_mnist_sweep", common=None, extra=()):
     """The long-budget runs: `(name, train.py flags)`; see LONG_COMMON.
 
     `recipe`, `common` (flag values, `epochs` required) and `extra` (more

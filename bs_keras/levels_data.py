@@ -29,7 +29,7 @@ from bs_keras import data as data_lib
 NAME = "fashion_mnist_levels"
 NUM_LEVELS = 4
 # Standard deviation of the added pixel noise per level, 0-255 scale. The
-# plain demo network (fashion_mnist_levels_demo --plain, seed 0) errs on
+# plain sweep network (fashion_mnist_levels_sweep --plain, seed 0) errs on
 # 19 / 22 / 28 / 37% of the test images of levels 0-3; sigmas 50/100/150
 # gave 17 / 18 / 22 / 26%, too close at level 1 (docs/results/levels).
 NOISE_SIGMAS = (0.0, 80.0, 160.0, 240.0)

@@ -64,7 +64,7 @@ def test_bad_group_size_named(bad):
 
 
 def test_recipe_granularity():
-    r = recipes.get_recipe("fashion_mnist_demo")
+    r = recipes.get_recipe("fashion_mnist_sweep")
     assert r.gate_group_size == 1
     assert r.replace(gate_granularity="block").validate().gate_group_size == "all"
     with pytest.raises(ValueError, match="--gate-granularity='layer' is invalid"):

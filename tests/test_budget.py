@@ -185,7 +185,7 @@ def test_cli_target_and_lam_are_exclusive(capsys):
 def test_recipe_target_becomes_a_budget_over_the_l0_ramp():
     from bs_keras import recipes, training
 
-    recipe = recipes.RECIPES["fashion_mnist_demo"].replace(target_macs=0.4, budget_rate=2.0, budget_gain=5.0).validate()
+    recipe = recipes.RECIPES["fashion_mnist_sweep"].replace(target_macs=0.4, budget_rate=2.0, budget_gain=5.0).validate()
     scheduler = training.gate_callback(recipe)
     budget = scheduler.lam
     assert isinstance(budget, MacBudget)
@@ -193,7 +193,7 @@ def test_recipe_target_becomes_a_budget_over_the_l0_ramp():
     assert (budget.begin, budget.end) == pytest.approx((0.2 * recipe.epochs, 0.6 * recipe.epochs))
     # --lam on a recipe carrying a target: the fixed lambda wins.
     _, args = train_cli.parse_args(["--lam", "3"])
-    with_target = recipes.RECIPES["fashion_mnist_demo"].replace(target_macs=0.4)
+    with_target = recipes.RECIPES["fashion_mnist_sweep"].replace(target_macs=0.4)
     recipes.RECIPES["_t"] = with_target.replace(name="_t")
     try:
         _, args = train_cli.parse_args(["--recipe", "_t", "--lam", "3"])

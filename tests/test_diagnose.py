@@ -31,7 +31,7 @@ def test_plan_rows_change_one_field_of_the_demo(tmp_path):
     rows = diagnose.plan(str(tmp_path))
     names = [r["name"] for r in rows]
     assert len(names) == len(set(names))
-    demo = RECIPES["fashion_mnist_demo"]
+    demo = RECIPES["fashion_mnist_sweep"]  # every row starts from it
     changed = {}
     for r in rows:
         assert r["run_dir"] == os.path.join(str(tmp_path), r["name"])
@@ -62,12 +62,25 @@ def test_plan_rows_change_one_field_of_the_demo(tmp_path):
         assert os.path.join(str(tmp_path), "demo_s0", "last.keras") in r["argv"]
 
 
+def test_the_demo_recipe_is_a_measured_row(tmp_path):
+    """`python train.py` trains exactly the recipe of diagnose.DEMO_ROW, so the
+    README can quote that row's result."""
+    (row,) = [r for r in diagnose.plan(str(tmp_path)) if r["name"] == diagnose.DEMO_ROW]
+    _, args = train.parse_args(row["argv"][1:])
+    measured = train.resolve_recipe(args).to_dict()
+    _, args = train.parse_args([])
+    demo = train.resolve_recipe(args).to_dict()
+    assert demo.pop("name") == "fashion_mnist_demo" and measured.pop("name") == "fashion_mnist_sweep"
+    demo.pop("description"), measured.pop("description")
+    assert demo == measured
+
+
 def test_dry_run_marks_finished_rows(tmp_path, capsys):
     (tmp_path / "lam_long").mkdir()
     (tmp_path / "lam_long" / "report.json").write_text("{}")
     assert diagnose.main(["--root", str(tmp_path), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "[done] lam_long: python train.py --lam-begin 0.2 --lam-end 0.9" in out
+    assert "[done] lam_long: python train.py --recipe fashion_mnist_sweep --lam-begin 0.2 --lam-end 0.9" in out
     assert "[todo] demo_s0:" in out
     assert diagnose.main(["--root", str(tmp_path), "--only", "nope"]) == 2
     assert "unknown rows ['nope']" in capsys.readouterr().err
@@ -96,7 +109,7 @@ def test_write_table_from_reports(tmp_path):
     diagnose.write_table(diagnose.plan(str(tmp_path)), str(tmp_path), str(out), str(curve))
     md = (out / "diagnosis.md").read_text()
     # Curve at 0.52: 0.70 + 0.6 * 0.10 = 0.76 (bas_l0 only); 0.80 - 0.76 = +0.04.
-    assert "| demo_s0 | the demo recipe (BAS + L0, lambda 12) | 0.8000 | 0.520 | 0.7600 | +0.0400 | 0.300 |" in md
+    assert "| demo_s0 | the sweep recipe (BAS + L0, lambda 12; the demo until 2026-12-03) | 0.8000 | 0.520 | 0.7600 | +0.0400 | 0.300 |" in md
     assert "| 500 + 250 |" in md
     data = json.loads((out / "diagnosis.json").read_text())
     assert [r["name"] for r in data["rows"]] == ["demo_s0", "freeze_gates"]

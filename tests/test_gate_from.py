@@ -18,7 +18,7 @@ INFO = types.SimpleNamespace(image_shape=(32, 32, 1), num_classes=10)
 
 
 def _recipe(path, **changes):
-    return recipes.RECIPES["fashion_mnist_demo"].replace(gate_from=str(path), **changes).validate()
+    return recipes.RECIPES["fashion_mnist_sweep"].replace(gate_from=str(path), **changes).validate()
 
 
 def _save(model, tmp_path, name="source.keras"):

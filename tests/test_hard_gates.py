@@ -152,15 +152,15 @@ def test_models_saved_before_the_phase_existed_still_load(tmp_path):
 
 
 def test_recipe_flag_builds_the_phase_and_bad_values_name_the_flag():
-    recipe = get_recipe("fashion_mnist_demo").replace(hard_gates_begin=0.8).validate()
+    recipe = get_recipe("fashion_mnist_sweep").replace(hard_gates_begin=0.8).validate()
     scheduler = training.gate_callback(recipe)
     assert scheduler.hard(3.2) == 0.0 and scheduler.hard(3.21) == 1.0  # 4 epochs: the last 20 %
-    assert training.gate_callback(get_recipe("fashion_mnist_demo")).hard is None
+    assert training.gate_callback(get_recipe("fashion_mnist_sweep")).hard is None
     for value, message in ((1.0, "between 0 and 1"), (0.5, r"must be >= --lam-end \(0.6\)")):
         with pytest.raises(ValueError, match=rf"--hard-gates-begin={value!r} is invalid: .*{message}"):
-            get_recipe("fashion_mnist_demo").replace(hard_gates_begin=value).validate()
+            get_recipe("fashion_mnist_sweep").replace(hard_gates_begin=value).validate()
     with pytest.raises(ValueError, match="drop --plain"):
-        get_recipe("fashion_mnist_demo").replace(hard_gates_begin=0.8, gated=False).validate()
+        get_recipe("fashion_mnist_sweep").replace(hard_gates_begin=0.8, gated=False).validate()
     from bs_keras.cli import train as cli
 
     _, args = cli.parse_args(["--hard-gates-begin", "0.75"])

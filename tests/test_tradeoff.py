@@ -92,15 +92,15 @@ def test_bad_family_is_named(capsys):
     assert "unknown ['big']" in capsys.readouterr().err
 
 
-def test_default_demo_is_the_chosen_sweep_point(tmp_path):
-    """`python train.py` trains exactly the sweep's BAS+L0 run at the demo
-    lambda (seed 0), so the README can quote that run's result."""
-    _, args = train.parse_args([])
-    demo = train.resolve_recipe(args)
-    name = f"bas_l0_lam{tradeoff._num(demo.lam)}_s0"
-    assert demo.lam in tradeoff.LAMS
+def test_sweep_recipe_is_a_sweep_point(tmp_path):
+    """The short sweep is built on recipe fashion_mnist_sweep: its BAS+L0
+    run at the recipe's lambda (seed 0) trains exactly that recipe."""
+    _, args = train.parse_args(["--recipe", "fashion_mnist_sweep"])
+    sweep = train.resolve_recipe(args)
+    name = f"bas_l0_lam{tradeoff._num(sweep.lam)}_s0"
+    assert sweep.lam in tradeoff.LAMS
     recipes = _recipes(tmp_path)
-    assert recipes[name].to_dict() == demo.to_dict()
+    assert recipes[name].to_dict() == sweep.to_dict()
 
 
 def test_long_budget_plan_matches_every_run_to_the_same_steps(tmp_path):
