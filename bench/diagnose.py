@@ -67,7 +67,7 @@ TRAIN_ROWS = (
 )
 # The row whose recipe `python train.py` (recipe fashion_mnist_demo) trains:
 # the README quotes its result.
-DEMO_ROW = "demo_s0"
+DEMO_ROW = "target0p5_early_hard0p6"
 FREEZE_ROWS = tuple(
     (f"freeze_{mode}", mode, what) for mode, what in (
         ("gates", "from demo_s0: backbone frozen, gates fine-tuned"),

@@ -123,7 +123,7 @@ def knob_label(rows):
 def _source_run_dir(recipe):
     """The run directory a pruned / gated-from run started from (its .keras's folder), or None."""
     source = recipe.get("prune_from") or recipe.get("gate_from")
-    return os.path.dirname(os.path.abspath(source)) if source else None
+    return os.path.dirname(os.path.realpath(source)) if source else None
 
 
 def optimizer_steps(report, recipe):
@@ -470,9 +470,10 @@ def mark_source_only(runs, warnings):
     if not totals:
         return
     budget = max(sorted(set(totals)), key=totals.count)
-    sources = {os.path.normpath(r["source_dir"]) for r in runs if r["source_dir"]}
+    # realpath: the report may read the sweep through a symlink.
+    sources = {os.path.realpath(r["source_dir"]) for r in runs if r["source_dir"]}
     for r in runs:
-        if (os.path.normpath(os.path.abspath(r["path"])) in sources and r["total_steps"] is not None
+        if (os.path.realpath(r["path"]) in sources and r["total_steps"] is not None
                 and r["total_steps"] < budget):
             r["source_only"] = True
             warnings.append(f"{r['name']}: the start of other runs, trained {r['total_steps']:,} of the sweep's "

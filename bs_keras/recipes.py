@@ -367,10 +367,15 @@ RECIPES = {
 
 # `python train.py` / `make demo`: the sweep recipe with what the diagnosis
 # of issue 19 found helps a 500-step run (docs/RESULTS.md, "Where the gated
-# accuracy goes").
+# accuracy goes"): a compute budget instead of a fixed lambda, the L0 ramp
+# over 10-40 % so the gates have closed by 60 %, and the hard-gate phase over
+# the last 40 %. Measured 0.8259 / 0.8320 at 0.527 / 0.512 of the MACs (seeds
+# 0 / 1), where lambda 12 gave 0.7990 / 0.8164 at 0.519 / 0.574.
 RECIPES["fashion_mnist_demo"] = dataclasses.replace(
     RECIPES["fashion_mnist_sweep"], name="fashion_mnist_demo",
-    description="Quick CPU demo: gated ResNet-20 on Fashion-MNIST, 4 epochs of 16,000 images (500 steps).",
+    target_macs=0.5, lam_begin=0.1, lam_end=0.4, hard_gates_begin=0.6,
+    description="Quick CPU demo: gated ResNet-20 on Fashion-MNIST, 4 epochs of 16,000 images (500 steps), "
+    "trained to half the MACs, ending with the hard-gate phase.",
 )
 
 # The sweep recipe on the data set with difficulty levels

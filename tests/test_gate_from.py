@@ -109,7 +109,9 @@ def test_gate_from_a_plain_run_fine_tunes_and_records_the_source(tmp_path):
     result = _run([*TINY, "--plain", "--epochs", "1", "--run-dir", str(plain_dir)])
     assert result.returncode == 0, result.stderr[-3000:]
     source = plain_dir / "best.keras"
-    gated_args = [*TINY, "--epochs", "2", "--lam", "12", "--gate-from", str(source), "--run-dir", str(gated_dir)]
+    # The sweep recipe: a fixed lambda ramp without the demo's hard-gate phase (lambda 0 there).
+    gated_args = [*TINY, "--recipe", "fashion_mnist_sweep", "--epochs", "2", "--lam", "12",
+                  "--gate-from", str(source), "--run-dir", str(gated_dir)]
     result = _run(gated_args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Training a gated copy of {source}" in result.stdout

@@ -14,7 +14,7 @@ from bs_keras.cli import train as train_cli
 from bs_keras.models import cifar_resnet
 
 INFO = type("Info", (), {"image_shape": (16, 16, 1), "num_classes": 10})()
-SMALL = ["--width-multiplier", "0.25"]
+SMALL = ["--recipe", "fashion_mnist_sweep", "--width-multiplier", "0.25"]
 
 
 def _recipe(*flags):
@@ -84,7 +84,7 @@ def test_schedule_fractions_set_the_gate_loss_weights_at_each_step(lam_begin, la
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--lam-begin", "0.7"], "--lam-begin=0.7 is invalid: must be <= --lam-end (0.6)"),
+        (["--lam-begin", "0.7"], "--lam-begin=0.7 is invalid: must be <= --lam-end (0.4)"),
         (["--lam-end", "1.5"], "--lam-end=1.5 is invalid: must be between 0 and 1"),
         (["--lam-begin", "-0.1"], "--lam-begin=-0.1 is invalid: must be between 0 and 1"),
         (["--gamma-end", "2"], "--gamma-end=2.0 is invalid: must be between 0 and 1"),

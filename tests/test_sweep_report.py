@@ -415,3 +415,8 @@ def test_budget_runs_are_keyed_by_target_and_carry_their_steps(tmp_path):
     text = sr.format_markdown(summary)
     assert "| bas_l0_hard target=0.55 | 1 |" in text
     assert "| target | L0 only |" in text and "| 1,404 | 2,808 |" in text
+    # Read through a symlink to the sweep (the recorded prune_from is the real path): the same.
+    link = tmp_path / "link"
+    link.symlink_to(root, target_is_directory=True)
+    linked = {r["name"]: r for r in sr.summarize([str(link)])[0]["runs"]}
+    assert linked["plain_half_w1_s0"]["source_only"] and not linked["plain_w1_s0"]["source_only"]

@@ -135,6 +135,11 @@ def resolve_recipe(args):
     if args.lam is not None and recipe.target_macs is not None:
         # --lam on a recipe that carries a budget: a fixed lambda instead.
         recipe = dataclasses.replace(recipe, target_macs=None)
+    if args.gated is False:
+        # --plain on a recipe with gate-only settings (the demo's budget and
+        # hard-gate phase): a plain model has no gates to set. Given as flags
+        # too, they are still refused.
+        recipe = dataclasses.replace(recipe, target_macs=None, hard_gates_begin=None)
     return recipe.replace(**{k: getattr(args, k) for k in RECIPE_FLAGS}).validate()
 
 
