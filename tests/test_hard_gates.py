@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import bs_keras
-from bs_keras import training
+from bs_keras import recipes, training
 from bs_keras.gates import ChannelGate, find_gates, record_gates
 from bs_keras.recipes import get_recipe
 from bs_keras.schedules import Linear
@@ -165,3 +165,21 @@ def test_recipe_flag_builds_the_phase_and_bad_values_name_the_flag():
 
     _, args = cli.parse_args(["--hard-gates-begin", "0.75"])
     assert cli.resolve_recipe(args).hard_gates_begin == 0.75
+
+
+def test_plain_drops_the_demo_recipes_gate_only_settings(capsys):
+    """`train.py --plain` on the demo recipe (a budget and a hard-gate phase)
+    trains a plain model with the rest of the recipe; given as flags, the
+    gate-only settings are still refused."""
+    from bs_keras.cli import train as train_cli
+
+    demo = recipes.RECIPES["fashion_mnist_demo"]
+    assert demo.target_macs is not None and demo.hard_gates_begin is not None
+    _, args = train_cli.parse_args(["--plain"])
+    plain = train_cli.resolve_recipe(args)
+    assert not plain.gated and plain.target_macs is None and plain.hard_gates_begin is None
+    assert (plain.epochs, plain.limit_train, plain.lr) == (demo.epochs, demo.limit_train, demo.lr)
+    for flags in (["--target-macs", "0.5"], ["--hard-gates-begin", "0.8"]):
+        _, args = train_cli.parse_args(["--plain", *flags])
+        with pytest.raises(ValueError, match=f"{flags[0]}=.* drop --plain"):
+            train_cli.resolve_recipe(args)
