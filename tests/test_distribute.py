@@ -197,7 +197,7 @@ def test_multi_worker_train_py_on_two_local_workers(tmp_path):
         log = open(tmp_path / f"worker-{index}.log", "w+")
         logs.append(log)
         procs.append(subprocess.Popen(
-            [sys.executable, str(SCRIPTS / "train_worker.py"), *args],
+            [sys.executable, str(SCRIPTS / "train_child.py"), *args],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
             env=_env(TF_CONFIG=json.dumps(tf_config), BS_KERAS_TEST_WAIT_FOR=wait),
         ))  # fmt: skip

@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import os
+import select
 import subprocess
 import sys
 
@@ -134,13 +135,13 @@ def test_train_stops_on_a_bad_image_before_training_and_skip_bad_images_leaves_i
 # ---------------------------------------------------------------- run lock
 
 _HOLD_LOCK = """
-import importlib.util, sys, time
+import importlib.util, sys
 spec = importlib.util.spec_from_file_location("run_lock", sys.argv[1])
 run_lock = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(run_lock)
 run_lock.RunLock(sys.argv[2], command=["train.py", "--run-dir", sys.argv[2], "--epochs", "9"]).acquire()
 print("locked", flush=True)
-time.sleep(120)
+sys.stdin.read()  # held until the test closes stdin or kills this process
 """
 
 
@@ -148,8 +149,13 @@ def _hold_lock(run_dir):
     """A child process holding the lock of `run_dir` (bs_keras/run_lock.py
     loaded alone: no TensorFlow import, so it is ready in well under a second)."""
     child = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, run_lock.__file__, str(run_dir)],
-                             stdout=subprocess.PIPE, text=True)
-    assert child.stdout.readline().strip() == "locked"
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    ready, _, _ = select.select([child.stdout], [], [], 60)
+    line = child.stdout.readline() if ready else ""
+    if line.strip() != "locked":
+        child.kill()
+        child.wait()
+        pytest.fail(f"the lock holder did not lock within 60 s (exit {child.returncode}, said {line!r})")
     return child
 
 
@@ -217,7 +223,7 @@ def test_without_flock_a_lock_is_stale_when_its_pid_is_gone(tmp_path, monkeypatc
     logs = []
     with run_lock.RunLock(tmp_path, log=logs.append):
         assert "stale" in logs[0]
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    alive = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
         lock_file.write_text(json.dumps({"pid": alive.pid, "host": run_lock.socket.gethostname()}))
         with pytest.raises(run_lock.RunLockedError, match=f"pid {alive.pid}"):

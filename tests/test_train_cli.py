@@ -8,10 +8,8 @@ import csv
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
@@ -20,7 +18,11 @@ import pytest
 from bs_keras.cli import train as train_cli
 from bs_keras import training
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "dist_scripts"))
+import train_child  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "tests" / "dist_scripts"
 TINY = ["--model", "resnet20", "--width-multiplier", "0.25", "--batch-size", "32",
         "--limit-train", "128", "--limit-eval", "64", "--seed", "0"]
 
@@ -148,23 +150,33 @@ def test_seed_makes_a_cpu_run_reproducible(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def _start_paused(args, sync_dir, epoch, batch, **popen):
+    """train.py in a child that pauses at the start of (epoch, batch), both
+    0-based (tests/dist_scripts/train_child.py); returns the Popen once the
+    child is there, or fails (killing the child) if it ends or does not get
+    there within 240 s."""
+    sync_dir.mkdir()
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT),
+               BS_KERAS_TEST_PAUSE=f"{epoch}:{batch}:{sync_dir}")
+    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "train_child.py"), *args], cwd=ROOT, env=env,
+                            **popen)
+    if not train_child.wait_for_file(sync_dir / "paused", 240, proc):
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"train.py did not reach epoch {epoch}, batch {batch} (exit {proc.returncode}):\n"
+                    f"{(out or '')[-3000:]}")
+    return proc
+
+
 @pytest.mark.slow
 def test_resume_after_kill_continues_from_the_last_completed_epoch(tmp_path):
     run_dir = tmp_path / "run"
     args = [*TINY, "--epochs", "3", "--limit-train", "640", "--run-dir", str(run_dir)]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state_path = run_dir / "state" / "state.json"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if state_path.exists() and json.loads(state_path.read_text())["epoch"] >= 1:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    time.sleep(1.0)  # well inside epoch 2
-    os.kill(proc.pid, signal.SIGKILL)
+    # Paused at the first batch of epoch 2 (0-based 1): epoch 1's checkpoint is written.
+    proc = _start_paused(args, tmp_path / "sync", 1, 0, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc.kill()  # SIGKILL inside epoch 2
     proc.wait()
+    state_path = run_dir / "state" / "state.json"
     killed_state = json.loads(state_path.read_text())
     assert killed_state["epoch"] == 1
     assert not (run_dir / "report.json").exists()
@@ -194,19 +206,21 @@ def test_resume_after_kill_continues_from_the_last_completed_epoch(tmp_path):
 def test_a_second_run_on_the_same_run_dir_is_refused_while_the_first_runs(tmp_path):
     run_dir = tmp_path / "run"
     args = [*TINY, "--epochs", "2", "--run-dir", str(run_dir)]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
-    first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and first.poll() is None and not (run_dir / ".lock").exists():
-        time.sleep(0.05)
-    assert first.poll() is None, "the first run ended before the second started"
-    second = _run(args)
-    assert second.returncode == 2
-    assert f"error: {run_dir} is in use by another run (pid {first.pid} on " in second.stderr
-    assert f"train.py {' '.join(args)})" in second.stderr and f"kill {first.pid}" in second.stderr
-    assert "Traceback" not in second.stderr
-    output, _ = first.communicate(timeout=300)
+    sync = tmp_path / "sync"
+    # The first run holds the lock, paused at its first batch, until the second has been refused.
+    first = _start_paused(args, sync, 0, 0, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        second = _run(args)
+        assert second.returncode == 2
+        assert f"error: {run_dir} is in use by another run (pid {first.pid} on " in second.stderr
+        assert f"train_child.py {' '.join(args)})" in second.stderr and f"kill {first.pid}" in second.stderr
+        assert "Traceback" not in second.stderr
+        (sync / "resume").touch()
+        output, _ = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
     assert first.returncode == 0, output[-3000:]
     with open(run_dir / "log.csv") as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["0", "1"]  # written by the first run only
