@@ -26,9 +26,10 @@ if keras.backend.backend() != "tensorflow":
         f"Current backend: {keras.backend.backend()!r}"
     )
 
-from bs_keras import blocks, budget, callbacks, gates, gating, losses, macs, models, schedules, segmentation  # noqa: E402
+from bs_keras import blocks, budget, callbacks, distillation, gates, gating, losses, macs, models, schedules, segmentation  # noqa: E402
 from bs_keras.budget import MacBudget  # noqa: E402
 from bs_keras.callbacks import GateLossScheduler  # noqa: E402
+from bs_keras.distillation import Distiller  # noqa: E402
 from bs_keras.gates import ChannelGate, find_gates, record_gates  # noqa: E402
 from bs_keras.gating import configure_gate_losses, exclude_gates_from_weight_decay  # noqa: E402
 from bs_keras.macs import conditional_macs, count_macs, gate_masks  # noqa: E402

@@ -113,6 +113,7 @@ def apply_basic_block(
     shortcut="projection",
     regularizer=None,
     dilation_rate=1,
+    zero_init_residual=False,
     name="block",
 ):
     """Basic block: conv3x3-BN-ReLU [x gate] conv3x3-BN, + shortcut, ReLU.
@@ -126,6 +127,8 @@ def apply_basic_block(
             "zero_pad" (parameter-free, CIFAR option A).
         regularizer: kernel regularizer for the convolutions.
         dilation_rate: dilation of both 3x3 convolutions.
+        zero_init_residual: start the branch's last BN scale at 0, so the
+            block starts as its shortcut (Goyal et al., 2017).
         name: prefix of the layer names.
     """
     residual = _shortcut(x, filters, strides, shortcut, name, regularizer)
@@ -134,7 +137,7 @@ def apply_basic_block(
     h = keras.layers.ReLU(name=f"{name}_relu1")(h)
     h = _gate(x, h, gate, name)
     h = conv(filters, 3, 1, f"{name}_conv2", regularizer, dilation_rate)(h)
-    h = batch_norm(f"{name}_bn2")(h)
+    h = batch_norm(f"{name}_bn2", zero_gamma=zero_init_residual)(h)
     h = keras.layers.Add(name=f"{name}_add")([h, residual])
     return keras.layers.ReLU(name=f"{name}_out")(h)
 
@@ -147,6 +150,7 @@ def apply_bottleneck_block(
     expansion=4,
     regularizer=None,
     dilation_rate=1,
+    zero_init_residual=False,
     name="block",
 ):
     """Bottleneck block (ResNet v1.5: stride on the 3x3), optionally gated.
@@ -168,6 +172,8 @@ def apply_bottleneck_block(
         expansion: output width factor (4 in ResNet-50).
         regularizer: kernel regularizer for the convolutions.
         dilation_rate: dilation of the 3x3 convolution.
+        zero_init_residual: start the branch's last BN scale at 0 (Goyal et
+            al., 2017).
         name: prefix of the layer names.
     """
     out = filters * expansion
@@ -180,6 +186,6 @@ def apply_bottleneck_block(
     h = batch_norm(f"{name}_bn2")(h)
     h = keras.layers.ReLU(name=f"{name}_relu2")(h)
     h = conv(out, 1, 1, f"{name}_conv3", regularizer)(h)
-    h = batch_norm(f"{name}_bn3")(h)
+    h = batch_norm(f"{name}_bn3", zero_gamma=zero_init_residual)(h)
     h = keras.layers.Add(name=f"{name}_add")([h, residual])
     return keras.layers.ReLU(name=f"{name}_out")(h)

@@ -33,6 +33,13 @@ abrupt target makes the large initial weight shut whole branches for whole
 batches at once, whose zero-variance BatchNormalization can turn the loss
 NaN (seen in a tiny test model; `global_clipnorm` also prevents it).
 
+With `max_loss_ratio` the L0 term is kept in proportion to the task: the
+weight is clipped so that `|weight| * L0 <= max_loss_ratio * task_loss`
+(both running means of the epoch, passed by the callback), and the
+multiplier stops growing at that bound (no wind-up behind it). Without it
+the controller can push the L0 term to 50x the task loss in a short run
+whose gates answer slowly, and the gradient of the task no longer counts.
+
 The weight lives in the gates' `l0_coef` weights (λ times each gate's share),
 so a checkpoint holds it and `GateLossScheduler` restores it on resume.
 
@@ -70,6 +77,8 @@ class MacBudget(schedules.Schedule):
         unwind: how many times faster the multiplier falls than it rises
             (under budget, so that it does not keep closing gates).
         max_multiplier: upper bound of λ.
+        max_loss_ratio: if set, `|λ| * L0` stays at most this multiple of
+            the running task loss (see the module doc); None: no bound.
         measure: the ratio the multiplier follows: "inference" (gates with
             `logit > 0`, as deployed) or "expected" (each gate weighted by
             its open probability, the quantity L0 penalises).
@@ -83,7 +92,7 @@ class MacBudget(schedules.Schedule):
     """
 
     def __init__(self, target, begin=0.0, end=0.0, rate=2.0, gain=100.0, unwind=10.0, max_multiplier=1000.0,
-                 measure="inference", unit="epoch"):
+                 measure="inference", unit="epoch", max_loss_ratio=None):
         target = float(target)
         if not 0 < target <= 1:
             raise ValueError(
@@ -110,6 +119,9 @@ class MacBudget(schedules.Schedule):
         if measure not in MEASURES:
             raise ValueError(f"measure must be one of {MEASURES}. Received: measure={measure!r}")
         self.measure = measure
+        if max_loss_ratio is not None and not (math.isfinite(float(max_loss_ratio)) and max_loss_ratio > 0):
+            raise ValueError(f"max_loss_ratio must be None or a finite number > 0. Received: {max_loss_ratio}")
+        self.max_loss_ratio = None if max_loss_ratio is None else float(max_loss_ratio)
         self.unit = schedules.check_unit(unit)
         self.multiplier = 0.0
         self.weight = 0.0
@@ -125,8 +137,23 @@ class MacBudget(schedules.Schedule):
     def __call__(self, t):
         return 0.0 if t < self.begin else self.weight
 
-    def update(self, t, ratio):
+    def bound(self, task_loss=None, l0=None):
+        """The largest |λ| allowed now: `max_multiplier`, or less with
+        `max_loss_ratio` and the running task loss and L0 term."""
+        bound = self.max_multiplier
+        if self.max_loss_ratio is not None and task_loss is not None and l0 is not None:
+            task_loss, l0 = float(task_loss), float(l0)
+            if math.isfinite(task_loss) and math.isfinite(l0) and l0 > 0:
+                bound = min(bound, self.max_loss_ratio * max(task_loss, 0.0) / l0)
+        return bound
+
+    def update(self, t, ratio, task_loss=None, l0=None):
         """One controller step after a training step at time `t` that measured `ratio`.
+
+        Args:
+            t: the time, in `unit`.
+            ratio: the batch's measured MAC ratio (`measure`).
+            task_loss, l0: running task loss and L0 term, for `max_loss_ratio`.
 
         Returns:
             The new L0 weight (`weight`).
@@ -134,8 +161,8 @@ class MacBudget(schedules.Schedule):
         if t >= self.begin:
             error = float(ratio) - self.target_at(t)
             rate = self.rate if error > 0 else self.rate * self.unwind
-            self.multiplier = min(self.max_multiplier, max(0.0, self.multiplier + rate * error))
-            bound = self.max_multiplier
+            bound = self.bound(task_loss, l0)
+            self.multiplier = min(bound, max(0.0, self.multiplier + rate * error))
             self.weight = min(bound, max(-bound, self.gain * error + self.multiplier))
         return self.weight
 
@@ -156,4 +183,5 @@ class MacBudget(schedules.Schedule):
             "max_multiplier": self.max_multiplier,
             "measure": self.measure,
             "unit": self.unit,
+            "max_loss_ratio": self.max_loss_ratio,
         }

@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from bs_keras import gating, schedules
 from bs_keras.budget import MacBudget
+from bs_keras.distillation import unwrap
 from bs_keras.gates import find_gates
 from bs_keras.io_utils import atomic_path
 from bs_keras.macs import count_macs, gate_table, ungated_macs
@@ -89,14 +90,15 @@ class GateLossScheduler(keras.callbacks.Callback):
         self._train_logs = {}
 
     def on_train_begin(self, logs=None):
-        gates, bs_share, l0_share = gating.gate_loss_shares(self.model, self.l0_weighting)
+        net = unwrap(self.model)  # a Distiller trains its student
+        gates, bs_share, l0_share = gating.gate_loss_shares(net, self.l0_weighting)
         self._gates = gates
         self._bs_share = bs_share
         self._l0_share = l0_share
-        self._static_macs = count_macs(self.model)
-        by_gate = {id(i.gate): i for i in gate_table(self.model)}
+        self._static_macs = count_macs(net)
+        by_gate = {id(i.gate): i for i in gate_table(net)}
         self._gated_macs = [by_gate[id(g)].channels * by_gate[id(g)].macs_per_channel for g in gates]
-        self._ungated_macs = ungated_macs(self.model, self._static_macs)
+        self._ungated_macs = ungated_macs(net, self._static_macs)
         self._steps_per_epoch = self.params.get("steps") if self.params else None
         self._step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
         self._previous = [None] * len(gates)
@@ -185,9 +187,14 @@ class GateLossScheduler(keras.callbacks.Callback):
         self._batch = batch
         totals = [g.stats.totals() for g in self._gates]
         gamma, lam = self._assigned  # what this batch used
+        gate_logs = self._gate_logs(totals)
         if self._budget is not None and not self._hard:
             t = self._time(self._budget, batch)
-            self._budget.update(t, self._batch_ratio(totals, self._budget.measure))
+            # The running task loss: train.py's `task_loss` metric, else Keras' total `loss`.
+            task_loss = (logs or {}).get("task_loss", (logs or {}).get("loss"))
+            task_loss = None if task_loss is None else float(keras.ops.convert_to_numpy(task_loss))
+            self._budget.update(t, self._batch_ratio(totals, self._budget.measure), task_loss=task_loss,
+                                l0=gate_logs.get("l0_loss"))
             # Assigned now, not at the next batch: a checkpoint after this
             # step then holds the current multiplier (restored on resume).
             new_lam = self._value("lam", self._budget, batch)
@@ -195,7 +202,7 @@ class GateLossScheduler(keras.callbacks.Callback):
                 gating.set_gate_loss_weights(self._gates, self._bs_share, self._l0_share, gamma, new_lam)
                 self._assigned = (gamma, new_lam)
         self._step += 1
-        self._train_logs = {"gamma": gamma, "lam": lam, **self._gate_logs(totals)}
+        self._train_logs = {"gamma": gamma, "lam": lam, **gate_logs}
         if self.hard is not None:
             self._train_logs["hard_gates"] = float(self._hard)
         if logs is not None:
@@ -384,7 +391,8 @@ class RunCheckpoint(keras.callbacks.Callback):
             ) from e
 
     def _save(self, name):
-        self._write(os.path.join(self.run_dir, name), self.model.save)
+        # The deployable model: a Distiller's student (its state files keep the wrapper's).
+        self._write(os.path.join(self.run_dir, name), unwrap(self.model).save)
 
     def on_epoch_end(self, epoch, logs=None):
         if self.nan_guard.bad is not None:
@@ -428,7 +436,7 @@ class GateTensorBoard(keras.callbacks.Callback):
         self._rates = None
 
     def on_train_batch_end(self, batch, logs=None):
-        values = [g.stats.values() for g in find_gates(self.model)]
+        values = [g.stats.values() for g in find_gates(unwrap(self.model))]
         if all(v is not None for v in values):
             self._rates = [v["open_rate"] for v in values]
 
@@ -437,7 +445,7 @@ class GateTensorBoard(keras.callbacks.Callback):
             return
         with self.writer.as_default(step=epoch):
             tf.summary.histogram("open_rate_per_layer", np.asarray(self._rates))
-            for gate, rate in zip(find_gates(self.model), self._rates):
+            for gate, rate in zip(find_gates(unwrap(self.model)), self._rates):
                 tf.summary.scalar(f"open_rate/{gate.name}", rate)
         self.writer.flush()
 

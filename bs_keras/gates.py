@@ -29,7 +29,7 @@ import tensorflow_probability as tfp
 
 from bs_keras import losses as gate_losses
 
-_recording = threading.local()
+_recording = threading.local()  # record_gates' stack; gates_open's flag
 
 
 @contextlib.contextmanager
@@ -48,6 +48,19 @@ def record_gates():
         yield record
     finally:
         stack.pop()
+
+
+@contextlib.contextmanager
+def gates_open():
+    """Context manager: every `ChannelGate` called (or traced) inside passes
+    its features through unchanged (the ungated network): no sampling, no
+    losses, no statistics. `bs_keras.Distiller` runs its "self" teacher so."""
+    previous = getattr(_recording, "open", False)
+    _recording.open = True
+    try:
+        yield
+    finally:
+        _recording.open = previous
 
 
 def _record(gate, mask):
@@ -314,6 +327,8 @@ class ChannelGate(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         x, h = inputs
+        if getattr(_recording, "open", False):  # inside gates_open()
+            return h
         if training:
             hard = self.hard_training > 0.5
             logits = tf.cond(

@@ -20,7 +20,7 @@ GATE_GRANULARITIES = ("channel", "block")
 class Recipe:
     """Every setting of a training run.
 
-    Fractions (`lr_decay_at`, `gamma_end`, `lam_begin`, `lam_end`,
+    Fractions (`lr_decay_at`, `warmup`, `gamma_end`, `lam_begin`, `lam_end`,
     `hard_gates_begin`) are of the total epochs, so a recipe keeps its shape
     when `epochs` changes.
     """
@@ -38,7 +38,10 @@ class Recipe:
     lr_schedule: str = "step"
     lr_decay_at: tuple = (0.5, 0.75)
     lr_decay_factor: float = 0.1
-    warmup_epochs: float = 0.0
+    # Linear learning-rate warm-up over this fraction of the run (every schedule).
+    warmup: float = 0.0
+    # Zero-initialised scale of the last BN in each residual branch (Goyal et al. 2017).
+    zero_init_residual: bool = False
     weight_decay: float = 5e-4
     clipnorm: float = None
     gamma: float = 0.75
@@ -57,6 +60,9 @@ class Recipe:
     budget_max: float = 1000.0
     budget_unwind: float = 10.0
     budget_measure: str = "inference"
+    # The budget's L0 term (|lambda| * L0) is kept at most this multiple of
+    # the running task loss (None: no bound).
+    budget_loss_ratio: float = None
     prior_a: float = 0.6
     prior_b: float = 0.4
     l0_weighting: str = "macs"
@@ -84,6 +90,15 @@ class Recipe:
     gate_from: str = None
     gate_from_sha256: str = None
     needs_gate_from: bool = False
+    # Distillation (bs_keras.Distiller): "self" (the network with every gate
+    # open teaches the gated one) or `distill_from` (a trained .keras
+    # classifier, its sha256 filled in by `training.train`).
+    distill: str = None
+    distill_from: str = None
+    distill_from_sha256: str = None
+    distill_alpha: float = 1.0
+    distill_temperature: float = 4.0
+    distill_train_teacher: bool = False
     description: str = ""
 
     @property
@@ -106,6 +121,12 @@ class Recipe:
     def task(self):
         return "segmentation" if self.dataset in SEGMENTATION_DATASETS else "classification"
 
+    def warmup_steps(self, steps_per_epoch):
+        """The warm-up in optimizer steps (0: none; at least 1 when `warmup` > 0)."""
+        if not self.warmup:
+            return 0
+        return max(1, int(round(self.warmup * self.epochs * steps_per_epoch)))
+
     def replace(self, **changes):
         """A copy with some fields changed (None values are ignored)."""
         changes = {k: v for k, v in changes.items() if v is not None}
@@ -122,6 +143,9 @@ class Recipe:
     @classmethod
     def from_dict(cls, data):
         data = dict(data)
+        if "warmup_epochs" in data:  # config.json of runs before `warmup` (a fraction of the run)
+            epochs = data.get("epochs") or 1
+            data["warmup"] = data.pop("warmup_epochs") / epochs
         if "lr_decay_at" in data:
             data["lr_decay_at"] = tuple(data["lr_decay_at"])
         return cls(**data)
@@ -167,12 +191,12 @@ class Recipe:
         for field in ("lr", "width_multiplier", "prior_a", "prior_b", "gate_temperature"):
             if not finite(getattr(self, field)) or getattr(self, field) <= 0:
                 bad(field, "must be a finite number > 0")
-        for field in ("gamma", "lam", "weight_decay", "momentum", "warmup_epochs"):
+        for field in ("gamma", "lam", "weight_decay", "momentum"):
             if not finite(getattr(self, field)) or getattr(self, field) < 0:
                 bad(field, "must be a finite number >= 0")
         if not finite(self.gate_init_bias):
             bad("gate_init_bias", "must be a finite number (the gates' initial logit; positive starts them open)")
-        for field in ("gamma_end", "lam_begin", "lam_end", "lr_decay_factor", "validation_split"):
+        for field in ("gamma_end", "lam_begin", "lam_end", "lr_decay_factor", "validation_split", "warmup"):
             if not finite(getattr(self, field)) or not 0 <= getattr(self, field) <= 1:
                 bad(field, "must be between 0 and 1")
         if self.target_macs is not None:
@@ -203,6 +227,28 @@ class Recipe:
             if not self.gate_from.endswith(".keras") or not os.path.isfile(self.gate_from):
                 bad("gate_from", "give an existing .keras file of a trained classifier "
                     "(e.g. runs/<run>/best.keras, or a keras.applications model saved with model.save)")
+        if self.distill is not None:
+            if self.distill != "self":
+                bad("distill", "choose 'self' (the network with every gate open is the teacher); "
+                    "--distill-from MODEL.keras takes a trained teacher")
+            if self.distill_from is not None:
+                bad("distill", "--distill self and --distill-from are two teachers: pass one")
+            if not self.gated:
+                bad("distill", "a plain network has no gates to open: drop --plain, or use --distill-from")
+        if self.distill is not None or self.distill_from is not None:
+            if self.task != "classification":
+                bad("distill" if self.distill else "distill_from", "distillation trains classifiers only")
+            if not finite(self.distill_alpha) or self.distill_alpha < 0:
+                bad("distill_alpha", "must be a finite number >= 0")
+            if not finite(self.distill_temperature) or self.distill_temperature <= 0:
+                bad("distill_temperature", "must be a finite number > 0")
+        if self.distill_from is not None:
+            if not self.distill_from.endswith(".keras") or not os.path.isfile(self.distill_from):
+                bad("distill_from", "give an existing .keras file of a trained classifier "
+                    "(e.g. runs/<plain run>/best.keras)")
+        if self.distill_train_teacher and self.distill != "self":
+            bad("distill_train_teacher", "trains the gates-open teacher of --distill self; an external "
+                "teacher stays frozen")
         if (self.prune_from is None) != (self.prune_macs is None):
             bad("prune_from" if self.prune_from is None else "prune_macs",
                 "--prune-from (a trained plain .keras) and --prune-macs (target MAC fraction) go together")
@@ -230,12 +276,16 @@ class Recipe:
                 "to --lam-end (fractions of the run)")
         if self.momentum >= 1:
             bad("momentum", "must be < 1")
-        if self.warmup_epochs and self.lr_schedule != "cosine":
-            bad("warmup_epochs", "warm-up is supported with --lr-schedule cosine only")
         if any(not 0 <= f <= 1 for f in self.lr_decay_at):
             bad("lr_decay_at", "fractions of the run must be between 0 and 1")
-        if self.warmup_epochs > self.epochs:
-            bad("warmup_epochs", f"must be <= epochs ({self.epochs})")
+        if self.warmup >= 1:
+            bad("warmup", "the warm-up is a fraction of the run and must be < 1")
+        if self.budget_loss_ratio is not None:
+            if not finite(self.budget_loss_ratio) or self.budget_loss_ratio <= 0:
+                bad("budget_loss_ratio", "the bound of the L0 term as a multiple of the task loss must be "
+                    "a finite number > 0")
+            if self.target_macs is None:
+                bad("budget_loss_ratio", "bounds the L0 term of a compute budget: pass --target-macs too")
         return self
 
 
@@ -301,7 +351,7 @@ RECIPES = {
                 batch_size=256,
                 lr=0.1,
                 lr_schedule="cosine",
-                warmup_epochs=5.0,
+                warmup=5 / 150,  # 5 epochs
                 weight_decay=1e-4,
                 gamma=0.75,
                 lam=0.1,

@@ -24,6 +24,7 @@ import tensorflow as tf
 
 import bs_keras
 from bs_keras import data as data_lib
+from bs_keras import lr_schedules
 from bs_keras import report as report_lib
 from bs_keras.callbacks import (
     CheckpointWriteError,
@@ -35,6 +36,7 @@ from bs_keras.callbacks import (
     keras_file_problem,
     resume_states,
 )
+from bs_keras.distillation import Distiller, unwrap
 from bs_keras.io_utils import atomic_path
 from bs_keras.models import add_gates, cifar_resnet, imagenet_resnet
 from bs_keras.budget import MacBudget
@@ -135,6 +137,7 @@ def build_model(recipe, info):
         lam=0.0,
         l0_weighting=recipe.l0_weighting,
         gate_kwargs=recipe.gate_kwargs,
+        zero_init_residual=recipe.zero_init_residual,
         seed=recipe.seed,
     )
     builder = imagenet_resnet if depth in (18, 34, 50) else cifar_resnet
@@ -191,6 +194,27 @@ def gated_from(recipe, info):
         raise RunError(f"--gate-from {path}: {e}") from e
 
 
+def with_distillation(model, recipe):
+    """`model` inside a `Distiller` when the recipe distils, else `model`."""
+    if recipe.distill is None and recipe.distill_from is None:
+        return model
+    teacher = "self"
+    if recipe.distill_from:
+        path = recipe.distill_from
+        try:
+            teacher = keras.saving.load_model(path, compile=False)
+        except Exception as e:  # noqa: BLE001 (any loader failure is the file's problem)
+            raise RunError(f"--distill-from {path} cannot be loaded as a Keras model ({type(e).__name__}: {e}).") from e
+        if _output_activation(teacher) != _output_activation(model):
+            raise RunError(f"--distill-from {path}: its last layer must output softmax probabilities like "
+                           f"the student's (it outputs {_output_activation(teacher)}).")
+    try:
+        return Distiller(model, teacher, alpha=recipe.distill_alpha, temperature=recipe.distill_temperature,
+                         train_teacher=recipe.distill_train_teacher)
+    except ValueError as e:
+        raise RunError(f"--distill-from {recipe.distill_from}: {e}") from e
+
+
 def file_sha256(path):
     """Hex sha256 of a file's bytes."""
     digest = hashlib.sha256()
@@ -240,22 +264,12 @@ def build_for_fit(model, element_spec):
 
 
 def learning_rate(recipe, steps_per_epoch):
-    """A Keras LearningRateSchedule over optimizer steps."""
+    """The recipe's Keras LearningRateSchedule over optimizer steps."""
     total = recipe.epochs * steps_per_epoch
-    if recipe.lr_schedule == "constant":
-        return recipe.lr
-    if recipe.lr_schedule == "step":
-        bounds = sorted({max(1, int(round(f * total))) for f in recipe.lr_decay_at if 0 < f < 1})
-        values = [recipe.lr * recipe.lr_decay_factor**i for i in range(len(bounds) + 1)]
-        return keras.optimizers.schedules.PiecewiseConstantDecay(bounds, values)
-    if recipe.lr_schedule == "poly":
-        return keras.optimizers.schedules.PolynomialDecay(recipe.lr, max(1, total), 0.0, power=0.9)
-    warmup = int(round(recipe.warmup_epochs * steps_per_epoch))
-    if warmup:
-        return keras.optimizers.schedules.CosineDecay(
-            0.0, max(1, total - warmup), warmup_target=recipe.lr, warmup_steps=warmup
-        )
-    return keras.optimizers.schedules.CosineDecay(recipe.lr, max(1, total))
+    return lr_schedules.learning_rate(
+        recipe.lr_schedule, recipe.lr, total, warmup_steps=recipe.warmup_steps(steps_per_epoch),
+        decay_at=recipe.lr_decay_at, decay_factor=recipe.lr_decay_factor,
+    )  # fmt: skip
 
 
 def build_optimizer(recipe, steps_per_epoch):
@@ -285,8 +299,8 @@ def gate_callback(recipe):
         lam = MacBudget(
             recipe.target_macs, begin=recipe.lam_begin * recipe.epochs, end=recipe.lam_end * recipe.epochs,
             rate=recipe.budget_rate, gain=recipe.budget_gain, unwind=recipe.budget_unwind,
-            max_multiplier=recipe.budget_max,
-            measure=recipe.budget_measure,
+            max_multiplier=recipe.budget_max, measure=recipe.budget_measure,
+            max_loss_ratio=recipe.budget_loss_ratio,
         )  # fmt: skip
     hard = None
     if recipe.hard_gates_begin is not None:
@@ -560,9 +574,13 @@ def init_backbone(model, path):
 
 
 def _what(recipe):
-    if recipe.gate_from:
-        return f"a gated copy of {recipe.gate_from}"
-    return f"{recipe.model} ({'gated' if recipe.gated else 'plain'})"
+    what = (f"a gated copy of {recipe.gate_from}" if recipe.gate_from else
+            f"{recipe.model} ({'gated' if recipe.gated else 'plain'})")  # fmt: skip
+    if recipe.distill:
+        what += ", distilled from itself with every gate open"
+    elif recipe.distill_from:
+        what += f", distilled from {recipe.distill_from}"
+    return what
 
 
 def make_task(recipe, data_dir=None, manual_dir=None, skip_bad_images=False):
@@ -637,7 +655,7 @@ def _repair_models(model, run_dir, state, damaged_models, epochs, log):
     for path, problem in damaged_models:
         if os.path.basename(path) == "last.keras" or state.get("best_epoch") == state["epoch"]:
             with atomic_path(path) as tmp:
-                model.save(tmp)
+                unwrap(model).save(tmp)
             log(f"{path} was damaged ({problem}); rewrote it from the checkpoint of epoch {state['epoch']}.")
             continue
         later = (
@@ -680,6 +698,8 @@ def train(
     if recipe.gate_from and recipe.gate_from_sha256 is None:
         # Recorded in config.json: resuming with a changed source file is refused.
         recipe = recipe.replace(gate_from_sha256=file_sha256(recipe.gate_from))
+    if recipe.distill_from and recipe.distill_from_sha256 is None:
+        recipe = recipe.replace(distill_from_sha256=file_sha256(recipe.distill_from))
     strategy_obj = make_strategy(strategy)
     is_chief, task_id = _worker_info(strategy_obj)
     if not is_chief:
@@ -747,7 +767,7 @@ def _train_locked(recipe, run_dir, runtime, strategy_obj, is_chief, *, data_dir,
         fit_eval = fit_eval.with_options(options)
 
     with strategy_obj.scope():
-        model = task.build()
+        model = with_distillation(task.build(), recipe)
         model.compile(
             optimizer=build_optimizer(recipe, steps_per_epoch), jit_compile=jit_compile, **task.compile_args()
         )
@@ -818,7 +838,7 @@ def _train_locked(recipe, run_dir, runtime, strategy_obj, is_chief, *, data_dir,
     }
     if skipped:
         extra["skipped_bad_images"] = skipped
-    report, text = task.report(model, eval_ds, run_dir, extra, write=is_chief)
+    report, text = task.report(unwrap(model), eval_ds, run_dir, extra, write=is_chief)
     log(text)
     log(f"Report: {os.path.join(run_dir, 'report.json')}")
     return report

@@ -46,6 +46,29 @@ def test_proportional_part_follows_the_error_at_once():
     assert (budget.weight, budget.multiplier) == (2.5, 2.5)
 
 
+def test_loss_ratio_bounds_the_l0_term_by_the_task_loss_without_wind_up():
+    budget = MacBudget(0.5, rate=5.0, gain=100.0, unwind=1.0, unit="step", max_loss_ratio=2.0)
+    # Far over budget: unbounded the weight would be 100 * 0.5 + 2.5 = 52.5.
+    weight = budget.update(0, ratio=1.0, task_loss=0.6, l0=0.8)
+    assert weight == pytest.approx(2.0 * 0.6 / 0.8)  # |lambda| * L0 == 2 x task loss
+    assert abs(weight) * 0.8 <= 2.0 * 0.6 + 1e-9
+    for step in range(1, 50):  # stays over budget: the integral part cannot grow past the bound
+        budget.update(step, ratio=1.0, task_loss=0.6, l0=0.8)
+    assert budget.multiplier == pytest.approx(1.5)
+    # Back under budget the weight turns at once (no wound-up integral to
+    # unwind): 100 * -0.05 + (1.5 - 5 * 0.05) = -3.75, bounded by 2 * 0.6 / 0.4.
+    assert budget.update(50, ratio=0.45, task_loss=0.6, l0=0.4) == pytest.approx(-3.0)
+    assert budget.multiplier == pytest.approx(1.25)
+    # The bound also limits the push back open, and a smaller task loss tightens it.
+    assert budget.update(51, ratio=0.0, task_loss=0.1, l0=0.5) == pytest.approx(-0.4)
+    # Without the losses (or without max_loss_ratio) only max_multiplier bounds it.
+    assert MacBudget(0.5, gain=100.0, unit="step", max_loss_ratio=2.0).update(0, 1.0) == pytest.approx(51.0)
+    assert MacBudget(0.5, gain=100.0, unit="step").update(0, 1.0, task_loss=0.1, l0=1.0) == pytest.approx(51.0)
+    assert MacBudget(0.5, max_loss_ratio=3.0).get_config()["max_loss_ratio"] == 3.0
+    with pytest.raises(ValueError, match="max_loss_ratio must be None or a finite number > 0"):
+        MacBudget(0.5, max_loss_ratio=0)
+
+
 def test_unwind_makes_the_multiplier_fall_faster_than_it_rises():
     budget = MacBudget(0.5, rate=0.1, gain=0.0, unwind=10.0, unit="step")
     budget.update(0, ratio=0.7)  # +0.1 * 0.2

@@ -165,6 +165,27 @@ def test_mac_budget_under_mirrored_strategy_measures_the_global_batch(tmp_path):
     assert one[1] == pytest.approx(one[0] - 0.2, rel=RTOL)  # gain 0, rate 1: one step of the excess
 
 
+def test_distiller_under_mirrored_strategy_steps_like_one_device(tmp_path):
+    """tests/dist_scripts/mirrored_distill.py: after one step, the weights of
+    a 2-replica Distiller equal the single-device ones, in every teacher mode."""
+    out = tmp_path / "distill.npz"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / "mirrored_distill.py"), str(out)],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, _tail(result.stdout + result.stderr)
+    data = np.load(out)
+    for mode in ("self", "sandwich", "external"):
+        count = len([k for k in data.files if k.startswith(f"one_{mode}_")])
+        assert count > 10
+        moved = 0
+        for i in range(count):
+            one, two = data[f"one_{mode}_{i}"], data[f"two_{mode}_{i}"]
+            np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-6, err_msg=f"{mode} weight {i}")
+            moved += not np.allclose(one, data[f"start_{mode}_{i}"])
+        assert moved == count // 2, mode  # all but the gates' 9 (frozen by the hard gates)
+
+
 def test_chief_accepts_a_run_dir_holding_worker_subdirs(tmp_path):
     # The workers of a multi-worker run start together; a non-chief worker
     # may create <run>/worker-1/ before the chief creates <run>/config.json.

@@ -70,6 +70,11 @@ def parse_args(argv=None):
     t.add_argument("--batch-size", type=positive_int, help="global batch size")
     t.add_argument("--lr", type=number, help="peak learning rate")
     t.add_argument("--lr-schedule", help="step, cosine, poly or constant")
+    t.add_argument("--warmup", type=number,
+                   help="linear learning-rate warm-up over this fraction of the run, any schedule "
+                   "(default: the recipe's, e.g. 0.02; 0 for none)")
+    t.add_argument("--zero-init-residual", action="store_true", default=None,
+                   help="start the last BN scale of each residual branch at 0 (Goyal et al. 2017)")
     t.add_argument("--optimizer", help="sgd or adam")
     t.add_argument("--weight-decay", type=number, help="SGD-style weight decay (not on gates)")
     t.add_argument("--clipnorm", type=number, help="clip the global gradient norm to this (default off)")
@@ -95,6 +100,8 @@ def parse_args(argv=None):
     t.add_argument("--budget-max", type=number, help="--target-macs: the multiplier's upper bound")
     t.add_argument("--budget-unwind", type=number,
                    help="--target-macs: how many times faster the multiplier falls than it rises (default 10)")
+    t.add_argument("--budget-loss-ratio", type=number,
+                   help="--target-macs: keep the L0 term at most this multiple of the running task loss")
     t.add_argument("--budget-measure", choices=("inference", "expected"),
                    help="--target-macs: the ratio the multiplier follows (logit > 0 gates, or open probabilities)")
     t.add_argument("--prior-a", type=number, help="Beta prior parameter a (default 0.6)")
@@ -104,6 +111,15 @@ def parse_args(argv=None):
     t.add_argument("--validation-split", type=number, help="held-out fraction for image folders")
     t.add_argument("--limit-train", type=positive_int, help="use only this many training examples an epoch")
     t.add_argument("--limit-eval", type=positive_int, help="evaluate on only this many examples")
+    d = p.add_argument_group("distillation")
+    d.add_argument("--distill", choices=("self",),
+                   help="self: in each step the network with every gate open teaches the gated one")
+    d.add_argument("--distill-from", help="a trained classifier (.keras, e.g. a plain run's best.keras) as teacher")
+    d.add_argument("--distill-alpha", type=number, help="weight of the distillation term (default 1)")
+    d.add_argument("--distill-temperature", type=number, help="softening temperature T (default 4)")
+    d.add_argument("--distill-train-teacher", action="store_true", default=None,
+                   help="--distill self: the full network also learns from the labels (sandwich rule) "
+                   "instead of being a stop-gradient target")
     r = p.add_argument_group("runtime")
     r.add_argument("--strategy", default="auto", help="auto, cpu, mirrored, multi_worker or tpu")
     r.add_argument("--mixed-precision", action="store_true", help="mixed_float16 (gates and losses stay float32)")
@@ -119,9 +135,11 @@ RECIPE_FLAGS = (
     "gate_temperature", "gate_init_bias", "gamma_end", "lam_begin", "lam_end", "hard_gates_begin",
     "image_size", "epochs", "batch_size",
     "lr", "lr_schedule", "optimizer", "weight_decay", "clipnorm", "gamma", "lam", "prior_a", "prior_b",
+    "warmup", "zero_init_residual", "budget_loss_ratio",
     "target_macs", "budget_rate", "budget_gain", "budget_max", "budget_unwind", "budget_measure",
     "l0_weighting", "seed", "validation_split", "limit_train", "limit_eval", "crop_size", "aux_weight",
     "init_from", "prune_from", "prune_macs", "gate_from",
+    "distill", "distill_from", "distill_alpha", "distill_temperature", "distill_train_teacher",
 )
 
 

@@ -101,6 +101,7 @@ def cifar_resnet(
     l0_weighting="macs",
     gate_kwargs=None,
     include_top=True,
+    zero_init_residual=False,
     seed=None,
     name=None,
 ):
@@ -126,6 +127,9 @@ def cifar_resnet(
             hidden_units, group_size, prior_a, prior_b).
         include_top: add pooling + classifier (False: the last feature map,
             as in `keras.applications`).
+        zero_init_residual: start the last BatchNormalization scale of every
+            residual branch at 0 (Goyal et al., 2017), so each block starts
+            as its shortcut.
         seed: seed of the gates' training noise.
         name: model name.
 
@@ -155,6 +159,7 @@ def cifar_resnet(
                 gate=gate_for(i),
                 shortcut=shortcut,
                 regularizer=reg,
+                zero_init_residual=zero_init_residual,
                 name=f"stage{stage + 1}_block{b + 1}",
             )
             i += 1
@@ -180,12 +185,13 @@ def imagenet_resnet(
     gate_kwargs=None,
     include_top=True,
     output_stride=32,
+    zero_init_residual=False,
     seed=None,
     name=None,
 ):
     """ImageNet ResNet-18/34 (basic) or ResNet-50 (bottleneck v1.5).
 
-    Args: as `cifar_resnet`, with `depth` in (18, 34, 50), plus
+    Args: as `cifar_resnet` (`zero_init_residual` included), with `depth` in (18, 34, 50), plus
     `output_stride` (32, 16 or 8): the last stages trade their stride for
     dilation (stage 4 dilation 2 and stage 5 dilation 4 at output stride 8),
     as in DeepLab/PSPNet backbones. The plain ResNet-50 has 25,557,032
@@ -226,6 +232,7 @@ def imagenet_resnet(
                 gate=gate_for(i),
                 regularizer=reg,
                 dilation_rate=previous_dilation if b == 0 else dilation,
+                zero_init_residual=zero_init_residual,
                 name=f"stage{stage + 1}_block{b + 1}",
             )
             if spec["block"] == "basic":
