@@ -184,8 +184,9 @@ class _Log:
 def _load_model(path):
     import keras
 
-    import bs_keras  # noqa: F401  (registers the layers, PSPNet's included)
+    import bs_keras
 
+    bs_keras.register_custom_objects()
     try:
         model = keras.saving.load_model(path, compile=False)
     except Exception as e:  # corrupt zip, unknown layer, not a model, ...

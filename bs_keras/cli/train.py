@@ -145,12 +145,14 @@ def resolve_recipe(args):
 
 def main(argv=None):
     parser, args = parse_args(argv)
-    from bs_keras import recipes, training
+    from bs_keras import recipes
 
     if args.list_recipes:
         for name, recipe in sorted(recipes.RECIPES.items()):
             print(f"{name:<24} {recipe.description}")
         return 0
+    from bs_keras import training
+
     try:
         if args.evaluate:
             if not args.model_path:
