@@ -5,12 +5,9 @@
 `bs-keras-train`. The code is `bs_keras.cli.train`.
 """
 
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from bs_keras.cli.train import main  # noqa: E402
+from bs_keras.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

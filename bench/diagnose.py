@@ -328,10 +328,12 @@ def freeze_main(argv):
 
     import keras
 
-    import bs_keras  # noqa: F401 (registers the custom layers)
+    import bs_keras
     from bs_keras import data as data_lib
     from bs_keras import report as report_lib
     from bs_keras.recipes import Recipe
+
+    bs_keras.register_custom_objects()
 
     recipe = Recipe.from_dict(_read_json(config_path)["recipe"])
     if not recipe.gated or recipe.target_macs is not None:

@@ -8,73 +8,81 @@ Top-level names: the builders (`cifar_resnet`, `imagenet_resnet`, `pspnet`),
 `add_gates` (gates for a ResNet you already have),
 the gate layer and its losses, the schedules and `GateLossScheduler`, and the
 MAC counters (`count_macs`, `conditional_macs`, `gate_masks`). The deployment
-transforms live in `bs_keras.deploy`, imported on first attribute access.
+transforms live in `bs_keras.deploy`.
+
+`import bs_keras` itself is cheap, so the command lines answer `--help`
+without TensorFlow: the library (Keras, TensorFlow, and the registration of
+every custom layer for `keras.saving.load_model`) loads on first use of a
+top-level class or function (or `register_custom_objects()`); a submodule
+(`bs_keras.gates`, `bs_keras.deploy`) on first use of it.
 """
 
 import importlib
-
 import os
+import sys
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import keras  # noqa: E402
-
-if keras.backend.backend() != "tensorflow":
+# The backend Keras runs on: set when Keras is imported, from KERAS_BACKEND.
+_backend = sys.modules["keras"].backend.backend() if "keras" in sys.modules else os.environ["KERAS_BACKEND"]
+if _backend != "tensorflow":
     raise ImportError(
         "bs_keras needs the TensorFlow backend of Keras 3 (it uses "
         "tensorflow-probability inside its layers). Set KERAS_BACKEND=tensorflow. "
-        f"Current backend: {keras.backend.backend()!r}"
+        f"Current backend: {_backend!r}"
     )
-
-from bs_keras import blocks, budget, callbacks, distillation, gates, gating, losses, macs, models, schedules, segmentation  # noqa: E402
-from bs_keras.budget import MacBudget  # noqa: E402
-from bs_keras.callbacks import GateLossScheduler  # noqa: E402
-from bs_keras.distillation import Distiller  # noqa: E402
-from bs_keras.gates import ChannelGate, find_gates, record_gates  # noqa: E402
-from bs_keras.gating import configure_gate_losses, exclude_gates_from_weight_decay  # noqa: E402
-from bs_keras.macs import conditional_macs, count_macs, gate_masks  # noqa: E402
-from bs_keras.models import add_gates, cifar_resnet, imagenet_resnet  # noqa: E402
-from bs_keras.schedules import Constant, Linear, paper_schedules  # noqa: E402
-from bs_keras.segmentation import pspnet  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ChannelGate",
-    "add_gates",
-    "Constant",
-    "GateLossScheduler",
-    "Linear",
-    "MacBudget",
-    "blocks",
-    "budget",
-    "callbacks",
-    "cifar_resnet",
-    "conditional_macs",
-    "configure_gate_losses",
-    "count_macs",
-    "exclude_gates_from_weight_decay",
-    "find_gates",
-    "gate_masks",
-    "gates",
-    "gating",
-    "imagenet_resnet",
-    "losses",
-    "macs",
-    "models",
-    "paper_schedules",
-    "pspnet",
-    "record_gates",
-    "schedules",
-    "segmentation",
-]
+_SUBMODULES = ("blocks", "budget", "callbacks", "distillation", "gates", "gating", "losses", "lr_schedules", "macs",
+               "models", "schedules", "segmentation")
+_NAMES = {
+    "MacBudget": "budget",
+    "GateLossScheduler": "callbacks",
+    "Distiller": "distillation",
+    "ChannelGate": "gates",
+    "find_gates": "gates",
+    "record_gates": "gates",
+    "configure_gate_losses": "gating",
+    "exclude_gates_from_weight_decay": "gating",
+    "conditional_macs": "macs",
+    "count_macs": "macs",
+    "gate_masks": "macs",
+    "add_gates": "models",
+    "cifar_resnet": "models",
+    "imagenet_resnet": "models",
+    "Constant": "schedules",
+    "Linear": "schedules",
+    "paper_schedules": "schedules",
+    "pspnet": "segmentation",
+}
+
+__all__ = sorted([*_SUBMODULES, *_NAMES, "register_custom_objects"], key=str.lower)
+
+
+def register_custom_objects():
+    """Imports the library now, which registers every bs_keras layer, loss and
+    schedule (a PSPNet's included) with Keras: `keras.saving.load_model` then
+    reads any saved bs_keras model with no `custom_objects`. Using a top-level
+    class or function of bs_keras does this too."""
+    for module in _SUBMODULES:
+        importlib.import_module(f"bs_keras.{module}")
+    for name, module in _NAMES.items():
+        globals()[name] = getattr(sys.modules[f"bs_keras.{module}"], name)
 
 
 def __getattr__(name):
+    if name in _NAMES:
+        register_custom_objects()
+        return globals()[name]
+    if name in _SUBMODULES:  # also `from bs_keras import gates` inside the package
+        return importlib.import_module(f"bs_keras.{name}")
     # bs_keras.deploy (SavedModel / TFLite / compaction) is heavier than the
-    # training library: import it only when it is first used (and not by
-    # `from bs_keras import *`).
+    # training library: not loaded with it (nor by `from bs_keras import *`).
     if name == "deploy":
         return importlib.import_module("bs_keras.deploy")
     raise AttributeError(f"module 'bs_keras' has no attribute {name!r}")
 
+
+def __dir__():
+    return sorted({*globals(), *__all__})

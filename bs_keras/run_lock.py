@@ -1,15 +1,28 @@
-"""`RunLock`: at most one training process writes a run directory."""
+"""`RunLock`: at most one training process writes a run directory.
 
+Built on `fcntl.flock` alone. The kernel drops a flock when its process ends,
+however it ends (`kill -9` included), so a lock file is stale exactly when
+nobody holds its flock: no pid-liveness guesses. On NFS, Linux maps flock to
+NFS byte-range locks, which hold across clients; the lock of a client that
+went down stays until the server drops it, hence the "delete .lock" hint.
+
+Why not `filelock` (4.3.2 here, ~15,800 lines, installed only for
+huggingface_hub, so it would become a declared dependency): it would take
+the same flock, but the holder's record and the messages built from it, the
+stale-lock notice and deleting the file on release (which its `FileLock`
+leaves behind) would stay ours; its extras (timeouts, thread-local
+reentrancy, Windows, soft locks) are unused. The previous version's Windows
+fallback (liveness from the pid; 137 code lines, now 96) went too: the
+project runs on Linux and macOS (phones through export), and the fallback
+was never run on Windows (the tests need POSIX).
+"""
+
+import fcntl
 import json
 import os
 import socket
 import sys
 import time
-
-try:
-    import fcntl
-except ImportError:  # Windows: liveness from the pid alone
-    fcntl = None
 
 LOCK_NAME = ".lock"
 
@@ -18,29 +31,14 @@ class RunLockedError(RuntimeError):
     """The run directory is held by a live process; the message names it."""
 
 
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    except (OSError, OverflowError, ValueError):
-        return False
-    return True
-
-
 class RunLock:
     """Holds `<run_dir>/.lock` while a run writes its directory.
 
-    The lock file is created with `O_CREAT | O_EXCL` and records the
-    holder: pid, host, start time and command. The holder also keeps an
-    exclusive `flock` on it, which the kernel drops when the process ends
-    however it ends (`kill -9` included), so a lock file that nobody holds
-    is stale: it is taken over, and `log` says so. Without `fcntl`
-    (Windows) a lock is stale when its pid is not running on this host.
-    `release()` (or leaving the `with` block, also on an exception or
-    `SystemExit`) deletes the file.
+    The lock file records the holder (pid, host, start time and command), who
+    keeps an exclusive `flock` on it. A lock file that nobody holds is stale
+    (its process died): it is taken over, and `log` says so. `release()` (or
+    leaving the `with` block, also on an exception or `SystemExit`) deletes
+    the file.
 
     Args:
         run_dir: the directory to lock; created if missing.
@@ -71,15 +69,10 @@ class RunLock:
     def __exit__(self, *exc_info):
         self.release()
 
-    def _holder(self, fd=None):
+    def _holder(self, fd):
         try:
-            if fd is not None:
-                os.lseek(fd, 0, os.SEEK_SET)
-                text = os.read(fd, 1 << 16).decode("utf-8", "replace")
-            else:
-                with open(self.path, encoding="utf-8", errors="replace") as f:
-                    text = f.read()
-            holder = json.loads(text)
+            os.lseek(fd, 0, os.SEEK_SET)
+            holder = json.loads(os.read(fd, 1 << 16).decode("utf-8", "replace"))
             return holder if isinstance(holder, dict) else {}
         except (OSError, ValueError):
             return {}
@@ -99,49 +92,33 @@ class RunLock:
         )
 
     def _try_once(self):
-        """The locked fd, or None to retry (the file changed under us)."""
+        """The lock file's fd, flocked, or None to retry: the holder released
+        (deleted) the file between our open and our flock."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-            created = True
-        except FileExistsError:
             try:
-                fd = os.open(self.path, os.O_RDWR)
-            except FileNotFoundError:  # released meanwhile
-                return None
-            created = False
-        try:
-            if fcntl is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    holder = self._holder(fd)
-                    if not holder:  # being written: read once more
-                        time.sleep(0.2)
-                        holder = self._holder(fd)
-                    raise self._refuse(holder)
-                try:
-                    same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-                except FileNotFoundError:
-                    same = False
-                if not same:  # deleted (released) between our open and flock
-                    os.close(fd)
-                    return None
-            if not created:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
                 holder = self._holder(fd)
-                mine = holder.get("host") == socket.gethostname()
-                if fcntl is None and (not mine or _pid_alive(holder.get("pid", -1))):
-                    raise self._refuse(holder)
-                if holder:
-                    self.log(f"Taking over the stale lock of {self.run_dir} ({self._describe(holder)}; "
-                             "that process is gone).")
-            return fd
+                if not holder:  # being written: read once more
+                    time.sleep(0.2)
+                    holder = self._holder(fd)
+                raise self._refuse(holder) from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
         except BaseException:
-            if fd is not None:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            os.close(fd)
             raise
+        if not same:
+            os.close(fd)
+            return None
+        holder = self._holder(fd)  # empty unless its process died holding it
+        if holder:
+            self.log(f"Taking over the stale lock of {self.run_dir} ({self._describe(holder)}; "
+                     "that process is gone).")
+        return fd
 
     def acquire(self):
         """Takes the lock. Returns self."""
@@ -173,14 +150,8 @@ class RunLock:
             return
         fd, self._fd = self._fd, None
         try:
-            if fcntl is not None:  # unlink while still holding it
-                os.remove(self.path)
+            os.remove(self.path)  # while still holding it
         except OSError:
             pass
         finally:
             os.close(fd)
-        if fcntl is None:
-            try:
-                os.remove(self.path)
-            except OSError:
-                pass

@@ -43,6 +43,9 @@ from bs_keras.budget import MacBudget
 from bs_keras.run_lock import LOCK_NAME, RunLock, RunLockedError
 from bs_keras.schedules import Linear, paper_schedules
 
+# Runs load saved models (--gate-from, --prune-from, --init-from, --evaluate).
+bs_keras.register_custom_objects()
+
 STRATEGIES = ("auto", "cpu", "mirrored", "multi_worker", "tpu")
 EXIT_NAN = 3
 

@@ -214,28 +214,6 @@ def test_a_run_dir_that_cannot_be_locked_is_a_clear_error(tmp_path, capsys):
     assert "Choose a writable --run-dir." in err
 
 
-def test_without_flock_a_lock_is_stale_when_its_pid_is_gone(tmp_path, monkeypatch):
-    monkeypatch.setattr(run_lock, "fcntl", None)
-    lock_file = tmp_path / ".lock"
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    lock_file.write_text(json.dumps({"pid": gone.pid, "host": run_lock.socket.gethostname(), "command": ["x"]}))
-    logs = []
-    with run_lock.RunLock(tmp_path, log=logs.append):
-        assert "stale" in logs[0]
-    alive = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
-    try:
-        lock_file.write_text(json.dumps({"pid": alive.pid, "host": run_lock.socket.gethostname()}))
-        with pytest.raises(run_lock.RunLockedError, match=f"pid {alive.pid}"):
-            run_lock.RunLock(tmp_path).acquire()
-        lock_file.write_text(json.dumps({"pid": gone.pid, "host": "another-machine"}))
-        with pytest.raises(run_lock.RunLockedError, match="delete .*\\.lock and rerun"):
-            run_lock.RunLock(tmp_path).acquire()  # another host's pid cannot be checked
-    finally:
-        alive.kill()
-        alive.wait()
-
-
 # ------------------------------------------------------- checkpoints, full disk
 
 

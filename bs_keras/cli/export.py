@@ -43,9 +43,8 @@ import sys
 import time
 
 from bs_keras.cli.args import non_negative_int, positive_int
+from bs_keras.cli.tf_startup import import_tensorflow
 from bs_keras.io_utils import atomic_path
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 FORMATS = ("saved_model", "tflite")
 MODES = ("masked", "compact", "conditional")
@@ -122,6 +121,9 @@ def build_parser(prog="bs-keras-export"):
     p.add_argument("--data-dir", help="TFDS data directory (dataset calibration)")
     p.add_argument("--manual-dir", help="directory with dataset source archives")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--verbose", action="store_true",
+                   help="show TensorFlow's C++ start-up log (CPU instructions, oneDNN, CUDA), hidden unless "
+                   "TF_CPP_MIN_LOG_LEVEL is set")
     return p
 
 
@@ -184,8 +186,9 @@ class _Log:
 def _load_model(path):
     import keras
 
-    import bs_keras  # noqa: F401  (registers the layers, PSPNet's included)
+    import bs_keras
 
+    bs_keras.register_custom_objects()
     try:
         model = keras.saving.load_model(path, compile=False)
     except Exception as e:  # corrupt zip, unknown layer, not a model, ...
@@ -488,6 +491,7 @@ def main(argv=None, prog="bs-keras-export"):
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     validate_args(parser, args)
+    import_tensorflow(verbose=args.verbose)
     log = _Log()
     try:
         run_export(args, log)

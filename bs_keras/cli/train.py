@@ -18,8 +18,7 @@ import os
 import sys
 
 from bs_keras.cli.args import number, positive_int
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from bs_keras.cli.tf_startup import import_tensorflow
 
 
 def parse_args(argv=None):
@@ -124,6 +123,9 @@ def parse_args(argv=None):
     r.add_argument("--strategy", default="auto", help="auto, cpu, mirrored, multi_worker or tpu")
     r.add_argument("--mixed-precision", action="store_true", help="mixed_float16 (gates and losses stay float32)")
     r.add_argument("--jit-compile", action="store_true", help="XLA (slower on CPU; opt-in)")
+    r.add_argument("--verbose", action="store_true",
+                   help="show TensorFlow's C++ start-up log (CPU instructions, oneDNN, CUDA), hidden unless "
+                   "TF_CPP_MIN_LOG_LEVEL is set")
     e = p.add_argument_group("evaluation")
     e.add_argument("--evaluate", action="store_true", help="evaluate --model-path instead of training")
     e.add_argument("--model-path", help=".keras model to evaluate")
@@ -163,12 +165,15 @@ def resolve_recipe(args):
 
 def main(argv=None):
     parser, args = parse_args(argv)
-    from bs_keras import recipes, training
+    from bs_keras import recipes
 
     if args.list_recipes:
         for name, recipe in sorted(recipes.RECIPES.items()):
             print(f"{name:<24} {recipe.description}")
         return 0
+    import_tensorflow(verbose=args.verbose)
+    from bs_keras import training
+
     try:
         if args.evaluate:
             if not args.model_path:

@@ -1,0 +1,86 @@
+"""TensorFlow's start-up, without its C++ log unless asked for.
+
+Importing TensorFlow 2.21 on a CPU-only machine prints, before absl logging
+is initialised and so whatever TF_CPP_MIN_LOG_LEVEL says:
+
+    WARNING: All log messages before absl::InitializeLog() is called are written to STDERR
+    I0000 ... port.cc:153] oneDNN custom operations are on. ...
+    I0000 ... cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will not be used.
+
+(here twice), then on the first device
+lookup `E0000 ... cuda_platform.cc:52] failed call to cuInit: ...`. The
+command lines start TensorFlow through `import_tensorflow`, which holds back
+those lines: the C-level stderr (file descriptor 2) goes to a temporary file
+while TensorFlow is imported and lists its devices, and what it caught is
+then written to stderr except TensorFlow's log records below the minimum
+level (and absl's banner). Anything else printed meanwhile, a Python warning
+say, still shows; after the start-up stderr is untouched.
+"""
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+
+LEVEL_VAR = "TF_CPP_MIN_LOG_LEVEL"
+ABSL_BANNER = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+# An absl log record: severity, MMDD, time, thread, file:line].
+LOG_RECORD = re.compile(r"([IWEF])\d{4} \S+\s+\d+ \S+:\d+\] ")
+SEVERITIES = "IWEF"
+
+
+def import_tensorflow(verbose=False):
+    """Imports TensorFlow and finds its devices, showing its start-up log only
+    as far as asked for.
+
+    `verbose`: show all of it (as `TF_CPP_MIN_LOG_LEVEL=0` does). Otherwise a
+    TF_CPP_MIN_LOG_LEVEL set by the user is the minimum level of the start-up
+    records shown too (TensorFlow ignores it for the first ones); unset, the
+    start-up shows none, and later records from level 2 (errors) on, as
+    TF_CPP_MIN_LOG_LEVEL=2.
+    """
+    if "tensorflow" in sys.modules:  # called from Python after TensorFlow started
+        return
+    if verbose:
+        _start()
+        return
+    try:
+        level = int(os.environ[LEVEL_VAR])
+    except (KeyError, ValueError):
+        level = 3
+    os.environ.setdefault(LEVEL_VAR, "2")
+    with _stderr_filtered(level):
+        _start()
+
+
+def _start():
+    import tensorflow as tf
+
+    tf.config.list_physical_devices()  # CUDA's initialisation logs here
+
+
+def _shown(line, level):
+    if line.rstrip("\n") == ABSL_BANNER:
+        return level < 1
+    record = LOG_RECORD.match(line)
+    return record is None or SEVERITIES.index(record.group(1)) >= level
+
+
+@contextlib.contextmanager
+def _stderr_filtered(level):
+    """File descriptor 2 goes to a temporary file inside the block; on leaving
+    it, the lines `_shown` at `level` are written to stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile("w+", errors="replace") as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            sys.stderr.writelines(line for line in caught if _shown(line, level))
+            sys.stderr.flush()

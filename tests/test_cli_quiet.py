@@ -1,0 +1,115 @@
+"""The command lines answer --help without TensorFlow, and start it without
+its C++ log unless asked for (--verbose, or TF_CPP_MIN_LOG_LEVEL set by the
+user). The subprocesses run with TF_CPP_MIN_LOG_LEVEL as the case says, not
+the suite's (tests/conftest.py sets 2)."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+from bs_keras.cli import tf_startup
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RECORD = re.compile(r"^[IWEF]\d{4} \S+\s+\d+ (\S+:\d+)\] ", re.M)  # an absl log record, by its source line
+BANNER = "absl::InitializeLog()"
+
+
+def _env(level=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop(tf_startup.LEVEL_VAR, None)
+    if level is not None:
+        env[tf_startup.LEVEL_VAR] = level
+    return env
+
+
+def _run(args, level=None, timeout=300):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(level), capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "module, argv, expected",
+    [("train", ["--help"], "--list-recipes"), ("train", ["--list-recipes"], "fashion_mnist_demo"),
+     ("export", ["--help"], "--calibration")],
+)  # fmt: skip
+def test_help_and_recipes_do_not_import_tensorflow(module, argv, expected):
+    code = (f"import sys\nfrom bs_keras.cli.{module} import main\n"
+            f"try:\n    status = main({argv!r})\nexcept SystemExit as e:\n    status = e.code\n"
+            "print('status', status, 'tensorflow' in sys.modules, 'keras' in sys.modules)")  # fmt: skip
+    result = _run(["-c", code], timeout=60)
+    assert expected in result.stdout, result.stderr
+    assert result.stdout.splitlines()[-1] == "status 0 False False", result.stderr
+
+
+# TensorFlow's start-up as file descriptor 2 sees it, with a Python warning between.
+FAKE_STARTUP = f"""
+import os, sys, warnings
+from bs_keras.cli import tf_startup
+
+def fake_start():
+    os.write(2, b"WARNING: All log messages before {BANNER} is called are written to STDERR\\n")
+    os.write(2, b"I0000 00:00:1796425603.188809    7747 port.cc:153] oneDNN custom operations are on.\\n")
+    warnings.warn("a Python warning")
+    os.write(2, b"W0000 00:00:1796425603.189124    7747 stub.cc:31] a warning record\\n")
+    os.write(2, b"E0000 00:00:1796425606.175744    7747 cuda_platform.cc:52] failed call to cuInit\\n")
+    os.write(2, b"a line of a C library\\n")
+
+tf_startup._start = fake_start
+tf_startup.import_tensorflow(verbose=sys.argv[1] == "verbose")
+print(os.environ.get(tf_startup.LEVEL_VAR))
+"""
+
+
+@pytest.mark.parametrize(
+    "level, verbose, shown",
+    [(None, False, []), ("1", False, ["stub.cc:31", "cuda_platform.cc:52"]), ("2", False, ["cuda_platform.cc:52"]),
+     (None, True, ["port.cc:153", "stub.cc:31", "cuda_platform.cc:52"])],
+)  # fmt: skip
+def test_startup_log_shows_records_from_the_asked_level(level, verbose, shown):
+    result = _run(["-c", FAKE_STARTUP, "verbose" if verbose else "quiet"], level, timeout=60)
+    assert RECORD.findall(result.stderr) == shown, result.stderr
+    assert (BANNER in result.stderr) == verbose, result.stderr
+    assert "UserWarning: a Python warning" in result.stderr and "a line of a C library" in result.stderr
+    # Unset, records after the start-up show from level 2 (errors) on.
+    assert result.stdout.strip() == str(level or (None if verbose else "2"))
+
+
+@pytest.mark.slow
+def test_short_run_prints_no_tensorflow_log(tmp_path):
+    """A CPU-only run: none of TensorFlow's start-up lines (absl banner,
+    oneDNN, CUDA drivers, cuInit, CPU instructions); Keras' epoch line stays."""
+    result = _run(["train.py", "--model", "resnet20", "--width-multiplier", "0.25", "--batch-size", "32",
+                   "--limit-train", "64", "--limit-eval", "32", "--epochs", "1", "--seed", "0",
+                   "--run-dir", str(tmp_path / "run")])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert RECORD.findall(output) == [] and BANNER not in output, output
+    for text in ("oneDNN", "cuda", "cuInit", "cpu_feature_guard", "This TensorFlow binary"):
+        assert text not in output, output
+    assert re.search(r"^2/2 - .*accuracy: ", result.stdout, re.M), result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cli, level", [("train", None), ("export", "0")])
+def test_verbose_or_user_level_shows_the_tensorflow_log(cli, level, tmp_path):
+    """train.py --verbose, and python -m export with the user's
+    TF_CPP_MIN_LOG_LEVEL=0, show what a bare TensorFlow start-up prints (they
+    stop after it: the model does not exist / is no Keras file)."""
+    bare = _run(["-c", "import tensorflow as tf; tf.config.list_physical_devices()"])
+    expected = set(RECORD.findall(bare.stderr))
+    if not expected:
+        pytest.skip("this TensorFlow prints no log records at start-up")
+    if cli == "train":
+        args = ["train.py", "--verbose", "--evaluate", "--model-path", "missing.keras", "--dataset", "fashion_mnist"]
+        error = "missing.keras does not exist"
+    else:
+        (tmp_path / "bad.keras").write_text("not a zip")
+        args = ["-m", "export", str(tmp_path / "bad.keras"), "--out", str(tmp_path / "out")]
+        error = "cannot load"
+    result = _run(args, level)
+    assert result.returncode == 2 and error in result.stderr, result.stderr[-3000:]
+    assert expected <= set(RECORD.findall(result.stderr)), result.stderr
