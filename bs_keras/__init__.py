@@ -11,13 +11,17 @@ MAC counters (`count_macs`, `conditional_macs`, `gate_masks`). The deployment
 transforms live in `bs_keras.deploy`.
 
 `import bs_keras` itself is cheap, so the command lines answer `--help`
-without TensorFlow: the library (Keras, TensorFlow, and the registration of
-every custom layer for `keras.saving.load_model`) loads on first use of a
-top-level class or function (or `register_custom_objects()`); a submodule
-(`bs_keras.gates`, `bs_keras.deploy`) on first use of it.
+without TensorFlow: the library loads on first use of a top-level class or
+function (or `register_custom_objects()`); a submodule (`bs_keras.gates`,
+`bs_keras.deploy`) on first use of it. Every custom layer, loss and schedule
+is registered for `keras.saving.load_model` as soon as Keras is imported:
+at `import bs_keras` if Keras already is, otherwise right after Keras'
+own import, so `import bs_keras` then `keras.models.load_model(path)` works.
 """
 
 import importlib
+import importlib.abc
+import importlib.util
 import os
 import sys
 
@@ -69,6 +73,48 @@ def register_custom_objects():
         importlib.import_module(f"bs_keras.{module}")
     for name, module in _NAMES.items():
         globals()[name] = getattr(sys.modules[f"bs_keras.{module}"], name)
+
+
+def _initializing(done=None):
+    """True while a bs_keras submodule (other than `done`, whose code has
+    just run) is part-way through its import."""
+    return any(
+        getattr(getattr(m, "__spec__", None), "_initializing", False)
+        for n, m in list(sys.modules.items()) if n.startswith("bs_keras.") and n != done
+    )
+
+
+class _RegisterAfterKeras(importlib.abc.MetaPathFinder):
+    """Registers the library once Keras is imported: right after `import
+    keras`, or, when a bs_keras submodule imported Keras (`import
+    bs_keras.gates` first), right after that submodule's import completes."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "keras" and not name.startswith("bs_keras."):
+            return None
+        sys.meta_path.remove(self)  # the other finders locate the module
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        exec_module = getattr(spec.loader, "exec_module", None) if spec is not None else None
+        if exec_module is None:
+            return spec
+
+        def exec_then_register(module):
+            exec_module(module)
+            if "keras" in sys.modules and self in sys.meta_path and not _initializing(module.__name__):
+                sys.meta_path.remove(self)
+                register_custom_objects()
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+if "keras" in sys.modules:
+    register_custom_objects()
+elif not any(isinstance(f, _RegisterAfterKeras) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterAfterKeras())
 
 
 def __getattr__(name):

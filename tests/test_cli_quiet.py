@@ -45,6 +45,22 @@ def test_help_and_recipes_do_not_import_tensorflow(module, argv, expected):
     assert result.stdout.splitlines()[-1] == "status 0 False False", result.stderr
 
 
+@pytest.mark.parametrize(
+    "imports",
+    ["import bs_keras, keras", "import keras, bs_keras", "import bs_keras.gates, keras",
+     "import bs_keras.recipes, keras"],
+)
+def test_the_lazy_package_still_registers_its_layers_for_load_model(imports):
+    """`import bs_keras` loads no TensorFlow, yet every custom object is
+    registered once Keras is imported, in any import order, so a plain
+    `keras.models.load_model` reads saved bs_keras models."""
+    code = (f"{imports}\nimport sys\n"
+            "names = ['ChannelGate', 'Distiller', 'WarmUp', 'MacBudget', 'ZeroPadShortcut']\n"
+            "print([keras.saving.get_registered_object('bs_keras>' + n) is not None for n in names])")
+    result = _run(["-c", code], timeout=120)
+    assert result.stdout.splitlines()[-1] == str([True] * 5), result.stdout + result.stderr
+
+
 # TensorFlow's start-up as file descriptor 2 sees it, with a Python warning between.
 FAKE_STARTUP = f"""
 import os, sys, warnings
