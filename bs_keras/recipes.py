@@ -305,6 +305,10 @@ RECIPES = {
             lr=0.1,
             lr_schedule="cosine",
             weight_decay=5e-4,
+            # Deep CIFAR ResNets (56, 110) break at lr 0.1 in their first
+            # steps without these (docs/RESULTS.md, "Deep networks").
+            warmup=0.05,
+            zero_init_residual=True,
             # The lambda with the best accuracy at <= 60% of the ungated MACs
             # in the 500-step trade-off sweep (bench/tradeoff.py,
             # docs/RESULTS.md), which is built on this recipe, as are the
@@ -325,11 +329,13 @@ RECIPES = {
             lr_schedule="step",
             lr_decay_at=CIFAR10_LR_DROPS,
             weight_decay=5e-4,
+            warmup=0.01,  # 5 of 500 epochs
+            zero_init_residual=True,
             gamma=0.75,
             lam=0.2,
             description="Paper CIFAR-10 setting: SGD Nesterov 0.9, lr 0.1 divided by 10 at epochs "
-            "300, 375 and 450, wd 5e-4, batch 256, 500 epochs, gamma 0.75 -> 0 by epoch 100, "
-            "lambda ramp epochs 100-300.",
+            "300, 375 and 450 (after a 5-epoch linear warm-up), wd 5e-4, batch 256, 500 epochs, "
+            "zero-initialised last BN of each branch, gamma 0.75 -> 0 by epoch 100, lambda ramp epochs 100-300.",
         ),
         Recipe(
             name="cifar10_resnet32_bas",
@@ -339,6 +345,8 @@ RECIPES = {
             batch_size=256,
             lr=0.1,
             lr_decay_at=CIFAR10_LR_DROPS,
+            warmup=0.01,
+            zero_init_residual=True,
             lam=0.2,
             description="As cifar10_resnet20_bas with ResNet-32.",
         ),
@@ -352,11 +360,13 @@ RECIPES = {
                 lr=0.1,
                 lr_schedule="cosine",
                 warmup=5 / 150,  # 5 epochs
+                zero_init_residual=True,
                 weight_decay=1e-4,
                 gamma=0.75,
                 lam=0.1,
                 description=f"ImageNet ResNet-{d}: SGD Nesterov 0.9, lr 0.1 x batch/256 "
-                "(scale --lr with --batch-size), cosine with 5 warm-up epochs, wd 1e-4, "
+                "(scale --lr with --batch-size), cosine with 5 warm-up epochs, zero-initialised last BN "
+                "of each branch, wd 1e-4, "
                 "batch-shaping + L0 with the paper's schedule fractions.",
             )
             for d in (18, 34, 50)

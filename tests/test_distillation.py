@@ -2,7 +2,10 @@
 gradient goes in each mode, the moving statistics, external teachers,
 serialization, and train.py's flags."""
 
+import csv
 import json
+import os
+import subprocess
 
 import keras
 import numpy as np
@@ -15,6 +18,7 @@ from bs_keras.cli import train as train_cli
 from bs_keras.distillation import Distiller, distillation_loss, unwrap
 from bs_keras.gates import find_gates, gates_open
 from bs_keras.models import cifar_resnet
+from bs_keras.training import file_sha256
 
 SHAPE = (12, 12, 1)
 
@@ -142,6 +146,24 @@ def test_external_teacher_stays_frozen_and_the_student_learns(tmp_path):
     np.testing.assert_allclose(loaded.predict(x, verbose=0), d.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("teacher", ["self", "external"])
+def test_distillation_under_mixed_precision_keeps_the_term_float32_and_finite(teacher):
+    x, y = _data()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        student = _student(hard=False)
+        other = cifar_resnet(8, num_classes=3, input_shape=SHAPE, gated=False) if teacher == "external" else "self"
+        d = Distiller(student, other, alpha=1.0, temperature=4.0)
+        d.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy")
+        assert isinstance(d.optimizer, keras.optimizers.LossScaleOptimizer)
+        history = d.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[bs_keras.GateLossScheduler(0.75, 0.2)])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert student.get_layer("stage1_block1_conv1").compute_dtype == "float16"
+    assert np.isfinite(history.history["loss"][-1]) and history.history["distill_loss"][-1] > 0
+    assert all(np.isfinite(w.numpy()).all() for w in student.weights)
+
+
 def test_bad_distillers_are_refused():
     student = _student()
     with pytest.raises(ValueError, match="teacher='self'"):
@@ -170,3 +192,56 @@ def test_cli_refuses_bad_distillation_flags(args, message, tmp_path, capsys):
     assert train_cli.main([*args, "--run-dir", str(run_dir)]) == 2
     assert message in capsys.readouterr().err
     assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_train_py_distils_from_a_teacher_file_resumes_with_it_and_records_it(tmp_path):
+    """--distill-from with --gate-from, --target-macs and --mixed-precision,
+    killed inside epoch 2 and resumed: the teacher comes back with the run
+    (config.json records it and its sha256), and last.keras is the student."""
+    from test_train_cli import TINY, _run, _start_paused
+
+    plain = tmp_path / "plain"
+    result = _run([*TINY, "--plain", "--epochs", "1", "--run-dir", str(plain)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    teacher_path = plain / "best.keras"
+    run_dir = tmp_path / "run"
+    args = [*TINY, "--epochs", "2", "--limit-train", "256", "--gate-from", str(teacher_path),
+            "--distill-from", str(teacher_path), "--distill-alpha", "0.5", "--target-macs", "0.7",
+            "--mixed-precision", "--run-dir", str(run_dir)]
+    proc = _start_paused(args, tmp_path / "sync", 1, 0, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc.kill()
+    proc.wait()
+    config = json.loads((run_dir / "config.json").read_text())["recipe"]
+    assert config["distill_from"] == str(teacher_path) and config["distill_alpha"] == 0.5
+    assert config["distill_from_sha256"] == file_sha256(teacher_path)
+
+    result = _run(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming" in result.stdout and f"distilled from {teacher_path}" in result.stdout
+    with open(run_dir / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert all(float(r["distill_loss"]) > 0 for r in rows) and "val_distill_loss" in rows[0]
+    last = keras.models.load_model(run_dir / "last.keras")
+    assert not isinstance(last, Distiller) and find_gates(last)  # the gated student, ready to export
+    assert json.loads((run_dir / "config.json").read_text())["runtime"]["mixed_precision"] is True
+    # The teacher inside the resume state is the file's model, unchanged by training.
+    state = json.loads((run_dir / "state" / "state.json").read_text())
+    teacher = keras.models.load_model(teacher_path)
+    student = bs_keras.add_gates(teacher)
+    wrapper = Distiller(student, keras.models.load_model(teacher_path))
+    wrapper.load_weights(run_dir / "state" / state["weights"])
+    for a, b in zip(teacher.weights, wrapper.teacher.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["recipe"]["distill_from_sha256"] == config["distill_from_sha256"]
+    assert float(rows[-1]["mac_target"]) == pytest.approx(0.7)  # the budget ran beside the teacher
+
+    # A changed teacher file is a different run.
+    kernel = teacher.get_layer("predictions").kernel
+    kernel.assign(kernel.numpy() + 1.0)
+    teacher.save(tmp_path / "other.keras")
+    os.replace(tmp_path / "other.keras", teacher_path)
+    again = _run(args)
+    assert again.returncode == 2 and "distill_from_sha256" in again.stderr.split("different settings")[1]
