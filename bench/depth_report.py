@@ -25,7 +25,7 @@ import os
 import re
 
 import sweep_report as sr
-from bs_keras.report import save_figure, write_json, write_text
+from bs_keras.report import save_figure
 
 METRICS = ("accuracy", "mean_conditional_macs", "macs_ratio", "conditional", "spearman_macs_loss", "steps",
            "wall_seconds")
@@ -99,17 +99,9 @@ def aggregate_configs(runs):
         first = members[0]
         c = {"config": label, "dataset": dataset, "kind": first["kind"], "model": first["model"],
              "depth": first["depth"], "gated": first["gated"], "width_multiplier": first["width_multiplier"],
-             "target_macs": first["target_macs"], "distill": first["distill"],
-             "seeds": sorted(m["seed"] for m in members if m["seed"] is not None),
-             "runs": [m["name"] for m in members], "n": len(members)}  # fmt: skip
-        for metric in METRICS:
-            c[metric] = sr.aggregate(m[metric] for m in members)
-        configs.append(c)
+             "target_macs": first["target_macs"], "distill": first["distill"]}  # fmt: skip
+        configs.append({**c, **sr.seed_aggregates(members, METRICS)})
     return configs
-
-
-def _mean(stat):
-    return None if stat is None else stat["mean"]
 
 
 def compare_with_plain(configs):
@@ -127,16 +119,16 @@ def compare_with_plain(configs):
         if not c["gated"]:
             continue
         plain = [p for p in configs if not p["gated"] and p["dataset"] == c["dataset"]]
-        macs, acc = _mean(c["mean_conditional_macs"]), _mean(c["accuracy"])
+        macs, acc = sr._mean(c["mean_conditional_macs"]), sr._mean(c["accuracy"])
         row = {"config": c["config"], "dataset": c["dataset"], "n": c["n"], "macs": macs, "accuracy": acc,
                "accuracy_std": c["accuracy"]["std"], "plain_config": None, "plain_n": None, "plain_macs": None,
                "plain_accuracy": None, "plain_accuracy_std": None, "difference": None, "macs_vs_plain": None}
         if plain:
-            match = min(plain, key=lambda p: abs(_mean(p["mean_conditional_macs"]) - macs))
-            pm, pa = _mean(match["mean_conditional_macs"]), _mean(match["accuracy"])
+            match = min(plain, key=lambda p: abs(sr._mean(p["mean_conditional_macs"]) - macs))
+            pm, pa = sr._mean(match["mean_conditional_macs"]), sr._mean(match["accuracy"])
             row.update(plain_config=match["config"], plain_n=match["n"], plain_macs=pm, plain_accuracy=pa,
                        plain_accuracy_std=match["accuracy"]["std"], difference=acc - pa, macs_vs_plain=macs / pm)
-        curve = sr.interpolate([(_mean(p["mean_conditional_macs"]), _mean(p["accuracy"])) for p in plain], macs)
+        curve = sr.interpolate([(sr._mean(p["mean_conditional_macs"]), sr._mean(p["accuracy"])) for p in plain], macs)
         row["plain_curve_accuracy"] = curve
         row["difference_vs_curve"] = None if curve is None else acc - curve
         rows.append(row)
@@ -177,16 +169,16 @@ def plot_depth(runs, configs, path):
     fig, axes = plt.subplots(1, len(datasets), figsize=(7.5 * len(datasets), 5), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         members = [c for c in configs if c["dataset"] == dataset]
-        plain = sorted((c for c in members if not c["gated"]), key=lambda c: _mean(c["mean_conditional_macs"]))
+        plain = sorted((c for c in members if not c["gated"]), key=lambda c: sr._mean(c["mean_conditional_macs"]))
         if plain:
-            ax.plot([_mean(c["mean_conditional_macs"]) / 1e6 for c in plain], [_mean(c["accuracy"]) for c in plain],
-                    color=KIND_STYLE["plain"][0], lw=1.3, zorder=1)  # fmt: skip
+            ax.plot([sr._mean(c["mean_conditional_macs"]) / 1e6 for c in plain],
+                    [sr._mean(c["accuracy"]) for c in plain], color=KIND_STYLE["plain"][0], lw=1.3, zorder=1)
         for r in runs:
             if r["dataset"] == dataset:
                 ax.scatter(r["mean_conditional_macs"] / 1e6, r["accuracy"], s=14, alpha=0.25, linewidths=0,
                            color=KIND_STYLE[r["kind"]][0], marker=DEPTH_MARKERS.get(r["depth"], "X"))  # fmt: skip
         for c in members:
-            x, y = _mean(c["mean_conditional_macs"]) / 1e6, _mean(c["accuracy"])
+            x, y = sr._mean(c["mean_conditional_macs"]) / 1e6, sr._mean(c["accuracy"])
             acc = c["accuracy"]
             color = KIND_STYLE[c["kind"]][0]
             ax.errorbar([x], [y], yerr=[[y - acc["min"]], [acc["max"] - y]], color=color, capsize=3, ms=7,
@@ -244,7 +236,7 @@ def format_markdown(summary):
     out.append(sr._table(
         ["config", "dataset", "n", "seeds", "accuracy", "mean MACs (M)", "MAC ratio", "conditional", "wall s"],
         [[c["config"], c["dataset"], c["n"], ",".join(str(s) for s in c["seeds"]), pm(c["accuracy"], 4),
-          _m(_mean(c["mean_conditional_macs"])), pm(c["macs_ratio"]), pm(c["conditional"]), pm(c["wall_seconds"], 0)]
+          _m(sr._mean(c["mean_conditional_macs"])), pm(c["macs_ratio"]), pm(c["conditional"]), pm(c["wall_seconds"], 0)]
          for c in summary["configs"]],
     ))  # fmt: skip
     out += ["", "## Gated vs plain at the same MACs", "",
@@ -275,9 +267,4 @@ def write_depth_report(paths, out_dir, log=print, loaded=None):
     summary, runs = summarize_depth(paths, loaded)
     os.makedirs(out_dir, exist_ok=True)
     summary["plots"] = [os.path.basename(plot_depth(runs, summary["configs"], os.path.join(out_dir, "tradeoff.png")))]
-    text = format_markdown(summary)
-    write_json(os.path.join(out_dir, "summary.json"), sr._json_ready(summary), allow_nan=False)
-    write_text(os.path.join(out_dir, "results.md"), text)
-    log(text)
-    log(f"Wrote {', '.join(summary['plots'] + ['summary.json', 'results.md'])} to {out_dir}")
-    return summary
+    return sr.write_summary(out_dir, summary, format_markdown(summary), log)

@@ -516,19 +516,18 @@ def aggregate_configs(runs):
     configs = []
     for (family, knob_name, knob), members in sorted(groups.items(),
                                                      key=lambda kv: (order[kv[0][0]], kv[0][1], kv[0][2])):
-        c = {
-            "config": config_key(family, knob, knob_name),
-            "family": family,
-            "knob_name": knob_name,
-            "knob": knob,
-            "seeds": sorted(m["seed"] for m in members if m["seed"] is not None),
-            "runs": [m["name"] for m in members],
-            "n": len(members),
-        }
-        for metric in RUN_METRICS:
-            c[metric] = aggregate(m[metric] for m in members)
-        configs.append(c)
+        c = {"config": config_key(family, knob, knob_name), "family": family, "knob_name": knob_name, "knob": knob}
+        configs.append({**c, **seed_aggregates(members, RUN_METRICS)})
     return configs
+
+
+def seed_aggregates(members, metrics):
+    """A configuration's `seeds`, `runs` (names), `n` and the `aggregate` of each of `metrics` over its runs."""
+    out = {"seeds": sorted(m["seed"] for m in members if m["seed"] is not None),
+           "runs": [m["name"] for m in members], "n": len(members)}  # fmt: skip
+    for metric in metrics:
+        out[metric] = aggregate(m[metric] for m in members)
+    return out
 
 
 def _mean(stat):
@@ -982,7 +981,11 @@ def write_sweep_report(paths, out_dir, difficulty_run=None, max_macs=0.6, log=pr
     else:
         summary["warnings"].append("difficulty.png not written: no gated run with per_sample.npz")
     summary["plots"] = [os.path.basename(p) for p in plots]
-    text = format_markdown(summary)
+    return write_summary(out_dir, summary, format_markdown(summary), log)
+
+
+def write_summary(out_dir, summary, text, log=print):
+    """Writes summary.json and results.md (`text`, also logged) next to the plots; returns `summary`."""
     write_json(os.path.join(out_dir, "summary.json"), _json_ready(summary), allow_nan=False)
     write_text(os.path.join(out_dir, "results.md"), text)
     log(text)

@@ -22,15 +22,20 @@ def _load():
 tradeoff = _load()
 
 
+def _resolved(runs):
+    """The resolved train.py recipe of each `(name, flags)` run."""
+    out = {}
+    for name, flags in runs:
+        _, args = train.parse_args(flags)
+        out[name] = train.resolve_recipe(args)
+    return out
+
+
 def _recipes(root):
     for seed in (0, 1):  # the pruned runs' sources must exist to validate
         (root / f"plain_w1_s{seed}").mkdir(parents=True)
         (root / f"plain_w1_s{seed}" / "last.keras").write_bytes(b"")
-    out = {}
-    for name, flags in tradeoff.plan(root=str(root)):
-        _, args = train.parse_args(flags)
-        out[name] = train.resolve_recipe(args)
-    return out
+    return _resolved(tradeoff.plan(root=str(root)))
 
 
 def test_default_plan_families_and_seeds(tmp_path):
@@ -111,10 +116,7 @@ def test_long_budget_plan_matches_every_run_to_the_same_steps(tmp_path):
     for seed in (0, 1):
         (tmp_path / f"plain_half_w1_s{seed}").mkdir()
         (tmp_path / f"plain_half_w1_s{seed}" / "last.keras").write_bytes(b"")
-    recipes = {}
-    for name, flags in runs:
-        _, args = train.parse_args(flags)
-        recipes[name] = train.resolve_recipe(args)
+    recipes = _resolved(runs)
     steps = {name: r.epochs * (60000 // r.batch_size) for name, r in recipes.items()}
     assert all(r.limit_train == 60000 and r.batch_size == 128 for r in recipes.values())
     names = list(recipes)
@@ -253,14 +255,6 @@ def test_hand_mac_formula_is_the_published_resnet20_count_and_count_macs():
     assert _hand_macs(20, 32, 3) == 40_551_040  # ResNet-20 on CIFAR-10: 40.55 M MACs
     for depth in (20, 32, 56):
         assert tradeoff.plain_macs(depth, (28, 28, 1)) == _hand_macs(depth, 28, 1)
-
-
-def _resolved(runs):
-    out = {}
-    for name, flags in runs:
-        _, args = train.parse_args(flags)
-        out[name] = train.resolve_recipe(args)
-    return out
 
 
 def test_depth_plan_trains_deep_gated_resnets_to_resnet20s_macs():
