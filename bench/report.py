@@ -10,6 +10,12 @@ of them (with an optional sweep.json from the sweep driver). Writes
 tradeoff.png, gate_categories.png, difficulty.png, summary.json and
 results.md into --out, and prints results.md. Unfinished runs (no
 report.json) are listed as missing.
+
+Runs of several models (a depth sweep, `bench/tradeoff.py --budget depth`)
+get the depth report instead (bench/depth_report.py): tradeoff.png of
+accuracy vs absolute mean MACs, summary.json and results.md, each gated
+network against the plain one of the same MACs; --difficulty-run and
+--max-macs do not apply to it.
 """
 
 import argparse
@@ -47,12 +53,17 @@ def parse_args(argv=None):
 
 def main(argv=None):
     _, args = parse_args(argv)
+    import depth_report
     import sweep_report
 
     try:
-        sweep_report.write_sweep_report(
-            args.paths, args.out, difficulty_run=args.difficulty_run, max_macs=args.max_macs,
-        )
+        loaded = sweep_report.load_runs(args.paths)
+        if depth_report.is_depth_sweep(loaded["runs"]):
+            depth_report.write_depth_report(args.paths, args.out, loaded=loaded)
+        else:
+            sweep_report.write_sweep_report(
+                args.paths, args.out, difficulty_run=args.difficulty_run, max_macs=args.max_macs, loaded=loaded,
+            )
         return 0
     except (sweep_report.SweepError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -333,6 +333,8 @@ def load_run(run_dir, name=None):
         "gamma": recipe.get("gamma"),
         "lam": recipe.get("lam"),
         "width_multiplier": recipe.get("width_multiplier"),
+        # Distillation: "self", "from" (a trained teacher, distill_from) or None.
+        "distill": recipe.get("distill") or ("from" if recipe.get("distill_from") else None),
         "gate_granularity": (recipe.get("gate_granularity") or "channel") if recipe.get("gated", True) else None,
         "dataset": recipe.get("dataset"),
         "model": recipe.get("model"),
@@ -409,8 +411,10 @@ def reference_macs(runs):
     return values[-1], "ungated_macs of the width_multiplier=1 runs", warning
 
 
-def load_sweep(paths):
-    """All runs under `paths`: `{"runs", "missing", "reference_macs", "warnings", ...}`.
+def load_runs(paths):
+    """The finished runs under `paths` as `load_run` reads them, with the
+    sweep.json wall times: `{"runs", "missing", "warnings"}`; MAC ratios are
+    not set yet (`load_sweep` sets them for a trade-off sweep).
 
     Raises:
         SweepError: bad paths, or no finished run.
@@ -440,6 +444,29 @@ def load_sweep(paths):
     if not runs:
         detail = "; ".join(f"{m['name']}: {m['reason']}" for m in missing)
         raise SweepError(f"no finished run (with report.json) in {', '.join(paths)}" + (f" ({detail})" if detail else ""))
+    return {"runs": runs, "missing": missing, "warnings": warnings}
+
+
+def differing_fields(runs, fields):
+    """Warnings for the `fields` whose value is not the same in every run."""
+    out = []
+    for field in fields:
+        values = sorted({str(r[field]) for r in runs})
+        if len(values) > 1:
+            out.append(f"runs differ in {field}: {', '.join(values)}")
+    return out
+
+
+def load_sweep(paths, loaded=None):
+    """All runs under `paths`: `{"runs", "missing", "reference_macs", "warnings", ...}`.
+
+    `loaded`: `load_runs(paths)` when the caller has it already.
+
+    Raises:
+        SweepError: bad paths, or no finished run.
+    """
+    loaded = loaded or load_runs(paths)
+    runs, missing, warnings = loaded["runs"], loaded["missing"], list(loaded["warnings"])
     ref, source, warning = reference_macs(runs)
     if warning:
         warnings.append(warning)
@@ -450,10 +477,7 @@ def load_sweep(paths):
             m = r[f"mean_macs_{which}"]
             r[f"macs_ratio_{which}"] = None if m is None else m / base
     mark_source_only(runs, warnings)
-    for field in ("dataset", "model", "epochs", "limit_train"):
-        values = sorted({str(r[field]) for r in runs})
-        if len(values) > 1:
-            warnings.append(f"runs differ in {field}: {', '.join(values)}")
+    warnings += differing_fields(runs, ("dataset", "model", "epochs", "limit_train"))
     order = {f: i for i, f in enumerate(FAMILIES)}
     runs.sort(key=lambda r: (order[r["family"]], r["knob_name"], r["knob"], r["seed"] if r["seed"] is not None else -1, r["name"]))
     return {"runs": runs, "missing": missing, "reference_macs": ref, "reference_macs_source": source,
@@ -492,19 +516,18 @@ def aggregate_configs(runs):
     configs = []
     for (family, knob_name, knob), members in sorted(groups.items(),
                                                      key=lambda kv: (order[kv[0][0]], kv[0][1], kv[0][2])):
-        c = {
-            "config": config_key(family, knob, knob_name),
-            "family": family,
-            "knob_name": knob_name,
-            "knob": knob,
-            "seeds": sorted(m["seed"] for m in members if m["seed"] is not None),
-            "runs": [m["name"] for m in members],
-            "n": len(members),
-        }
-        for metric in RUN_METRICS:
-            c[metric] = aggregate(m[metric] for m in members)
-        configs.append(c)
+        c = {"config": config_key(family, knob, knob_name), "family": family, "knob_name": knob_name, "knob": knob}
+        configs.append({**c, **seed_aggregates(members, RUN_METRICS)})
     return configs
+
+
+def seed_aggregates(members, metrics):
+    """A configuration's `seeds`, `runs` (names), `n` and the `aggregate` of each of `metrics` over its runs."""
+    out = {"seeds": sorted(m["seed"] for m in members if m["seed"] is not None),
+           "runs": [m["name"] for m in members], "n": len(members)}  # fmt: skip
+    for metric in metrics:
+        out[metric] = aggregate(m[metric] for m in members)
+    return out
 
 
 def _mean(stat):
@@ -898,8 +921,8 @@ def _json_ready(x):
     return x
 
 
-def summarize(paths, difficulty_run=None, max_macs=0.6):
-    """Loads the runs and computes everything but the plots.
+def summarize(paths, difficulty_run=None, max_macs=0.6, loaded=None):
+    """Loads the runs (or takes `loaded`, from `load_runs(paths)`) and computes everything but the plots.
 
     Returns:
         `(summary, runs, difficulty)`: the JSON-ready summary (without
@@ -907,7 +930,7 @@ def summarize(paths, difficulty_run=None, max_macs=0.6):
         `source_only` ones), and the run chosen
         for `difficulty.png` (or None).
     """
-    sweep = load_sweep(paths)
+    sweep = load_sweep(paths, loaded)
     runs = [r for r in sweep["runs"] if not r["source_only"]]
     configs = aggregate_configs(runs)
     difficulty = pick_difficulty_run(runs, difficulty_run, max_macs)
@@ -933,15 +956,17 @@ def summarize(paths, difficulty_run=None, max_macs=0.6):
     return summary, runs, difficulty
 
 
-def write_sweep_report(paths, out_dir, difficulty_run=None, max_macs=0.6, log=print):
+def write_sweep_report(paths, out_dir, difficulty_run=None, max_macs=0.6, log=print, loaded=None):
     """Writes the plots, summary.json and results.md into `out_dir`; returns the summary.
+
+    `loaded`: `load_runs(paths)` when the caller has it already.
 
     Raises:
         SweepError: bad inputs (message says what to fix).
     """
     if not (max_macs > 0):
         raise SweepError(f"--max-macs must be a positive number, got {max_macs}")
-    summary, runs, difficulty = summarize(paths, difficulty_run, max_macs)
+    summary, runs, difficulty = summarize(paths, difficulty_run, max_macs, loaded)
     os.makedirs(out_dir, exist_ok=True)
     plots = []
     note = "" if summary["reference_macs"] else " (own)"
@@ -956,7 +981,11 @@ def write_sweep_report(paths, out_dir, difficulty_run=None, max_macs=0.6, log=pr
     else:
         summary["warnings"].append("difficulty.png not written: no gated run with per_sample.npz")
     summary["plots"] = [os.path.basename(p) for p in plots]
-    text = format_markdown(summary)
+    return write_summary(out_dir, summary, format_markdown(summary), log)
+
+
+def write_summary(out_dir, summary, text, log=print):
+    """Writes summary.json and results.md (`text`, also logged) next to the plots; returns `summary`."""
     write_json(os.path.join(out_dir, "summary.json"), _json_ready(summary), allow_nan=False)
     write_text(os.path.join(out_dir, "results.md"), text)
     log(text)

@@ -36,6 +36,7 @@ Budget: 4 epochs of 16,000 images (each epoch a fresh random 16,000 of the
     python bench/tradeoff.py                          # the default sweep
     python bench/tradeoff.py --budget long --root ~/bs_keras_runs/long --dry-run
     python bench/tradeoff.py --budget paper --data-dir ~/tensorflow_datasets   # CIFAR-10, GPU
+    python bench/tradeoff.py --budget depth --root ~/bs_keras_runs/depth --dry-run   # deep gated vs shallow plain
     python bench/tradeoff.py --dry-run                # print the runs and their state
     python bench/tradeoff.py --families bas_l0 --seeds 0 --lams 10
     python bench/tradeoff.py --budget long --only l0_t0p55_s0,plain_half_w1_s1   # these, in this order
@@ -43,13 +44,13 @@ Budget: 4 epochs of 16,000 images (each epoch a fresh random 16,000 of the
 """
 
 import argparse
+import functools
 import json
 import os
 import subprocess
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("plain", "l0", "bas_l0", "block", "pruned", "retrofit", "bas_l0_hard")
@@ -200,6 +201,130 @@ def plan_paper(families=FAMILIES, seeds=SEEDS, root=os.path.join("runs", "tradeo
     return plan_long(families, seeds, root, recipe=PAPER_RECIPE, common=PAPER_COMMON, extra=extra)
 
 
+# --budget depth: the paper's headline comparison, a deep gated ResNet
+# trained so that its *mean* MACs equal a shallower plain ResNet's, against
+# that plain ResNet (the paper: gated ResNet-32/56/110 vs plain ResNet-20/
+# 32/56 on CIFAR-10). The protocol of --budget long (LONG_COMMON) with each
+# recipe's defaults (warm-up, zero-init residual, ...) for every run, plain
+# included. `--target-macs` is a ratio of the ungated network of the run's
+# own depth (bs_keras.budget, report.json's `macs_ratio`), so a gated
+# ResNet-N at ResNet-20's cost trains to MACs(ResNet-20) / MACs(ResNet-N)
+# (`depth_targets`). Families (run names `<family>_r<depth>..._s<seed>`):
+# plain ResNets, gated ResNets at the reference's MACs, the decisive gated
+# depth with distillation (DEPTH_DISTILL), the decisive pair on
+# fashion_mnist_levels, and a 2x-wide gated ResNet-20 at a quarter of its MACs.
+DEPTH_FAMILIES = ("plain", "gated", "distill", "levels", "wide")
+# The distillation of the `distill` family: the mode chosen by measurement is set here only.
+DEPTH_DISTILL = ("--distill", "self")
+DEPTH_REFERENCE = 20  # every gated run trains to this plain depth's MACs
+DEPTH_DECISIVE = 56  # the gated depth of the decisive comparison (two seeds, with and without distillation)
+DEPTH_PLAIN = (20, 32, 56)
+DEPTH_GATED = (32, 56)
+DEPTH_WIDE = (2.0, 0.25)  # width multiplier and MAC target of the `wide` gated ResNet-20
+DEPTH_INPUT_SHAPE = (28, 28, 1)  # Fashion-MNIST
+LEVELS_RECIPE = "fashion_mnist_levels_sweep"
+# --budget depth-paper: the depth plan with the paper's CIFAR-10 protocol (PAPER_RECIPE).
+DEPTH_PAPER_PLAIN = (20, 32, 56, 110)
+DEPTH_PAPER_GATED = (32, 56, 110)
+DEPTH_PAPER_INPUT_SHAPE = (32, 32, 3)
+DEPTH_PAPER_FAMILIES = tuple(f for f in DEPTH_FAMILIES if f != "levels")  # no CIFAR-10 with difficulty levels
+
+
+@functools.lru_cache(maxsize=None)
+def plain_macs(depth, input_shape, width_multiplier=1.0):
+    """MACs per sample of a plain CIFAR ResNet-`depth` with 10 classes (`bs_keras.count_macs`)."""
+    import bs_keras
+
+    model = bs_keras.cifar_resnet(depth, num_classes=10, input_shape=tuple(input_shape), gated=False,
+                                  width_multiplier=width_multiplier)
+    return bs_keras.count_macs(model)
+
+
+def depth_targets(depths, input_shape=DEPTH_INPUT_SHAPE, reference=DEPTH_REFERENCE):
+    """`{depth: --target-macs}` of gated ResNet-`depth`s at plain ResNet-`reference`'s MACs (3 decimals)."""
+    ref = plain_macs(reference, tuple(input_shape))
+    return {d: round(ref / plain_macs(d, tuple(input_shape)), 3) for d in depths}
+
+
+def describe_depth_targets(depths, input_shape=DEPTH_INPUT_SHAPE, reference=DEPTH_REFERENCE):
+    """The MAC counts and targets behind a depth plan, as printed lines."""
+    shape = "x".join(str(v) for v in input_shape)
+    lines = [f"MAC targets (plain ResNets on {shape} inputs, bs_keras.count_macs):"]
+    targets = depth_targets(depths, input_shape, reference)
+    for d in sorted({reference, *depths}):
+        macs = plain_macs(d, tuple(input_shape))
+        target = f"; gated at ResNet-{reference}'s MACs: --target-macs {targets[d]:g}" if d in targets else ""
+        lines.append(f"  ResNet-{d}: {macs / 1e6:.2f} M MACs{target}")
+    return lines
+
+
+def plan_depth(families=DEPTH_FAMILIES, seeds=SEEDS, *, recipe="fashion_mnist_sweep", common=None, extra=(),
+               input_shape=DEPTH_INPUT_SHAPE, plain_depths=DEPTH_PLAIN, gated_depths=DEPTH_GATED,
+               levels_recipe=LEVELS_RECIPE):
+    """The depth-comparison runs: `(name, train.py flags)`; see DEPTH_FAMILIES.
+
+    Order: the decisive comparison (plain ResNet-DEPTH_REFERENCE, gated
+    ResNet-DEPTH_DECISIVE at its MACs without and with distillation) of each
+    seed, first seed first; then, first seed only, the other plain and gated
+    depths, the levels pair and the wide run. `recipe`, `common`, `extra`
+    (as in `plan_long`), `input_shape` (of the MAC targets) and the depths
+    make the paper protocol's plan (`plan_depth_paper`); `levels_recipe`
+    None leaves the levels family out (asking for it is then an error)."""
+    if "levels" in families and levels_recipe is None:
+        raise ValueError("this depth plan has no levels recipe: drop the levels family")
+    common = LONG_COMMON if common is None else common
+    targets = depth_targets(sorted({*gated_depths, DEPTH_DECISIVE}), input_shape)
+
+    def base(name):
+        out = ["--recipe", name]
+        for key, value in common.items():
+            out += [f"--{key.replace('_', '-')}", str(value)]
+        return out + list(extra)
+
+    ref = DEPTH_REFERENCE
+
+    def plain(depth):
+        return ["--plain", "--model", f"resnet{depth}"]
+
+    def gated(depth):
+        return ["--model", f"resnet{depth}", "--target-macs", str(targets[depth])]
+
+    decisive, rest = [], []  # (name stem, flags)
+    if "plain" in families:
+        decisive.append((f"plain_r{ref}", base(recipe) + plain(ref)))
+        rest += [(f"plain_r{d}", base(recipe) + plain(d)) for d in plain_depths if d != ref]
+    if "gated" in families:
+        decisive.append((f"gated_r{DEPTH_DECISIVE}_at_r{ref}", base(recipe) + gated(DEPTH_DECISIVE)))
+        rest += [(f"gated_r{d}_at_r{ref}", base(recipe) + gated(d)) for d in gated_depths if d != DEPTH_DECISIVE]
+    if "distill" in families:
+        decisive.append((f"distill_r{DEPTH_DECISIVE}_at_r{ref}",
+                         base(recipe) + gated(DEPTH_DECISIVE) + list(DEPTH_DISTILL)))
+    if "levels" in families:
+        rest += [(f"levels_plain_r{ref}", base(levels_recipe) + plain(ref)),
+                 (f"levels_gated_r{DEPTH_DECISIVE}_at_r{ref}", base(levels_recipe) + gated(DEPTH_DECISIVE))]
+    if "wide" in families:
+        width, target = DEPTH_WIDE
+        rest.append((f"gated_r{ref}_w{_num(width)}_t{_num(target)}", base(recipe) + [
+            "--model", f"resnet{ref}", "--width-multiplier", str(width), "--target-macs", str(target)]))
+    runs = [(f"{stem}_s{seed}", flags) for seed in seeds for stem, flags in decisive]
+    runs += [(f"{stem}_s{seeds[0]}", flags) for stem, flags in rest]
+    return [(name, flags + ["--seed", str(name_seed(name))]) for name, flags in runs]
+
+
+def plan_depth_paper(families=DEPTH_PAPER_FAMILIES, seeds=SEEDS, extra=()):
+    """The depth plan with the paper's CIFAR-10 protocol (PAPER_RECIPE): plain
+    ResNet-20/32/56/110, gated ResNet-32/56/110 at ResNet-20's MACs on 32x32x3."""
+    return plan_depth(families, seeds, recipe=PAPER_RECIPE, common=PAPER_COMMON, extra=extra,
+                      input_shape=DEPTH_PAPER_INPUT_SHAPE, plain_depths=DEPTH_PAPER_PLAIN,
+                      gated_depths=DEPTH_PAPER_GATED, levels_recipe=None)
+
+
+# Default root (under runs/) and the families of each plan (--families).
+ROOTS = {"short": "tradeoff", "long": "tradeoff_long", "paper": "tradeoff_paper", "depth": "tradeoff_depth",
+         "depth-paper": "tradeoff_depth_paper"}
+BUDGET_FAMILIES = {"depth": DEPTH_FAMILIES, "depth-paper": DEPTH_PAPER_FAMILIES}
+
+
 def name_seed(name):
     return int(name.rsplit("_s", 1)[1])
 
@@ -232,20 +357,24 @@ def _csv(text, convert):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", help="directory of the run directories (default runs/tradeoff, "
-                   "runs/tradeoff_long or runs/tradeoff_paper with --budget long or paper)")
-    p.add_argument("--budget", choices=("short", "long", "paper"), default="short",
+    p.add_argument("--root", help="directory of the run directories (default runs/tradeoff, or "
+                   "runs/tradeoff_<budget> with another --budget, '-' as '_')")
+    p.add_argument("--budget", choices=tuple(ROOTS), default="short",
                    help="short: 500 steps per run (the default sweep); long: 2,808 steps per run on the full "
                    "training set, gated runs at MAC targets, pruned/gated-from-plain runs from a plain half run; "
                    "paper: the long plan with the paper's CIFAR-10 protocol (500 epochs, recipe "
-                   f"{PAPER_RECIPE}; needs CIFAR-10 and a GPU)")
+                   f"{PAPER_RECIPE}; needs CIFAR-10 and a GPU); depth: deep gated ResNets trained to a plain "
+                   "ResNet-20's MACs against plain ResNets of several depths (the paper's headline comparison, "
+                   "the long budget's steps); depth-paper: the depth plan with the paper's CIFAR-10 protocol, "
+                   "ResNet-110 included")
     p.add_argument("--data-dir", help="TFDS data directory (passed to every train.py run)")
     p.add_argument("--manual-dir", help="directory of the downloaded archives (passed to every train.py run)")
     p.add_argument("--families", type=lambda t: _csv(t, str),
                    help=f"comma-separated subset of {','.join(FAMILIES)} (default: all; --budget short: "
-                   f"all but bas_l0_hard)")
+                   f"all but bas_l0_hard); --budget depth: of {','.join(DEPTH_FAMILIES)} (default: all; "
+                   "depth-paper: all but levels)")
     p.add_argument("--seeds", type=lambda t: _csv(t, int), default=SEEDS)
-    short = p.add_argument_group("--budget short only (the long and paper plans are fixed)")
+    short = p.add_argument_group("--budget short only (the other plans are fixed)")
     short.add_argument("--widths", type=lambda t: _csv(t, float))
     short.add_argument("--lams", type=lambda t: _csv(t, float))
     short.add_argument("--block-lams", type=lambda t: _csv(t, float))
@@ -258,8 +387,9 @@ def parse_args(argv=None):
                    help="comma-separated run names (as --dry-run lists them) to run, in this order")
     p.add_argument("--dry-run", action="store_true", help="print the runs and whether they are done")
     args = p.parse_args(argv)
+    known = BUDGET_FAMILIES.get(args.budget, FAMILIES)
     if args.families is None:
-        args.families = SHORT_FAMILIES if args.budget == "short" else FAMILIES
+        args.families = SHORT_FAMILIES if args.budget == "short" else known
     defaults = {"widths": WIDTHS, "lams": LAMS, "block_lams": BLOCK_LAMS, "prune_macs": PRUNE_MACS,
                 "epochs": COMMON["epochs"], "limit_train": COMMON["limit_train"], "limit_eval": None, "dataset": None}
     given = [k for k in defaults if getattr(args, k) is not None]
@@ -269,9 +399,9 @@ def parse_args(argv=None):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    bad = set(args.families) - set(FAMILIES)
+    bad = set(args.families) - set(known)
     if bad:
-        p.error(f"--families: unknown {sorted(bad)}; choose from {', '.join(FAMILIES)}")
+        p.error(f"--families: unknown {sorted(bad)}; choose from {', '.join(known)}")
     if args.epochs < 1 or args.limit_train < 128:
         p.error("--epochs must be >= 1 and --limit-train >= 128 (one batch)")
     return args
@@ -279,11 +409,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    from bs_keras.cli.tf_startup import import_tensorflow
+
+    import_tensorflow()  # without TensorFlow's start-up log
     from bs_keras.report import write_json
 
     if args.root is None:
-        args.root = os.path.join("runs", {"short": "tradeoff", "long": "tradeoff_long",
-                                          "paper": "tradeoff_paper"}[args.budget])
+        args.root = os.path.join("runs", ROOTS[args.budget])
     common = {"epochs": args.epochs, "limit_train": args.limit_train}
     if args.limit_eval:
         common["limit_eval"] = args.limit_eval
@@ -298,6 +430,10 @@ def main(argv=None):
         runs = plan_long(families, args.seeds, root=args.root, extra=paths)
     elif args.budget == "paper":
         runs = plan_paper(families, args.seeds, root=args.root, extra=paths)
+    elif args.budget == "depth":
+        runs = plan_depth(args.families, args.seeds, extra=paths)
+    elif args.budget == "depth-paper":
+        runs = plan_depth_paper(args.families, args.seeds, extra=paths)
     else:
         runs = plan(args.families, args.seeds, args.widths, args.lams, args.block_lams, common,
                     prune_macs=args.prune_macs, root=args.root)
@@ -318,6 +454,10 @@ def main(argv=None):
             ledger = json.load(f)
     todo = [(n, f) for n, f in runs if not is_finished(os.path.join(args.root, n))]
     print(f"{len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to do (root {args.root})")
+    if args.budget == "depth":
+        print("\n".join(describe_depth_targets(DEPTH_GATED)))
+    elif args.budget == "depth-paper":
+        print("\n".join(describe_depth_targets(DEPTH_PAPER_GATED, DEPTH_PAPER_INPUT_SHAPE)))
     if args.dry_run:
         for name, flags in runs:
             state = "done" if is_finished(os.path.join(args.root, name)) else "todo"

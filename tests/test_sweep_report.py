@@ -420,3 +420,105 @@ def test_budget_runs_are_keyed_by_target_and_carry_their_steps(tmp_path):
     link.symlink_to(root, target_is_directory=True)
     linked = {r["name"]: r for r in sr.summarize([str(link)])[0]["runs"]}
     assert linked["plain_half_w1_s0"]["source_only"] and not linked["plain_w1_s0"]["source_only"]
+
+
+# ------------------------------------------------------------ depth sweep
+
+
+def _set_recipe(run_dir, report=None, **recipe):
+    """Updates the recipe in a fabricated run's config.json and report.json (and `report`'s top-level keys)."""
+    for f in ("config.json", "report.json"):
+        data = json.loads((run_dir / f).read_text())
+        data["recipe"].update(recipe)
+        if f == "report.json":
+            data.update(report or {})
+        (run_dir / f).write_text(json.dumps(data))
+    return run_dir
+
+
+def _depth_run(root, name, depth, macs, accuracy, *, gated=True, seed=0, target=None, distill=None, width=1.0,
+               dataset="fashion_mnist", ungated=None):
+    """A --budget depth run: ResNet-`depth` with `macs` mean MACs; ungated MACs `depth` M (plain: `macs`)."""
+    ungated = ungated or (macs if not gated else depth * 1e6)
+    d = make_run(root, name, gated=gated, seed=seed, width=width, accuracy=accuracy, macs=macs, ungated=ungated)
+    return _set_recipe(d, {"optimizer_steps": 2808}, model=f"resnet{depth}", dataset=dataset, target_macs=target,
+                       distill=distill)
+
+
+@pytest.fixture(scope="module")
+def depth_sweep(tmp_path_factory):
+    """Plain ResNet-20/32/56 at 20/32/56 M MACs; gated ResNet-56 and ResNet-32 trained to about 20 M."""
+    root = tmp_path_factory.mktemp("depth") / "tradeoff_depth"
+    _depth_run(root, "plain_r20_s0", 20, 20e6, 0.90, gated=False)
+    _depth_run(root, "plain_r20_s1", 20, 20e6, 0.92, gated=False, seed=1)
+    _depth_run(root, "plain_r32_s0", 32, 32e6, 0.93, gated=False)
+    _depth_run(root, "plain_r56_s0", 56, 56e6, 0.94, gated=False)
+    _depth_run(root, "gated_r56_at_r20_s0", 56, 21e6, 0.915, target=0.357)
+    _depth_run(root, "gated_r56_at_r20_s1", 56, 19e6, 0.925, target=0.357, seed=1)
+    _depth_run(root, "distill_r56_at_r20_s0", 56, 20e6, 0.93, target=0.357, distill="self")
+    _depth_run(root, "gated_r32_at_r20_s0", 32, 29e6, 0.91, target=0.625)  # 29 M: closer to ResNet-32's 32 M
+    _depth_run(root, "gated_r20_w2_t0p25_s0", 20, 20e6, 0.905, target=0.25, width=2.0, ungated=80e6)
+    _depth_run(root, "levels_plain_r20_s0", 20, 20e6, 0.80, gated=False, dataset="fashion_mnist_levels")
+    _depth_run(root, "levels_gated_r56_at_r20_s0", 56, 20e6, 0.82, target=0.357, dataset="fashion_mnist_levels")
+    make_run(root, "plain_r56_s1", gated=False, finished=False)
+    (root / "sweep.json").write_text(json.dumps({"runs": {"plain_r32_s0": {"wall_seconds": 600.0}}}))
+    return root
+
+
+def test_depth_sweep_compares_on_absolute_macs(depth_sweep):
+    import depth_report
+
+    loaded = sr.load_runs([str(depth_sweep)])
+    assert depth_report.is_depth_sweep(loaded["runs"])
+    summary, _ = depth_report.summarize_depth([str(depth_sweep)], loaded)
+    runs = {r["name"]: r for r in summary["runs"]}
+    assert len(runs) == 11 and [m["name"] for m in summary["missing"]] == ["plain_r56_s1"]
+    gated = runs["gated_r56_at_r20_s0"]
+    # Its own ratio (of the ungated ResNet-56), not of a reference network.
+    assert gated["macs_ratio"] == pytest.approx(21 / 56) and runs["plain_r32_s0"]["macs_ratio"] == 1.0
+    assert (gated["depth"], gated["kind"], gated["steps"], gated["conditional"]) == (56, "gated", 2808, 0.2)
+    assert runs["distill_r56_at_r20_s0"]["kind"] == "distilled" and runs["gated_r20_w2_t0p25_s0"]["kind"] == "wide"
+    assert (runs["plain_r32_s0"]["wall_seconds"], runs["plain_r32_s0"]["wall_seconds_source"]) == (600.0, "sweep.json")
+    assert [(c["dataset"], c["config"]) for c in summary["configs"]] == [
+        ("fashion_mnist", "plain ResNet-20"), ("fashion_mnist", "plain ResNet-32"),
+        ("fashion_mnist", "plain ResNet-56"), ("fashion_mnist", "gated ResNet-20 width=2 target=0.25"),
+        ("fashion_mnist", "gated ResNet-32 target=0.625"), ("fashion_mnist", "gated ResNet-56 target=0.357"),
+        ("fashion_mnist", "gated ResNet-56 target=0.357 + distill self"),
+        ("fashion_mnist_levels", "plain ResNet-20"), ("fashion_mnist_levels", "gated ResNet-56 target=0.357")]
+    rows = {(r["dataset"], r["config"]): r for r in summary["comparison"]}
+    r56 = rows[("fashion_mnist", "gated ResNet-56 target=0.357")]
+    assert r56["n"] == 2 and r56["macs"] == pytest.approx(20e6) and r56["accuracy"] == pytest.approx(0.92)
+    assert (r56["plain_config"], r56["plain_n"]) == ("plain ResNet-20", 2)
+    assert r56["plain_accuracy"] == pytest.approx(0.91) and r56["difference"] == pytest.approx(0.01)
+    assert r56["macs_vs_plain"] == pytest.approx(1.0) and r56["difference_vs_curve"] == pytest.approx(0.01)
+    distilled = rows[("fashion_mnist", "gated ResNet-56 target=0.357 + distill self")]
+    assert distilled["difference"] == pytest.approx(0.02)
+    # 29 M: closest plain is ResNet-32 (32 M); the plain curve at 29 M is 3/4 of the way from 0.91 to 0.93.
+    r32 = rows[("fashion_mnist", "gated ResNet-32 target=0.625")]
+    assert r32["plain_config"] == "plain ResNet-32" and r32["difference"] == pytest.approx(0.91 - 0.93)
+    assert r32["plain_curve_accuracy"] == pytest.approx(0.925) and r32["difference_vs_curve"] == pytest.approx(-0.015)
+    levels = rows[("fashion_mnist_levels", "gated ResNet-56 target=0.357")]
+    assert levels["plain_accuracy"] == pytest.approx(0.80) and levels["difference"] == pytest.approx(0.02)
+    # Below the plain MAC range: no curve value.
+    assert depth_report.compare_with_plain([
+        {**c, "mean_conditional_macs": sr.aggregate([19e6])} if c["gated"] else c
+        for c in summary["configs"][:6]])[-1]["plain_curve_accuracy"] is None
+
+
+def test_cli_writes_the_depth_report_for_runs_of_several_models(depth_sweep, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert report_cli.main([str(depth_sweep), "--out", str(out)]) == 0
+    data = (out / "tradeoff.png").read_bytes()
+    assert data.startswith(PNG) and len(data) > 5000
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kind"] == "depth" and summary["plots"] == ["tradeoff.png"]
+    assert {"steps", "accuracy", "macs_ratio", "conditional", "wall_seconds", "mean_conditional_macs"} <= set(
+        summary["runs"][0])
+    assert not (out / "gate_categories.png").exists()
+    md = (out / "results.md").read_text()
+    assert "| gated_r56_at_r20_s0 | fashion_mnist | resnet56 | gated | – | 1 | 0.357 | 0 | 0.9150 | 21.00 | " \
+        "0.375 | 0.200 | 2,808 | 50 |" in md
+    assert "| distill_r56_at_r20_s0 | fashion_mnist | resnet56 | gated | self |" in md
+    assert "| gated ResNet-56 target=0.357 | fashion_mnist | 2 | 20.00 | 0.9200 ± 0.0071 | plain ResNet-20 | " \
+        "20.00 | 0.9100 ± 0.0141 | 0.0100 | 1.000 | 0.9100 | 0.0100 |" in md
+    assert "Missing runs: plain_r56_s1" in md and "## Gated vs plain at the same MACs" in capsys.readouterr().out

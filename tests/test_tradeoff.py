@@ -22,15 +22,20 @@ def _load():
 tradeoff = _load()
 
 
+def _resolved(runs):
+    """The resolved train.py recipe of each `(name, flags)` run."""
+    out = {}
+    for name, flags in runs:
+        _, args = train.parse_args(flags)
+        out[name] = train.resolve_recipe(args)
+    return out
+
+
 def _recipes(root):
     for seed in (0, 1):  # the pruned runs' sources must exist to validate
         (root / f"plain_w1_s{seed}").mkdir(parents=True)
         (root / f"plain_w1_s{seed}" / "last.keras").write_bytes(b"")
-    out = {}
-    for name, flags in tradeoff.plan(root=str(root)):
-        _, args = train.parse_args(flags)
-        out[name] = train.resolve_recipe(args)
-    return out
+    return _resolved(tradeoff.plan(root=str(root)))
 
 
 def test_default_plan_families_and_seeds(tmp_path):
@@ -111,10 +116,7 @@ def test_long_budget_plan_matches_every_run_to_the_same_steps(tmp_path):
     for seed in (0, 1):
         (tmp_path / f"plain_half_w1_s{seed}").mkdir()
         (tmp_path / f"plain_half_w1_s{seed}" / "last.keras").write_bytes(b"")
-    recipes = {}
-    for name, flags in runs:
-        _, args = train.parse_args(flags)
-        recipes[name] = train.resolve_recipe(args)
+    recipes = _resolved(runs)
     steps = {name: r.epochs * (60000 // r.batch_size) for name, r in recipes.items()}
     assert all(r.limit_train == 60000 and r.batch_size == 128 for r in recipes.values())
     names = list(recipes)
@@ -231,3 +233,109 @@ def test_runs_another_driver_finished_or_holds_are_skipped(tmp_path, capsys, mon
     # Unlocked and unfinished: it runs (the fake train.py fails, so the driver stops).
     assert tradeoff.main(["--budget", "long", "--root", str(root), "--only", "plain_half_w1_s1"]) == 1
     assert len(started) == 1
+
+
+def _hand_macs(depth, height, channels, classes=10):
+    """MACs of a plain CIFAR ResNet-`depth` (option-A shortcuts: no MACs) on
+    height x height x channels inputs, from its layer shapes: H*W*k*k*Cin*Cout
+    per 3x3 conv ('same' padding, stride 2 at the first conv of stages 2 and 3)
+    plus the 64 x classes classifier."""
+    n = (depth - 2) // 6
+    macs, size, cin = height * height * 9 * channels * 16, height, 16  # the stem
+    for stage, cout in enumerate((16, 32, 64)):
+        for block in range(n):
+            if stage and not block:
+                size = -(-size // 2)
+            macs += size * size * 9 * (cin * cout + cout * cout)
+            cin = cout
+    return macs + 64 * classes
+
+
+def test_hand_mac_formula_is_the_published_resnet20_count_and_count_macs():
+    assert _hand_macs(20, 32, 3) == 40_551_040  # ResNet-20 on CIFAR-10: 40.55 M MACs
+    for depth in (20, 32, 56):
+        assert tradeoff.plain_macs(depth, (28, 28, 1)) == _hand_macs(depth, 28, 1)
+
+
+def test_depth_plan_trains_deep_gated_resnets_to_resnet20s_macs():
+    """--budget depth: the paper's comparison at the long budget's 2,808
+    steps; gated ResNet-N at MACs(ResNet-20) / MACs(ResNet-N) of its own
+    ungated network; the decisive comparison of each seed first."""
+    runs = tradeoff.plan_depth()
+    names = [name for name, _ in runs]
+    assert names == [
+        "plain_r20_s0", "gated_r56_at_r20_s0", "distill_r56_at_r20_s0",
+        "plain_r20_s1", "gated_r56_at_r20_s1", "distill_r56_at_r20_s1",
+        "plain_r32_s0", "plain_r56_s0", "gated_r32_at_r20_s0",
+        "levels_plain_r20_s0", "levels_gated_r56_at_r20_s0", "gated_r20_w2_t0p25_s0"]  # fmt: skip
+    recipes = _resolved(runs)
+    target = {d: round(_hand_macs(20, 28, 1) / _hand_macs(d, 28, 1), 3) for d in (32, 56)}
+    assert target == {32: 0.587, 56: 0.322}
+    sweep = train.resolve_recipe(train.parse_args(["--recipe", "fashion_mnist_sweep"])[1])
+    for (name, flags), r in zip(runs, recipes.values()):
+        depth = int(name.split("_r")[1].split("_")[0])
+        assert r.model == f"resnet{depth}" and r.seed == tradeoff.name_seed(name)
+        assert r.epochs * (r.limit_train // r.batch_size) == 6 * 468
+        assert (r.lr, r.lr_schedule, r.weight_decay) == (0.1, "cosine", 5e-4)
+        # Warm-up and zero-init residual are the recipe's, plain runs included.
+        assert "--warmup" not in flags and "--zero-init-residual" not in flags
+        assert (r.warmup, r.zero_init_residual) == (sweep.warmup, sweep.zero_init_residual)
+        assert r.dataset == ("fashion_mnist_levels" if name.startswith("levels_") else "fashion_mnist")
+        assert r.gated == ("plain" not in name)
+        if "_at_r20" in name:
+            assert r.target_macs == target[depth] and r.width_multiplier == 1.0
+        assert (r.distill == "self") == name.startswith("distill_")
+    distilled = dict(runs)["distill_r56_at_r20_s0"]
+    assert distilled == dict(runs)["gated_r56_at_r20_s0"][:-2] + list(tradeoff.DEPTH_DISTILL) + ["--seed", "0"]
+    wide = recipes["gated_r20_w2_t0p25_s0"]
+    assert (wide.model, wide.width_multiplier, wide.target_macs) == ("resnet20", 2.0, 0.25)
+
+
+def test_depth_dry_run_prints_the_mac_targets_and_skips_finished_runs(tmp_path, capsys):
+    root = tmp_path / "depth"
+    (root / "plain_r20_s0").mkdir(parents=True)
+    (root / "plain_r20_s0" / "report.json").write_text(json.dumps({"evaluation": {}}))
+    assert tradeoff.main(["--budget", "depth", "--root", str(root), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "12 runs, 1 finished, 11 to do" in out
+    assert "ResNet-20: 30.82 M MACs" in out and "ResNet-56: 95.85 M MACs; gated at ResNet-20's MACs: " \
+        "--target-macs 0.322" in out
+    assert "[done] plain_r20_s0" in out and "[todo] distill_r56_at_r20_s1: python train.py" in out
+    assert tradeoff.main(["--budget", "depth", "--root", str(root), "--dry-run", "--families", "plain,distill",
+                          "--seeds", "0", "--only", "distill_r56_at_r20_s0,plain_r56_s0"]) == 0
+    listed = [line.split("] ")[1].split(":")[0] for line in capsys.readouterr().out.splitlines()
+              if line.startswith("  [")]
+    assert listed == ["distill_r56_at_r20_s0", "plain_r56_s0"]
+    assert tradeoff.main(["--budget", "depth", "--root", str(root), "--families", "plain",
+                          "--only", "gated_r56_at_r20_s0"]) == 2
+    with pytest.raises(SystemExit):
+        tradeoff.parse_args(["--budget", "depth", "--families", "bas_l0"])
+    assert "unknown ['bas_l0']; choose from plain, gated, distill, levels, wide" in capsys.readouterr().err
+
+
+def test_depth_paper_plan_includes_resnet110(tmp_path, capsys):
+    """--budget depth-paper: the depth plan with the paper's CIFAR-10 recipe;
+    plain ResNet-20/32/56/110 and gated ResNet-32/56/110 at ResNet-20's MACs
+    on 32x32x3 inputs; no levels family."""
+    root = tmp_path / "paper"
+    tfds = ["--data-dir", str(tmp_path / "tfds")]
+    assert tradeoff.main(["--budget", "depth-paper", "--root", str(root), "--dry-run", *tfds]) == 0
+    out = capsys.readouterr().out
+    assert "ResNet-110: 252.89 M MACs" in out
+    runs = tradeoff.plan_depth_paper(extra=tfds)
+    for name, flags in runs:
+        assert f"[todo] {name}: python train.py {' '.join(flags)}" in out
+    recipes = _resolved(runs)
+    assert {"plain_r110_s0", "gated_r110_at_r20_s0"} <= set(recipes)
+    assert not any(name.startswith("levels_") for name in recipes)
+    assert [name for name, _ in runs][:3] == ["plain_r20_s0", "gated_r56_at_r20_s0", "distill_r56_at_r20_s0"]
+    for name, r in recipes.items():
+        assert (r.dataset, r.epochs, r.batch_size) == ("cifar10", 500, 256)
+        if "_at_r20" in name:
+            depth = int(r.model[len("resnet"):])
+            assert r.target_macs == round(_hand_macs(20, 32, 3) / _hand_macs(depth, 32, 3), 3)
+    assert recipes["gated_r110_at_r20_s0"].target_macs == 0.16
+    with pytest.raises(SystemExit):
+        tradeoff.parse_args(["--budget", "depth-paper", "--families", "levels"])
+    with pytest.raises(ValueError, match="no levels recipe"):
+        tradeoff.plan_depth(("levels",), levels_recipe=None)
