@@ -1,3 +1,4 @@
+import os
 import pathlib
 import re
 import subprocess
@@ -62,6 +63,25 @@ def test_readme_and_docs_name_only_existing_repo_files():
             missing.update(f"{doc}: {n}" for n in BARE_PY_RE.findall((ROOT / doc).read_text()) if n not in py_names)
     missing = sorted(missing)
     assert not missing, "stale paths:\n" + "\n".join(missing)
+
+
+@pytest.mark.slow  # a subprocess training a ResNet-20 with its distillation teacher
+def test_readme_distillation_block_runs_and_saves_the_student(tmp_path):
+    """The Distillation block continues the quick start: it trains through
+    the wrapper, logs the term, and what it saves is the gated student."""
+    block = _block("## Distillation")
+    check = (
+        "\nh = distiller.history.history\n"
+        "assert len(h['distill_loss']) == 2 and all(v > 0 for v in h['distill_loss']), h\n"
+        "assert 'l0_loss' in h\n"
+        "saved = keras.models.load_model('gated_distilled.keras')\n"
+        "assert type(saved).__name__ == 'Functional' and bs_keras.find_gates(saved)\n"
+        "print('README_OK')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", _quick_start() + block + check], cwd=tmp_path,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "README_OK" in result.stdout
 
 
 @pytest.mark.slow  # a subprocess training a ResNet-20: 18 s on 2 busy cores
