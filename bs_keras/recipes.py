@@ -14,6 +14,7 @@ SEGMENTATION_DATASETS = ("cityscapes", "fashion_canvas")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("step", "cosine", "constant", "poly")
 GATE_GRANULARITIES = ("channel", "block")
+ZERO_INIT_MIN_DEPTH = 56
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +41,11 @@ class Recipe:
     lr_decay_factor: float = 0.1
     # Linear learning-rate warm-up over this fraction of the run (every schedule).
     warmup: float = 0.0
-    # Zero-initialised scale of the last BN in each residual branch (Goyal et al. 2017).
-    zero_init_residual: bool = False
+    # Zero-initialised scale of the last BN in each residual branch (Goyal et
+    # al. 2017). None: on for the deep CIFAR ResNets (ZERO_INIT_MIN_DEPTH and
+    # deeper), which break at lr 0.1 without it; off for the shallow ones,
+    # which it slows in short runs (docs/RESULTS.md, "Deep networks").
+    zero_init_residual: bool = None
     weight_decay: float = 5e-4
     clipnorm: float = None
     gamma: float = 0.75
@@ -120,6 +124,14 @@ class Recipe:
     @property
     def task(self):
         return "segmentation" if self.dataset in SEGMENTATION_DATASETS else "classification"
+
+    def resolved(self):
+        """A copy with the automatic settings decided (`zero_init_residual`);
+        `training.train` runs and records this one."""
+        if self.zero_init_residual is not None:
+            return self
+        depth = int(self.model[len("resnet"):]) if self.model.startswith("resnet") else 0
+        return dataclasses.replace(self, zero_init_residual=depth >= ZERO_INIT_MIN_DEPTH)
 
     def warmup_steps(self, steps_per_epoch):
         """The warm-up in optimizer steps (0: none; at least 1 when `warmup` > 0)."""
@@ -306,9 +318,10 @@ RECIPES = {
             lr_schedule="cosine",
             weight_decay=5e-4,
             # Deep CIFAR ResNets (56, 110) break at lr 0.1 in their first
-            # steps without these (docs/RESULTS.md, "Deep networks").
+            # steps without a warm-up and zero-initialised residual branches
+            # (zero_init_residual's default turns those on from ResNet-56 on;
+            # docs/RESULTS.md, "Deep networks").
             warmup=0.05,
-            zero_init_residual=True,
             # The lambda with the best accuracy at <= 60% of the ungated MACs
             # in the 500-step trade-off sweep (bench/tradeoff.py,
             # docs/RESULTS.md), which is built on this recipe, as are the
@@ -330,12 +343,11 @@ RECIPES = {
             lr_decay_at=CIFAR10_LR_DROPS,
             weight_decay=5e-4,
             warmup=0.01,  # 5 of 500 epochs
-            zero_init_residual=True,
             gamma=0.75,
             lam=0.2,
             description="Paper CIFAR-10 setting: SGD Nesterov 0.9, lr 0.1 divided by 10 at epochs "
             "300, 375 and 450 (after a 5-epoch linear warm-up), wd 5e-4, batch 256, 500 epochs, "
-            "zero-initialised last BN of each branch, gamma 0.75 -> 0 by epoch 100, lambda ramp epochs 100-300.",
+            "gamma 0.75 -> 0 by epoch 100, lambda ramp epochs 100-300.",
         ),
         Recipe(
             name="cifar10_resnet32_bas",
@@ -346,7 +358,6 @@ RECIPES = {
             lr=0.1,
             lr_decay_at=CIFAR10_LR_DROPS,
             warmup=0.01,
-            zero_init_residual=True,
             lam=0.2,
             description="As cifar10_resnet20_bas with ResNet-32.",
         ),

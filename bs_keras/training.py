@@ -140,7 +140,7 @@ def build_model(recipe, info):
         lam=0.0,
         l0_weighting=recipe.l0_weighting,
         gate_kwargs=recipe.gate_kwargs,
-        zero_init_residual=recipe.zero_init_residual,
+        zero_init_residual=recipe.resolved().zero_init_residual,
         seed=recipe.seed,
     )
     builder = imagenet_resnet if depth in (18, 34, 50) else cifar_resnet
@@ -697,7 +697,7 @@ def train(
             damaged, or a checkpoint write failed (the disk is full).
         SystemExit(3): the loss became NaN; the last good checkpoint is kept.
     """
-    recipe.validate()
+    recipe = recipe.validate().resolved()
     if recipe.gate_from and recipe.gate_from_sha256 is None:
         # Recorded in config.json: resuming with a changed source file is refused.
         recipe = recipe.replace(gate_from_sha256=file_sha256(recipe.gate_from))

@@ -1,4 +1,5 @@
-"""Learning-rate schedules with warm-up, against hand formulas."""
+"""Learning-rate schedules with warm-up, against hand formulas; the recipes'
+warm-up and zero-initialised residual branches (for deep ResNets)."""
 
 import math
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from bs_keras import lr_schedules, recipes, training
+from bs_keras.gates import find_gates, gates_open
 from bs_keras.lr_schedules import WarmUp, learning_rate
 
 LR, TOTAL, WARM = 0.1, 1000, 20
@@ -82,3 +84,27 @@ def test_recipe_warmup_is_a_fraction_of_the_run_and_old_configs_load():
     assert recipes.Recipe.from_dict(old).warmup == pytest.approx(5 / 150)
     with pytest.raises(ValueError, match="--warmup=1.0 is invalid"):
         recipe.replace(warmup=1.0).validate()
+
+
+def test_zero_init_residual_defaults_on_from_resnet56_and_zeroes_each_branch_last_bn():
+    from bs_keras.models import cifar_resnet
+
+    base = recipes.get_recipe("fashion_mnist_demo")
+    assert base.zero_init_residual is None
+    assert [base.replace(model=m).resolved().zero_init_residual for m in ("resnet20", "resnet32", "resnet44")] == [
+        False, False, False]
+    assert [base.replace(model=m).resolved().zero_init_residual for m in ("resnet56", "resnet110")] == [True, True]
+    assert base.replace(model="resnet110", zero_init_residual=False).resolved().zero_init_residual is False
+    assert recipes.get_recipe("imagenet_resnet50_bas").resolved().zero_init_residual is True
+    model = cifar_resnet(8, input_shape=(8, 8, 1), num_classes=3, zero_init_residual=True)
+    bn2 = [layer for layer in model.layers if layer.name.endswith("_bn2")]
+    assert len(bn2) == 3 and all(not layer.gamma.numpy().any() for layer in bn2)
+    assert all(layer.gamma.numpy().all() for layer in model.layers if layer.name.endswith("_bn1"))
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype("float32")
+    # Every block starts as its shortcut: the gates (open or not) change nothing yet.
+    for gate in find_gates(model):  # close every gate at inference
+        gate.logits_dense.bias.assign(np.full(gate.logits_dense.bias.shape, -5.0, "float32"))
+    with gates_open():
+        opened = model(x, training=False)
+    np.testing.assert_allclose(model(x, training=False), opened, atol=1e-6)
+

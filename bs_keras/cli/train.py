@@ -73,8 +73,8 @@ def parse_args(argv=None):
                    help="linear learning-rate warm-up over this fraction of the run, any schedule "
                    "(default: the recipe's, e.g. 0.02; 0 for none)")
     t.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=None,
-                   help="start the last BN scale of each residual branch at 0 (Goyal et al. 2017; the "
-                   "default of the Fashion-MNIST, CIFAR-10 and ImageNet recipes)")
+                   help="start the last BN scale of each residual branch at 0 (Goyal et al. 2017; default: "
+                   "on for ResNet-56 and deeper and in the ImageNet recipes, off otherwise)")
     t.add_argument("--optimizer", help="sgd or adam")
     t.add_argument("--weight-decay", type=number, help="SGD-style weight decay (not on gates)")
     t.add_argument("--clipnorm", type=number, help="clip the global gradient norm to this (default off)")
