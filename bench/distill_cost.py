@@ -20,8 +20,6 @@ median step time of each and its ratio to `none`.
 """
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 
@@ -40,6 +38,7 @@ def main():
     import keras
 
     import bs_keras
+    from step_timing import median_step_ms, scheduled_step
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.batch_size, 28, 28, 1)).astype("float32")
@@ -50,18 +49,7 @@ def main():
 
     def step_fn(model):
         model.compile(keras.optimizers.SGD(0.01, momentum=0.9), "sparse_categorical_crossentropy")
-        cb = bs_keras.GateLossScheduler(0.0, 0.1)
-        cb.set_model(model)
-        cb.set_params({"steps": args.steps + args.warmup, "epochs": 1})
-        cb.on_train_begin()
-        cb.on_epoch_begin(0)
-
-        def step(i):
-            cb.on_train_batch_begin(i)
-            logs = model.train_on_batch(x, y, return_dict=True)
-            cb.on_train_batch_end(i, logs)
-
-        return step
+        return scheduled_step(model, 0.0, 0.1, args.steps + args.warmup)
 
     teacher = bs_keras.cifar_resnet(args.teacher_depth or args.depth, input_shape=(28, 28, 1), gated=False)
     steps = {
@@ -70,18 +58,8 @@ def main():
         "sandwich": step_fn(bs_keras.Distiller(student(), "self", train_teacher=True)),
         "external": step_fn(bs_keras.Distiller(student(), teacher)),
     }
-    for i in range(args.warmup):
-        for step in steps.values():
-            step(i)
-    times = {k: [] for k in steps}
+    med = median_step_ms(steps, x, y, args.warmup, args.steps)
     names = list(steps)
-    for i in range(args.steps):
-        k = i % len(names)
-        for name in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            steps[name](i)
-            times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     print(f"gated ResNet-{args.depth}, batch {args.batch_size}, {args.steps} steps per model in rotation; "
           f"external teacher: plain ResNet-{args.teacher_depth or args.depth}")
     for name in names:

@@ -17,8 +17,6 @@ gated/plain ratio of a whole run with the paper's schedule
 """
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 
@@ -36,8 +34,8 @@ def main():
 
     import keras
 
-    import bs_keras
     from bs_keras.models import cifar_resnet
+    from step_timing import median_step_ms, scheduled_step
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.batch_size, 32, 32, 3)).astype("float32")
@@ -51,39 +49,14 @@ def main():
         )
         return model
 
-    def gated_step_fn(gamma, lam):
-        model = compiled(True)
-        cb = bs_keras.GateLossScheduler(gamma, lam)
-        cb.set_model(model)
-        cb.set_params({"steps": args.steps + args.warmup, "epochs": 1})
-        cb.on_train_begin()
-        cb.on_epoch_begin(0)
-
-        def step(i):
-            cb.on_train_batch_begin(i)
-            logs = model.train_on_batch(x, y, return_dict=True)
-            cb.on_train_batch_end(i, logs)
-
-        return step
-
     plain = compiled(False)
+    total = args.steps + args.warmup
     steps = {
-        "plain": lambda i: plain.train_on_batch(x, y, return_dict=True),
-        "gated_A": gated_step_fn(0.75, 0.0),
-        "gated_B": gated_step_fn(0.0, 0.1),
+        "plain": lambda i, x, y: plain.train_on_batch(x, y, return_dict=True),
+        "gated_A": scheduled_step(compiled(True), 0.75, 0.0, total),
+        "gated_B": scheduled_step(compiled(True), 0.0, 0.1, total),
     }
-    for i in range(args.warmup):
-        for step in steps.values():
-            step(i)
-    times = {k: [] for k in steps}
-    names = list(steps)
-    for i in range(args.steps):
-        k = i % len(names)
-        for name in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            steps[name](i)
-            times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    med = median_step_ms(steps, x, y, args.warmup, args.steps)
     a, b, p = med["gated_A"], med["gated_B"], med["plain"]
     print(f"ResNet-{args.depth}, batch {args.batch_size}, {args.steps} steps per model in rotation")
     print(f"plain step median           {p:.1f} ms")
