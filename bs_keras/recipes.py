@@ -102,7 +102,9 @@ class Recipe:
     distill_from_sha256: str = None
     distill_alpha: float = 1.0
     distill_temperature: float = 4.0
-    distill_train_teacher: bool = False
+    # --distill self: the gates-open teacher also learns from the labels
+    # (sandwich). None: yes (measured better than a stop-gradient teacher).
+    distill_train_teacher: bool = None
     description: str = ""
 
     @property
@@ -126,12 +128,16 @@ class Recipe:
         return "segmentation" if self.dataset in SEGMENTATION_DATASETS else "classification"
 
     def resolved(self):
-        """A copy with the automatic settings decided (`zero_init_residual`);
+        """A copy with the automatic settings decided (`zero_init_residual`,
+        `distill_train_teacher`);
         `training.train` runs and records this one."""
-        if self.zero_init_residual is not None:
-            return self
-        depth = int(self.model[len("resnet"):]) if self.model.startswith("resnet") else 0
-        return dataclasses.replace(self, zero_init_residual=depth >= ZERO_INIT_MIN_DEPTH)
+        out = self
+        if out.zero_init_residual is None:
+            depth = int(out.model[len("resnet"):]) if out.model.startswith("resnet") else 0
+            out = dataclasses.replace(out, zero_init_residual=depth >= ZERO_INIT_MIN_DEPTH)
+        if out.distill_train_teacher is None:
+            out = dataclasses.replace(out, distill_train_teacher=out.distill == "self")
+        return out
 
     def warmup_steps(self, steps_per_epoch):
         """The warm-up in optimizer steps (0: none; at least 1 when `warmup` > 0)."""

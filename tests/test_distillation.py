@@ -164,6 +164,19 @@ def test_distillation_under_mixed_precision_keeps_the_term_float32_and_finite(te
     assert all(np.isfinite(w.numpy()).all() for w in student.weights)
 
 
+def test_the_self_teacher_trains_by_default_and_an_external_one_never():
+    from bs_keras import recipes
+
+    student = _student()
+    assert Distiller(student, "self").train_teacher is True  # the sandwich rule measured better
+    assert Distiller(student, "self", train_teacher=False).train_teacher is False
+    external = cifar_resnet(8, num_classes=3, input_shape=SHAPE, gated=False)
+    assert Distiller(student, external).train_teacher is False
+    demo = recipes.get_recipe("fashion_mnist_demo")
+    assert demo.replace(distill="self").resolved().distill_train_teacher is True
+    assert demo.resolved().distill_train_teacher is False
+
+
 def test_bad_distillers_are_refused():
     student = _student()
     with pytest.raises(ValueError, match="teacher='self'"):

@@ -117,9 +117,9 @@ def parse_args(argv=None):
     d.add_argument("--distill-from", help="a trained classifier (.keras, e.g. a plain run's best.keras) as teacher")
     d.add_argument("--distill-alpha", type=number, help="weight of the distillation term (default 1)")
     d.add_argument("--distill-temperature", type=number, help="softening temperature T (default 4)")
-    d.add_argument("--distill-train-teacher", action="store_true", default=None,
-                   help="--distill self: the full network also learns from the labels (sandwich rule) "
-                   "instead of being a stop-gradient target")
+    d.add_argument("--distill-train-teacher", action=argparse.BooleanOptionalAction, default=None,
+                   help="--distill self: the full network also learns from the labels (sandwich rule, the "
+                   "default) or, with --no-distill-train-teacher, is only a stop-gradient target")
     r = p.add_argument_group("runtime")
     r.add_argument("--strategy", default="auto", help="auto, cpu, mirrored, multi_worker or tpu")
     r.add_argument("--mixed-precision", action="store_true", help="mixed_float16 (gates and losses stay float32)")
