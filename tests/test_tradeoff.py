@@ -7,6 +7,8 @@ import os
 
 import pytest
 
+from bs_keras.lr_schedules import WarmUp
+
 from bs_keras.cli import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,7 +179,9 @@ def test_paper_protocol_plan_is_the_long_plan_with_the_papers_cifar10_schedule(t
         half = bool(r.prune_from or r.gate_from) or name.startswith("plain_half")
         assert r.epochs == (250 if half else 500)
         if r.epochs == 500:
-            drops = learning_rate(r, steps_per_epoch).boundaries
+            lr = learning_rate(r, steps_per_epoch)
+            assert isinstance(lr, WarmUp) and lr.warmup_steps == 5 * steps_per_epoch  # 1 % of 500 epochs
+            drops = lr.schedule.boundaries
             assert [int(b) for b in drops] == [e * steps_per_epoch for e in (300, 375, 450)]
             if r.gated:
                 assert r.gamma == (0.0 if name.startswith("l0_") else 0.75)
