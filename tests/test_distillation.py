@@ -214,10 +214,10 @@ def test_train_py_distils_from_a_teacher_file_resumes_with_it_and_records_it(tmp
     (config.json records it and its sha256), and last.keras is the student."""
     from test_train_cli import TINY, _run, _start_paused
 
-    plain = tmp_path / "plain"
-    result = _run([*TINY, "--plain", "--epochs", "1", "--run-dir", str(plain)])
-    assert result.returncode == 0, result.stderr[-3000:]
-    teacher_path = plain / "best.keras"
+    # The teacher (and --gate-from source): an untrained plain ResNet-20 of the run's shape.
+    teacher_path = tmp_path / "teacher.keras"
+    cifar_resnet(20, num_classes=10, input_shape=(28, 28, 1), gated=False, width_multiplier=0.25,
+                 seed=0).save(teacher_path)
     run_dir = tmp_path / "run"
     args = [*TINY, "--epochs", "2", "--limit-train", "256", "--gate-from", str(teacher_path),
             "--distill-from", str(teacher_path), "--distill-alpha", "0.5", "--target-macs", "0.7",
