@@ -162,6 +162,17 @@ class GateLossScheduler(keras.callbacks.Callback):
             self._previous[i] = now
         return self._ratio(rates)
 
+    @staticmethod
+    def _task_loss(logs, gate_logs, gamma, lam):
+        """The running task loss: a `task_loss` metric (train.py compiles one),
+        else Keras' total `loss` less the gate losses' terms (weight decay stays in)."""
+        if "task_loss" in logs:
+            return float(keras.ops.convert_to_numpy(logs["task_loss"]))
+        if "loss" not in logs:
+            return None
+        total = float(keras.ops.convert_to_numpy(logs["loss"]))
+        return total - lam * gate_logs.get("l0_loss", 0.0) - gamma * gate_logs.get("bs_loss", 0.0)
+
     def _gate_logs(self, totals):
         values = [g.stats.values(t) for g, t in zip(self._gates, totals)]
         if any(v is None for v in values):
@@ -190,9 +201,7 @@ class GateLossScheduler(keras.callbacks.Callback):
         gate_logs = self._gate_logs(totals)
         if self._budget is not None and not self._hard:
             t = self._time(self._budget, batch)
-            # The running task loss: train.py's `task_loss` metric, else Keras' total `loss`.
-            task_loss = (logs or {}).get("task_loss", (logs or {}).get("loss"))
-            task_loss = None if task_loss is None else float(keras.ops.convert_to_numpy(task_loss))
+            task_loss = self._task_loss(logs or {}, gate_logs, gamma, lam)
             self._budget.update(t, self._batch_ratio(totals, self._budget.measure), task_loss=task_loss,
                                 l0=gate_logs.get("l0_loss"))
             # Assigned now, not at the next batch: a checkpoint after this

@@ -24,6 +24,7 @@ import tensorflow as tf
 
 import bs_keras
 from bs_keras import data as data_lib
+from bs_keras import recipes
 from bs_keras import lr_schedules
 from bs_keras import report as report_lib
 from bs_keras.callbacks import (
@@ -303,7 +304,7 @@ def gate_callback(recipe):
             recipe.target_macs, begin=recipe.lam_begin * recipe.epochs, end=recipe.lam_end * recipe.epochs,
             rate=recipe.budget_rate, gain=recipe.budget_gain, unwind=recipe.budget_unwind,
             max_multiplier=recipe.budget_max, measure=recipe.budget_measure,
-            max_loss_ratio=recipe.budget_loss_ratio,
+            max_loss_ratio=recipe.budget_loss_ratio or None,
         )  # fmt: skip
     hard = None
     if recipe.hard_gates_begin is not None:
@@ -349,10 +350,11 @@ def prepare_run_dir(run_dir, recipe, runtime, overwrite=False):
                 "so the run cannot be resumed. Restore it from a backup, or pass --overwrite to start "
                 "the run again."
             ) from e
-        if saved.get("recipe") != recipe.to_dict():
+        saved_recipe = recipes.upgrade(saved.get("recipe", {}))
+        if saved_recipe != recipe.to_dict():
             diff = sorted(
-                k for k in set(saved.get("recipe", {})) | set(recipe.to_dict())
-                if saved.get("recipe", {}).get(k) != recipe.to_dict().get(k)
+                k for k in set(saved_recipe) | set(recipe.to_dict())
+                if saved_recipe.get(k) != recipe.to_dict().get(k)
             )
             raise RunError(
                 f"{run_dir} holds a run with different settings ({', '.join(diff)}). "
@@ -850,7 +852,6 @@ def _train_locked(recipe, run_dir, runtime, strategy_obj, is_chief, *, data_dir,
 def evaluate(model_path, dataset, out_dir=None, *, data_dir=None, manual_dir=None, batch_size=128,
              image_size=None, limit_eval=None, skip_bad_images=False, log=print):
     """Evaluates a saved `.keras` model and writes the same report as training."""
-    from bs_keras import recipes
 
     if not os.path.exists(model_path):
         raise RunError(f"--model-path {model_path} does not exist; pass a .keras file written by train.py.")

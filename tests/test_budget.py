@@ -247,3 +247,46 @@ def test_budget_on_a_gated_pspnet_with_its_two_heads():
     ratio = count_macs(model) / ungated  # every gate open (logit = 3)
     assert history.history["hard_macs_ratio"] == pytest.approx([ratio])
     assert budget.multiplier == pytest.approx(2 * (ratio - 0.5))
+
+
+def test_a_budget_run_bounds_its_l0_term_and_starts_its_gates_at_bias_1_by_default(tmp_path):
+    """The recipe defaults under --target-macs: the L0 term bounded at 10x the
+    task loss, the gates at logit 1 (their sigmoid's slope 0.20 against 0.045
+    at 3); a fixed lambda keeps bias 3 and ignores the bound; 0 lifts it."""
+    from bs_keras import recipes, training
+
+    sweep = recipes.RECIPES["fashion_mnist_sweep"]
+    budgeted = sweep.replace(target_macs=0.5).validate().resolved()
+    assert budgeted.gate_init_bias == 1.0 and budgeted.gate_kwargs["init_bias"] == 1.0
+    assert training.gate_callback(budgeted).lam.max_loss_ratio == 10.0
+    fixed = sweep.validate().resolved()
+    assert fixed.gate_init_bias == 3.0 and fixed.gate_kwargs["init_bias"] == 3.0
+    assert sweep.replace(target_macs=0.5, gate_init_bias=2.0).resolved().gate_kwargs["init_bias"] == 2.0
+    unbounded = sweep.replace(target_macs=0.5, budget_loss_ratio=0.0).validate()
+    assert training.gate_callback(unbounded).lam.max_loss_ratio is None
+    # A config.json written before the bound (null) resumes as "no bound".
+    old = {**budgeted.to_dict(), "budget_loss_ratio": None}
+    assert recipes.Recipe.from_dict(old).budget_loss_ratio == 0.0
+    with pytest.raises(ValueError, match="--budget-loss-ratio=-1.0 is invalid.*0: no bound"):
+        sweep.replace(target_macs=0.5, budget_loss_ratio=-1.0).validate()
+
+
+def test_the_bound_holds_the_l0_term_within_its_multiple_of_the_task_loss_in_fit():
+    """In `fit` (frozen model), with an unreachable target the unbounded
+    weight keeps growing while the bounded one stops where |lambda| * L0 =
+    K * task loss. The task loss is read from a `task_loss` metric, or
+    without one from Keras' total loss less the gate terms; checked here
+    against a cross-entropy metric the callback does not read."""
+    x, y = _data(64)
+    weights = {}
+    for bound, metric_name in ((None, "ce"), (0.5, "task_loss"), (0.5, "ce")):
+        model = cifar_resnet(8, num_classes=3, input_shape=(16, 16, 3), seed=0)
+        model.compile(optimizer=keras.optimizers.SGD(0.0), loss="sparse_categorical_crossentropy",
+                      metrics=[keras.metrics.SparseCategoricalCrossentropy(name=metric_name)])
+        budget = MacBudget(0.05, rate=20.0, gain=100.0, unit="step", max_loss_ratio=bound)
+        history = model.fit(x, y, batch_size=16, epochs=2, verbose=0,
+                            callbacks=[bs_keras.GateLossScheduler(0.0, budget)]).history
+        weights[bound, metric_name] = budget.weight
+        if bound is not None:
+            assert budget.weight * history["l0_loss"][-1] == pytest.approx(0.5 * history[metric_name][-1], rel=0.05)
+    assert weights[None, "ce"] > 5 * weights[0.5, "ce"] > 0

@@ -53,7 +53,8 @@ def parse_args(argv=None):
     g.add_argument("--gate-temperature", type=number,
                    help="binary-concrete temperature of the gates in training (default 2/3)")
     g.add_argument("--gate-init-bias", type=number,
-                   help="initial bias of the gate logits (default 3.0: gates start open)")
+                   help="initial bias of the gate logits (default 1.0 with --target-macs, else 3.0; positive: "
+                   "gates start open)")
     g.add_argument("--image-size", type=positive_int, help="resize images to this square size")
     g.add_argument("--crop-size", type=positive_int, help="segmentation training crop (default 713 for Cityscapes)")
     g.add_argument("--aux-weight", type=number, help="segmentation auxiliary-head loss weight (default 0.4)")
@@ -101,7 +102,8 @@ def parse_args(argv=None):
     t.add_argument("--budget-unwind", type=number,
                    help="--target-macs: how many times faster the multiplier falls than it rises (default 10)")
     t.add_argument("--budget-loss-ratio", type=number,
-                   help="--target-macs: keep the L0 term at most this multiple of the running task loss")
+                   help="--target-macs: keep the L0 term at most this multiple of the running task loss "
+                   "(default 10; 0: no bound)")
     t.add_argument("--budget-measure", choices=("inference", "expected"),
                    help="--target-macs: the ratio the multiplier follows (logit > 0 gates, or open probabilities)")
     t.add_argument("--prior-a", type=number, help="Beta prior parameter a (default 0.6)")
