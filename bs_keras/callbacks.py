@@ -45,7 +45,9 @@ class GateLossScheduler(keras.callbacks.Callback):
       relative to the ungated network (what `report.json` calls
       `macs_ratio`);
     - with a `MacBudget` as `lam`: `mac_target`, the budget's current target
-      (`lam` is then the L0 weight the budget set).
+      (`lam` is then the L0 weight the budget set), and `l0_task_ratio_max`,
+      the epoch's largest `|lam| * l0_loss / task loss` (what
+      `MacBudget(max_loss_ratio=...)` bounds);
     - with `hard`: `hard_gates`, 1 in the hard-gate phase.
 
     Training values are running means over the epoch, like Keras metrics.
@@ -88,6 +90,7 @@ class GateLossScheduler(keras.callbacks.Callback):
         self._assigned = None
         self._hard = None
         self._train_logs = {}
+        self._l0_ratio_max = 0.0
 
     def on_train_begin(self, logs=None):
         net = unwrap(self.model)  # a Distiller trains its student
@@ -109,6 +112,7 @@ class GateLossScheduler(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
         self._train_logs = {}
+        self._l0_ratio_max = 0.0
         self._previous = [None] * len(self._gates)  # fit resets the gates' stats now
 
     def _time(self, schedule, batch):
@@ -210,8 +214,14 @@ class GateLossScheduler(keras.callbacks.Callback):
             if new_lam != lam:
                 gating.set_gate_loss_weights(self._gates, self._bs_share, self._l0_share, gamma, new_lam)
                 self._assigned = (gamma, new_lam)
+            if task_loss and task_loss > 0 and "l0_loss" in gate_logs:
+                ratio = abs(new_lam) * gate_logs["l0_loss"] / task_loss
+                self._l0_ratio_max = max(self._l0_ratio_max, ratio)
         self._step += 1
         self._train_logs = {"gamma": gamma, "lam": lam, **gate_logs}
+        if self._budget is not None:
+            # The largest |lambda| * L0 / task loss of the epoch's steps (the bound's quantity).
+            self._train_logs["l0_task_ratio_max"] = self._l0_ratio_max
         if self.hard is not None:
             self._train_logs["hard_gates"] = float(self._hard)
         if logs is not None:
