@@ -94,6 +94,19 @@ def test_startup_log_shows_records_from_the_asked_level(level, verbose, shown):
     assert result.stdout.strip() == str(level or (None if verbose else "2"))
 
 
+def test_a_child_of_a_quiet_process_stays_quiet():
+    """The level a quiet start-up sets (2) is inherited by child processes
+    (a sweep driver's train.py runs): they must not take it for the user's."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "BS_KERAS_TF_LOG_LEVEL_DEFAULTED")}
+    code = FAKE_STARTUP + "import subprocess; subprocess.run([sys.executable, '-c', CHILD, 'quiet'], check=True)\n"
+    code = "CHILD = " + repr(FAKE_STARTUP) + "\n" + code
+    result = subprocess.run([sys.executable, "-c", code, "quiet"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert RECORD.findall(result.stderr) == [], result.stderr
+    assert result.stdout.split() == ["2", "2"]
+
+
 @pytest.mark.slow
 def test_short_run_prints_no_tensorflow_log(tmp_path):
     """A CPU-only run: none of TensorFlow's start-up lines (absl banner,

@@ -24,6 +24,7 @@ import sys
 import tempfile
 
 LEVEL_VAR = "TF_CPP_MIN_LOG_LEVEL"
+DEFAULTED_VAR = "BS_KERAS_TF_LOG_LEVEL_DEFAULTED"
 ABSL_BANNER = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 # An absl log record: severity, MMDD, time, thread, file:line].
 LOG_RECORD = re.compile(r"([IWEF])\d{4} \S+\s+\d+ \S+:\d+\] ")
@@ -49,7 +50,12 @@ def import_tensorflow(verbose=False):
         level = int(os.environ[LEVEL_VAR])
     except (KeyError, ValueError):
         level = 3
-    os.environ.setdefault(LEVEL_VAR, "2")
+    if os.environ.get(DEFAULTED_VAR) is not None and os.environ.get(DEFAULTED_VAR) == os.environ.get(LEVEL_VAR):
+        level = 3  # set by a parent's import_tensorflow, not by the user
+    if LEVEL_VAR not in os.environ:
+        # Marked as ours, so that a child process (a sweep's train.py)
+        # inheriting it does not take it for the user's choice.
+        os.environ[LEVEL_VAR] = os.environ[DEFAULTED_VAR] = "2"
     with _stderr_filtered(level):
         _start()
 
