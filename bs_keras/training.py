@@ -452,7 +452,7 @@ class SegmentationTask:
     monitor = "val_seg_miou"
 
     def __init__(self, recipe, data_dir, manual_dir):
-        from bs_keras import segmentation_data
+        from bs_keras.data import segmentation as segmentation_data
 
         self.recipe = recipe
         self.source = segmentation_data.get_segmentation_dataset(
