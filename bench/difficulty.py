@@ -7,7 +7,7 @@
 Each argument is a run directory of train.py trained (or evaluated, with
 `train.py --evaluate`) on `--dataset fashion_mnist_levels`, whose
 per_sample.npz holds the difficulty `level` of every test image (0 clean,
-1-3 increasing pixel noise, bs_keras.levels_data). Writes into --out:
+1-3 increasing pixel noise, bs_keras.data.levels). Writes into --out:
 
 - difficulty.md: per run, accuracy and mean conditional MAC ratio (of the
   ungated network) per level, Spearman(MACs, level) and the fraction of

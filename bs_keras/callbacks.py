@@ -1,17 +1,15 @@
 """Training callbacks.
 
 `GateLossScheduler` assigns the gate-loss weights and logs the gate terms;
-`StopOnNaN`, `RunCheckpoint` and `GateTensorBoard` serve a run directory
-(see `bs_keras.training`).
+`StopOnNaN`, `GateTensorBoard` and `RunCSVLogger` serve a training run
+(`bs_keras.training`). The checkpoints of a run directory and its resume
+live together in `bs_keras.training.run_dir`; their old names here
+(`RunCheckpoint`, `resume_states`, ...) still work.
 """
 
 import csv
-import errno
-import json
 import math
 import os
-import zipfile
-import zlib
 
 import keras
 import numpy as np
@@ -264,184 +262,6 @@ class StopOnNaN(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-STATE_FILES = ("state.json", "previous.json")  # the last completed epoch, the one before
-
-
-def _read_state(path):
-    with open(path) as f:
-        state = json.load(f)
-    if not isinstance(state, dict) or not isinstance(state.get("epoch"), int) or state["epoch"] < 1 \
-            or not isinstance(state.get("weights"), str):
-        raise ValueError("not a resume state (epoch, weights)")
-    return state
-
-
-def load_state(run_dir):
-    """The `state/state.json` that `RunCheckpoint` wrote in `run_dir`, or None.
-
-    Raises:
-        ValueError: the file is damaged (the message names it).
-    """
-    path = os.path.join(run_dir, "state", "state.json")
-    if not os.path.exists(path):
-        return None
-    try:
-        return _read_state(path)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}).") from e
-
-
-def resume_states(run_dir):
-    """The resume states saved in `run_dir`, newest first, and the damaged files.
-
-    Returns:
-        `(states, damaged)`: the readable ones of `state/state.json` and
-        `state/previous.json` (dicts with `epoch` and `weights`, the weights
-        file present), and `(path, reason)` for each state or weights file
-        that is unreadable or missing.
-    """
-    states, damaged = [], []
-    for name in STATE_FILES:
-        path = os.path.join(run_dir, "state", name)
-        if not os.path.exists(path):
-            continue
-        try:
-            state = _read_state(path)
-        except (OSError, ValueError) as e:
-            damaged.append((path, f"{type(e).__name__}: {e}"))
-            continue
-        weights = os.path.join(run_dir, "state", state["weights"])
-        if not os.path.isfile(weights):
-            damaged.append((weights, f"missing (named by {name})"))
-        elif all(s["epoch"] != state["epoch"] for s in states):
-            states.append(state)
-    return states, damaged
-
-
-def keras_file_problem(path):
-    """Why the `.keras` file at `path` cannot be loaded (missing, not a zip,
-    truncated, a bad CRC, members missing), or None if it looks intact."""
-    if not os.path.exists(path):
-        return "missing"
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-            names = set(archive.namelist())
-    except (OSError, zipfile.BadZipFile, EOFError, ValueError, zlib.error) as e:
-        return f"{type(e).__name__}: {e}"
-    if bad is not None:
-        return f"member {bad} fails its CRC check"
-    missing = {"config.json", "model.weights.h5"} - names
-    if missing:
-        return f"{', '.join(sorted(missing))} missing from the archive"
-    return None
-
-
-def _json_writer(data):
-    def write(path):
-        with open(path, "w") as f:
-            f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-    return write
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (e.g. the disk is full).
-
-    The message names the file and says that the previous checkpoint is
-    intact; the atomic writes left it untouched. `errno` is the failed
-    write's.
-    """
-
-    def __init__(self, message, error_number=None):
-        super().__init__(message)
-        self.errno = error_number
-
-
-class RunCheckpoint(keras.callbacks.Callback):
-    """Saves a run directory's checkpoints after every completed epoch.
-
-    Each write is atomic and they come in this order: `last.keras`,
-    `best.keras` (when `monitor` improved), the resume state
-    (`state/epoch-N.weights.h5`: weights and optimizer),
-    `state/previous.json` (the state of the epoch before, whose weights file
-    is kept too) and `state/state.json` (epoch, best value) that points at
-    the new weights. A crash at any moment leaves a consistent state: the
-    newest `state.json` and the files it names; if those are damaged later,
-    `previous.json` is a second resume point (`resume_states`). A write that
-    fails (e.g. the disk is full) raises `CheckpointWriteError` and leaves
-    the files of the previous epoch as they were.
-
-    Args:
-        run_dir: the run directory.
-        nan_guard: a `StopOnNaN`; nothing is saved once it has fired.
-        monitor: the log entry whose maximum selects `best.keras`.
-        write: False on non-chief workers (they track, but do not save).
-        state: the resume state training continues from (default: the
-            run directory's `state/state.json`, if any).
-    """
-
-    def __init__(self, run_dir, nan_guard, monitor="val_accuracy", write=True, state=None):
-        super().__init__()
-        self.run_dir = run_dir
-        self.nan_guard = nan_guard
-        self.monitor = monitor
-        self.write = write
-        state = dict(state) if state else load_state(run_dir)
-        self.state = state or {"epoch": 0, "best": None, "best_epoch": None}
-
-    def _write(self, path, write):
-        try:
-            with atomic_path(path) as tmp:
-                write(tmp)
-        except OSError as e:
-            if isinstance(e, CheckpointWriteError):
-                raise
-            full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-            why = f"{e.strerror or e}{' (the disk is full)' if full else ''}"
-            kept = (
-                f"the checkpoint of epoch {self.state['epoch']} is intact, and rerunning the same "
-                "command resumes from it" if self.state.get("weights") else
-                "no epoch was saved yet, so rerunning the same command starts the run again"
-            )  # fmt: skip
-            fix = "Free some space" if full else "Fix this"
-            raise CheckpointWriteError(
-                f"Could not write {path}: {why}. {fix}; {kept} ({self.run_dir}).", e.errno
-            ) from e
-
-    def _save(self, name):
-        # The deployable model: a Distiller's student (its state files keep the wrapper's).
-        self._write(os.path.join(self.run_dir, name), unwrap(self.model).save)
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.nan_guard.bad is not None:
-            return
-        logs = logs or {}
-        value = logs.get(self.monitor)
-        improved = value is not None and (self.state["best"] is None or value > self.state["best"])
-        if not self.write:
-            return
-        previous = dict(self.state) if self.state.get("weights") else None
-        self._save("last.keras")
-        if improved:
-            self._save("best.keras")
-        state_dir = os.path.join(self.run_dir, "state")
-        os.makedirs(state_dir, exist_ok=True)
-        name = f"epoch-{epoch + 1:04d}.weights.h5"
-        self._write(os.path.join(state_dir, name), self.model.save_weights)
-        if previous is not None:
-            self._write(os.path.join(state_dir, STATE_FILES[1]), _json_writer(previous))
-        state = {**self.state, "epoch": epoch + 1, "weights": name, "monitor": self.monitor}
-        if improved:
-            state.update(best=float(value), best_epoch=epoch + 1)
-        self._write(os.path.join(state_dir, STATE_FILES[0]), _json_writer(state))
-        self.state = state
-        keep = {name, previous["weights"] if previous else None}
-        for old in os.listdir(state_dir):
-            if old.endswith(".weights.h5") and old not in keep:
-                os.remove(os.path.join(state_dir, old))
-
-
 class GateTensorBoard(keras.callbacks.Callback):
     """Per-layer gate open rates as TensorBoard histograms and scalars.
 
@@ -536,3 +356,17 @@ class RunCSVLogger(keras.callbacks.Callback):
                 writer = csv.DictWriter(f, fieldnames=fields, restval="")
                 writer.writeheader()
                 writer.writerows(rows + [row])
+
+
+# Moved to bs_keras.training.run_dir (the run directory: checkpoints and
+# resume together); imported on first use, since that package imports this one.
+_MOVED_TO_RUN_DIR = ("STATE_FILES", "CheckpointWriteError", "RunCheckpoint", "keras_file_problem", "load_state",
+                     "resume_states")
+
+
+def __getattr__(name):
+    if name in _MOVED_TO_RUN_DIR:
+        from bs_keras.training import run_dir
+
+        return getattr(run_dir, name)
+    raise AttributeError(f"module 'bs_keras.callbacks' has no attribute {name!r}")

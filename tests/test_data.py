@@ -14,6 +14,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from bs_keras import data
+from bs_keras.data import fashion_mnist, imagenet
 from data_fixtures import (
     CIFAR10_ARCHIVE,
     CIFAR10_NAMES,
@@ -202,7 +203,7 @@ def test_fashion_mnist_env_dir_without_files(tmp_path, monkeypatch):
 
 def test_fashion_mnist_falls_back_to_tfds(tmp_path, monkeypatch):
     monkeypatch.delenv(data.FASHION_MNIST_DIR_ENV, raising=False)
-    monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(tmp_path / "no_debian_package"))
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_DIR", str(tmp_path / "no_debian_package"))
     with pytest.raises(data.DatasetNotFoundError) as e:
         data.get_dataset("fashion_mnist", data_dir=tmp_path / "tfds")
     message = str(e.value)
@@ -380,7 +381,7 @@ def test_imagenet2012_random_resized_crop():
     gradient = np.tile(np.linspace(0, 255, 64, dtype=np.float32)[None, :, None], (48, 1, 3))
     encoded = tf.io.encode_jpeg(gradient.astype(np.uint8), quality=100)
     crops = [
-        data._random_resized_crop_flip(encoded, (16, 16), tf.constant([s, 0], tf.int64)).numpy()
+        imagenet._random_resized_crop_flip(encoded, (16, 16), tf.constant([s, 0], tf.int64)).numpy()
         for s in range(40)
     ]  # fmt: skip
     assert all(c.shape == (16, 16, 3) for c in crops)

@@ -1,4 +1,4 @@
-"""fashion_mnist_levels (bs_keras.levels_data): levels recorded, balanced and
+"""fashion_mnist_levels (bs_keras.data.levels): levels recorded, balanced and
 deterministic; the corruption checked against the clipped-normal formula;
 the eval order and its levels aligned; the report's per-level numbers and
 bench/difficulty.py checked against NumPy/SciPy on hand-made runs."""
@@ -12,7 +12,7 @@ from scipy import integrate, stats
 
 import difficulty
 from bs_keras import data as data_lib
-from bs_keras import levels_data
+from bs_keras.data import levels as levels_data
 from bs_keras.models import cifar_resnet
 from bs_keras.report import evaluate_model, per_level_table
 

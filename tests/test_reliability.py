@@ -15,14 +15,8 @@ import numpy as np
 import pytest
 
 from bs_keras import data, recipes, run_lock, training
-from bs_keras.callbacks import (
-    CheckpointWriteError,
-    RunCheckpoint,
-    RunCSVLogger,
-    StopOnNaN,
-    keras_file_problem,
-    resume_states,
-)
+from bs_keras.callbacks import RunCSVLogger, StopOnNaN
+from bs_keras.training.run_dir import CheckpointWriteError, RunCheckpoint, keras_file_problem, resume_states
 from bs_keras.cli import train as train_cli
 from bs_keras.io_utils import atomic_path
 
@@ -413,3 +407,14 @@ def test_train_recovers_from_a_full_disk_and_from_damaged_checkpoints(tmp_path, 
     with pytest.raises(training.RunError, match="config.json is damaged .* pass --overwrite"):
         train()
     assert not (run_dir / ".lock").exists()
+
+
+def test_the_checkpoint_names_moved_to_run_dir_still_import_from_callbacks():
+    from bs_keras import callbacks
+    from bs_keras.training import run_dir
+
+    for name in ("STATE_FILES", "CheckpointWriteError", "RunCheckpoint", "keras_file_problem", "load_state",
+                 "resume_states"):
+        assert getattr(callbacks, name) is getattr(run_dir, name), name
+    with pytest.raises(AttributeError):
+        callbacks.no_such_name

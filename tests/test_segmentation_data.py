@@ -1,4 +1,4 @@
-"""Tests of bs_keras.segmentation_data, fully offline.
+"""Tests of bs_keras.data.segmentation, fully offline.
 
 The real TFDS cityscapes builder prepares tiny archives in the original layout
 (tests/seg_fixtures.py); fashion_canvas is built from the installed
@@ -14,7 +14,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from bs_keras import data
-from bs_keras import segmentation_data as sd
+from bs_keras.data import segmentation as sd
 from seg_fixtures import CITYSCAPES_SHAPE, write_cityscapes_archives
 
 pytestmark = pytest.mark.usefixtures("offline")

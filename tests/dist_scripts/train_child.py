@@ -5,7 +5,7 @@ synchronisation points instead of sleeps.
 
 Same as `python train.py ...`, plus two hooks set by environment variables:
 
-- `BS_KERAS_TEST_WAIT_FOR=FILE`: `training.prepare_run_dir` first waits (up
+- `BS_KERAS_TEST_WAIT_FOR=FILE`: `prepare_run_dir` first waits (up
   to 120 s) for FILE to exist. tests/test_distribute.py sets it for the
   non-chief worker to the chief's `config.json`, so that the chief always
   creates the run directory first (without it the two race, which
@@ -25,7 +25,7 @@ import time
 
 import keras
 
-from bs_keras import training
+from bs_keras.training import run as training_run
 from bs_keras.cli import train
 
 PAUSE_LIMIT_S = 300
@@ -68,13 +68,13 @@ class PauseAt(keras.callbacks.Callback):
 def _install_hooks():
     wait_for = os.environ.get("BS_KERAS_TEST_WAIT_FOR")
     if wait_for:
-        prepare = training.prepare_run_dir
+        prepare = training_run.prepare_run_dir
 
         def prepare_after(*args, **kwargs):
             wait_for_file(wait_for, 120)
             return prepare(*args, **kwargs)
 
-        training.prepare_run_dir = prepare_after
+        training_run.prepare_run_dir = prepare_after  # the name `train` calls
 
     pause = os.environ.get("BS_KERAS_TEST_PAUSE")
     if pause:

@@ -31,7 +31,10 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from bs_keras import data as data_lib
+from bs_keras.data.fashion_mnist import FASHION_MNIST_CLASSES, fashion_mnist_dir, load_fashion_mnist
+from bs_keras.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from bs_keras.data.source import DatasetNotFoundError, check_batch_size
+from bs_keras.data.tfds_source import default_manual_dir, import_tfds, prepare_offline, tfds_builder
 
 IGNORE_LABEL = 255
 
@@ -56,7 +59,7 @@ FASHION_CANVAS_TRAIN_EXAMPLES = 6000
 FASHION_CANVAS_EVAL_EXAMPLES = 1000
 # A pasted item's pixel is labelled with its class if brighter than this (of 255).
 FASHION_CANVAS_THRESHOLD = 20
-FASHION_CANVAS_CLASSES = ["background", *data_lib.FASHION_MNIST_CLASSES]
+FASHION_CANVAS_CLASSES = ["background", *FASHION_MNIST_CLASSES]
 FASHION_CANVAS_SCALE_RANGE = (0.75, 1.5)
 
 SEGMENTATION_DATASETS = ("cityscapes", "fashion_canvas")
@@ -162,7 +165,7 @@ class SegmentationSource:
             A `tf.data.Dataset` of `(images, labels)` batches of
             `info.crop_size`.
         """
-        data_lib.check_batch_size(batch_size)
+        check_batch_size(batch_size)
         if not repeat and batch_size > self.info.train_examples:
             raise ValueError(
                 f"batch_size={batch_size} is larger than the {self.info.train_examples} "
@@ -210,7 +213,7 @@ class SegmentationSource:
         Returns:
             A `tf.data.Dataset` of `(images, labels)` batches of `info.eval_size`.
         """
-        data_lib.check_batch_size(batch_size)
+        check_batch_size(batch_size)
         ds = self._eval_examples().map(
             lambda image, label: (self._normalize(image), tf.cast(label, tf.int32)),
             num_parallel_calls=_AUTOTUNE,
@@ -395,25 +398,25 @@ def _cityscapes_how_to(manual_dir):
 
 def _cityscapes_source(data_dir, manual_dir, crop_size, eval_size, scale_range, limit_train,
                        limit_eval):
-    tfds = data_lib.import_tfds()
-    builder = data_lib.tfds_builder(CITYSCAPES_TFDS_NAME, data_dir)
+    tfds = import_tfds()
+    builder = tfds_builder(CITYSCAPES_TFDS_NAME, data_dir)
     if not builder.is_prepared():
         manual_dir = os.path.expanduser(
-            os.fspath(manual_dir or data_lib.default_manual_dir(builder))
+            os.fspath(manual_dir or default_manual_dir(builder))
         )  # fmt: skip
         missing = [
             f for f in CITYSCAPES_ARCHIVES if not os.path.isfile(os.path.join(manual_dir, f))
         ]  # fmt: skip
         if missing:
-            raise data_lib.DatasetNotFoundError(
+            raise DatasetNotFoundError(
                 f"cityscapes is not prepared in {builder.data_dir} and {' and '.join(missing)} "
                 f"{'is' if len(missing) == 1 else 'are'} not in {manual_dir}. "
                 + _cityscapes_how_to(manual_dir)
             )
-        data_lib.prepare_offline(builder, manual_dir, _cityscapes_how_to(manual_dir))
+        prepare_offline(builder, manual_dir, _cityscapes_how_to(manual_dir))
     splits = builder.info.splits
     if "train" not in splits or "validation" not in splits:
-        raise data_lib.DatasetNotFoundError(
+        raise DatasetNotFoundError(
             f"cityscapes in {builder.data_dir} lacks the train or validation split "
             f"(has {list(splits)}); prepare it again from both archives."
         )
@@ -442,8 +445,8 @@ def _cityscapes_source(data_dir, manual_dir, crop_size, eval_size, scale_range, 
         class_names=list(CITYSCAPES_CLASSES), ignore_label=IGNORE_LABEL,
         train_examples=splits[train_name].num_examples,
         eval_examples=splits[eval_name].num_examples, crop_size=crop_size,
-        eval_size=eval_size or native, channels=3, mean=data_lib.IMAGENET_MEAN,
-        std=data_lib.IMAGENET_STD,
+        eval_size=eval_size or native, channels=3, mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
     )  # fmt: skip
     return SegmentationSource(
         info,
@@ -519,7 +522,7 @@ def make_fashion_canvases(images, labels, count, *, size=FASHION_CANVAS_SIZE,
 
 @functools.lru_cache(maxsize=1)
 def _fashion_mnist(directory):
-    splits = data_lib.load_fashion_mnist(directory)
+    splits = load_fashion_mnist(directory)
     for array in (*splits[0], *splits[1]):
         array.setflags(write=False)
     return splits
@@ -541,7 +544,7 @@ def _fashion_canvas_source(crop_size, eval_size, scale_range, seed, limit_train,
     eval_count = min(int(limit_eval or FASHION_CANVAS_EVAL_EXAMPLES),
                      FASHION_CANVAS_EVAL_EXAMPLES)  # fmt: skip
     (x_train, y_train), (x_eval, y_eval) = _fashion_canvas_arrays(
-        data_lib.fashion_mnist_dir(), int(seed), train_count, eval_count
+        fashion_mnist_dir(), int(seed), train_count, eval_count
     )
     pixels = x_train.astype(np.float64) / 255.0
     size = (FASHION_CANVAS_SIZE, FASHION_CANVAS_SIZE)

@@ -9,7 +9,7 @@ uint8. A fixed permutation gives each level a quarter of each split.
 Everything depends only on the split, the image index and `DATASET_SEED`:
 not on the run's seed, nor on the order tf.data reads the images in. The
 corruption is done once, in NumPy, before the pipeline of
-`bs_keras.data.fashion_mnist_arrays_source` (augmentation, normalization,
+`bs_keras.data.fashion_mnist.fashion_mnist_arrays_source` (augmentation, normalization,
 caching as for `"fashion_mnist"`). The evaluation split keeps its order, and
 its levels are in `info.eval_metadata["level"]`, so the report can break
 accuracy and conditional MACs down by level.
@@ -24,7 +24,7 @@ levels = source.info.eval_metadata["level"]  # int32, in source.eval() order
 
 import numpy as np
 
-from bs_keras import data as data_lib
+from bs_keras.data.fashion_mnist import fashion_mnist_arrays_source, load_fashion_mnist
 
 NAME = "fashion_mnist_levels"
 NUM_LEVELS = 4
@@ -111,7 +111,7 @@ def fashion_mnist_levels_arrays(directory=None, seed=DATASET_SEED):
         DatasetNotFoundError: an IDX file is missing.
     """
     out = {}
-    for split, (images, labels) in zip(SPLITS, data_lib.load_fashion_mnist(directory)):
+    for split, (images, labels) in zip(SPLITS, load_fashion_mnist(directory)):
         levels = assign_levels(len(images), split, seed)
         out[split] = (corrupt(images, levels, split, seed), labels, levels)
     return out
@@ -130,7 +130,7 @@ def fashion_mnist_levels_source(size=None, channels=None):
     """
     arrays = fashion_mnist_levels_arrays()
     (x_train, y_train, _), (x_test, y_test, test_levels) = arrays["train"], arrays["test"]
-    source = data_lib.fashion_mnist_arrays_source(NAME, (x_train, y_train), (x_test, y_test), size, channels)
+    source = fashion_mnist_arrays_source(NAME, (x_train, y_train), (x_test, y_test), size, channels)
     source.info.eval_metadata = {"level": test_levels}
     return source
 
