@@ -472,7 +472,7 @@ RECIPES["fashion_mnist_demo"] = dataclasses.replace(
 )
 
 # The sweep recipe on the data set with difficulty levels
-# (bs_keras.levels_data): the same training, so its runs compare with the
+# (bs_keras.data.levels): the same training, so its runs compare with the
 # sweep's.
 RECIPES["fashion_mnist_levels_sweep"] = dataclasses.replace(
     RECIPES["fashion_mnist_sweep"], name="fashion_mnist_levels_sweep", dataset="fashion_mnist_levels",
