@@ -167,7 +167,9 @@ class GateLossScheduler(keras.callbacks.Callback):
     @staticmethod
     def _task_loss(logs, gate_logs, gamma, lam):
         """The running task loss: a `task_loss` metric (train.py compiles one),
-        else Keras' total `loss` less the gate losses' terms (weight decay stays in)."""
+        else Keras' total `loss` less the gate losses' terms at the current
+        weights (approximate while they change within the epoch; weight decay
+        stays in)."""
         if "task_loss" in logs:
             return float(keras.ops.convert_to_numpy(logs["task_loss"]))
         if "loss" not in logs:

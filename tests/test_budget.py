@@ -288,9 +288,12 @@ def test_the_bound_holds_the_l0_term_within_its_multiple_of_the_task_loss_in_fit
                             callbacks=[bs_keras.GateLossScheduler(0.0, budget)]).history
         weights[bound, metric_name] = budget.weight
         if bound is not None:
-            assert budget.weight * history["l0_loss"][-1] == pytest.approx(0.5 * history[metric_name][-1], rel=0.05)
+            # Exact with the metric; from the total loss within the change of
+            # lambda over the epoch (the loss mean holds earlier weights).
+            rel = 1e-3 if metric_name == "task_loss" else 0.15
+            assert budget.weight * history["l0_loss"][-1] == pytest.approx(0.5 * history[metric_name][-1], rel=rel)
             # Logged: the epoch's largest ratio, at the bound.
-            assert max(history["l0_task_ratio_max"]) == pytest.approx(0.5, rel=1e-3)
+            assert max(history["l0_task_ratio_max"]) == pytest.approx(0.5, rel=1e-3)  # as the callback saw it
         else:
             assert max(history["l0_task_ratio_max"]) > 5
     assert weights[None, "ce"] > 5 * weights[0.5, "ce"] > 0
