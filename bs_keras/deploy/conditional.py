@@ -21,8 +21,9 @@ tflite = cond.to_tflite("dynamic", with_gates=True)   # batch 1, LiteRT IF branc
 xla = conditional_model(model, calibration_images, jit_compile=True)  # XLA, nested tf.cond
 ```
 
-`python -m export MODEL.keras --mode conditional --calibration ... [--format tflite]`
-writes these (`bs_keras.cli.export`); Serving and saving are in `bs_keras.deploy.conditional_serving`, the width
+`bs_keras.deploy.export(model, out, mode="conditional", calibration=...)` writes
+these (`python -m export` on the command line); serving and saving are in
+`bs_keras.deploy.conditional_serving`, the width
 fitting in `bs_keras.deploy.widths`, the layer re-implementations in
 `bs_keras.deploy.tf_layers`.
 """

@@ -5,7 +5,7 @@
 masks, executed MACs and widths); `to_tflite(module, quantize)` converts the
 batch-1 function for LiteRT; `ConditionalRunner` puts a module or its
 SavedModel behind the parity-table interface of `bs_keras.deploy.parity`;
-`describe` is what the export CLI writes to conditional.json.
+`describe` is what `bs_keras.deploy.export` writes to conditional.json.
 """
 
 import os
@@ -197,7 +197,7 @@ class ConditionalRunner:
 
 
 def describe(module, images=None, calibration_samples=None):
-    """What `python -m export --mode conditional` writes to conditional.json.
+    """What `bs_keras.deploy.export(..., mode="conditional")` writes to conditional.json.
 
     Per gated block the gate, its channels and the precompiled widths;
     with `images`, the mean executed MACs at batch 1 on them.
