@@ -132,7 +132,7 @@ def export(model, out, *, mode="masked", format="saved_model", quantize="none", 
             unusable calibration data or an unsupported model. Nothing is
             left in `out`'s place on failure.
     """
-    quantize = parse_quantize(quantize) if isinstance(quantize, str) else list(quantize)
+    quantize = parse_quantize(quantize if isinstance(quantize, str) else ",".join(quantize))
     check_options(model, out, format=format, mode=mode, quantize=quantize, calibration=calibration,
                   round_to=round_to, widths=widths, max_widths=max_widths, xla=xla, overwrite=overwrite)
     run = _Run(
