@@ -23,96 +23,181 @@ BUDGET_GATE_INIT_BIAS = 1.0
 FIXED_LAM_GATE_INIT_BIAS = 3.0
 
 
+def flag(default=dataclasses.MISSING, help=None, *, group=None, type=None, choices=None, exclusive=None,
+         switches=None):
+    """A `Recipe` field that `train.py` also takes as a flag, `flag_name(field)`.
+
+    The flag's argparse settings come from the field: its type (`float`:
+    any number, `int`: a positive integer, `bool`: `--x/--no-x`, `str`), and
+    its default, which `help` may show as `{default}`. The flag itself
+    defaults to None: the recipe's value stands unless the flag is given.
+
+    Args:
+        default: the field's default.
+        help: the flag's help text.
+        group: the `--help` section ("model", "training", "distillation"),
+            None for the top one.
+        type: "int" (any integer) instead of what the field's type gives.
+        choices: the values the flag accepts.
+        exclusive: flags with the same name here are mutually exclusive.
+        switches: for a `bool` field, `{flag: (value, help)}` instead of
+            `--x/--no-x` (e.g. `--gated` / `--plain`).
+    """
+    spec = {"help": help, "group": group, "type": type, "choices": choices, "exclusive": exclusive,
+            "switches": switches}
+    return dataclasses.field(default=default, metadata={"flag": spec})
+
+
+def flag_name(field):
+    """`"gate_init_bias"` -> `"--gate-init-bias"`."""
+    return "--" + field.replace("_", "-")
+
+
+def flag_fields():
+    """`(field, spec)` for every `Recipe` field that is a flag, in field order
+    (`spec`: the arguments of `flag` but the default)."""
+    return [(f, f.metadata["flag"]) for f in dataclasses.fields(Recipe) if "flag" in f.metadata]
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """Every setting of a training run.
 
     Fractions (`lr_decay_at`, `warmup`, `gamma_end`, `lam_begin`, `lam_end`,
     `hard_gates_begin`) are of the total epochs, so a recipe keeps its shape
-    when `epochs` changes.
+    when `epochs` changes. The fields made with `flag` are also flags of
+    `train.py` (`flag_fields`).
     """
 
     name: str
-    dataset: str
-    model: str
-    epochs: int
-    batch_size: int
-    lr: float
-    gated: bool = True
-    optimizer: str = "sgd"
+    dataset: str = flag(
+        help="fashion_mnist (default), fashion_mnist_levels (difficulty levels 0-3), cifar10, imagenet2012, "
+        "cityscapes, any TFDS image-classification name, or a folder with one subfolder per class")
+    model: str = flag(group="model", help="resnet20/32/44/56/110 (CIFAR-style) or resnet18/34/50 (ImageNet-style)")
+    epochs: int = flag(group="training")
+    batch_size: int = flag(group="training", help="global batch size")
+    lr: float = flag(group="training", help="peak learning rate")
+    gated: bool = flag(True, group="model",
+                       switches={"--gated": (True, "gated model (default)"), "--plain": (False, "ungated baseline")})
+    optimizer: str = flag("sgd", group="training", help="sgd or adam")
     momentum: float = 0.9
     nesterov: bool = True
-    lr_schedule: str = "step"
+    lr_schedule: str = flag("step", group="training", help="step, cosine, poly or constant")
     lr_decay_at: tuple = (0.5, 0.75)
     lr_decay_factor: float = 0.1
     # Linear learning-rate warm-up over this fraction of the run (every schedule).
-    warmup: float = 0.0
+    warmup: float = flag(0.0, group="training",
+                         help="linear learning-rate warm-up over this fraction of the run, any schedule "
+                         "(default: the recipe's, e.g. 0.02; 0 for none)")
     # Zero-initialised scale of the last BN in each residual branch (Goyal et
     # al. 2017). None: on for the deep CIFAR ResNets (ZERO_INIT_MIN_DEPTH and
     # deeper), which break at lr 0.1 without it; off for the shallow ones,
     # which it slows in short runs (docs/RESULTS.md, "Deep networks").
-    zero_init_residual: bool = None
-    weight_decay: float = 5e-4
-    clipnorm: float = None
-    gamma: float = 0.75
-    gamma_end: float = 0.2
-    lam: float = 0.2
-    lam_begin: float = 0.2
-    lam_end: float = 0.6
+    zero_init_residual: bool = flag(
+        None, group="training",
+        help="start the last BN scale of each residual branch at 0 (Goyal et al. 2017; default: "
+        f"on for ResNet-{ZERO_INIT_MIN_DEPTH} and deeper and in the ImageNet recipes, off otherwise)")
+    weight_decay: float = flag(5e-4, group="training", help="SGD-style weight decay (not on gates)")
+    clipnorm: float = flag(None, group="training", help="clip the global gradient norm to this (default off)")
+    gamma: float = flag(0.75, group="training", help="batch-shaping weight at the start (annealed to 0)")
+    gamma_end: float = flag(0.2, group="training", help="fraction of the run by which gamma reaches 0 "
+                            "(default {default})")
+    lam: float = flag(0.2, group="training", exclusive="budget", help="target L0 weight (ramped up)")
+    lam_begin: float = flag(0.2, group="training",
+                            help="fraction of the run where the L0 ramp starts (default {default})")
+    lam_end: float = flag(0.6, group="training",
+                          help="fraction of the run where the L0 weight reaches --lam (default {default})")
     # The hard-gate phase: from this fraction of the run on, the gates train
     # with their inference decisions and no gate losses (None: no phase).
-    hard_gates_begin: float = None
+    hard_gates_begin: float = flag(
+        None, group="training",
+        help="end the run with a hard-gate phase from this fraction of it on (>= --lam-end): the gates train "
+        "with their inference decisions (logit > 0) and no gate losses, so the backbone fine-tunes on the "
+        "network that is evaluated (default: no phase)")
     # A compute budget instead of a fixed lambda (bs_keras.MacBudget): the
     # mean conditional MAC ratio to reach, and the multiplier's step size.
-    target_macs: float = None
-    budget_rate: float = 2.0
-    budget_gain: float = 100.0
-    budget_max: float = 1000.0
-    budget_unwind: float = 10.0
-    budget_measure: str = "inference"
+    target_macs: float = flag(
+        None, group="training", exclusive="budget",
+        help="train to a compute budget instead of a fixed --lam: the mean conditional MAC ratio (of the "
+        "ungated network) to end at, in (0, 1]; the L0 weight becomes a multiplier driven to it "
+        "(bs_keras.MacBudget)")
+    budget_rate: float = flag(2.0, group="training", help="--target-macs: integral gain, the multiplier's "
+                              "change per step per unit excess (default {default})")
+    budget_gain: float = flag(100.0, group="training",
+                              help="--target-macs: proportional gain, L0 weight per unit excess (default {default})")
+    budget_max: float = flag(1000.0, group="training", help="--target-macs: the multiplier's upper bound")
+    budget_unwind: float = flag(10.0, group="training", help="--target-macs: how many times faster the "
+                                "multiplier falls than it rises (default {default})")
+    budget_measure: str = flag("inference", group="training", choices=("inference", "expected"),
+                               help="--target-macs: the ratio the multiplier follows (logit > 0 gates, or "
+                               "open probabilities)")
     # The budget's L0 term (|lambda| * L0) is kept at most this multiple of
     # the running task loss (0: no bound).
-    budget_loss_ratio: float = 10.0
-    prior_a: float = 0.6
-    prior_b: float = 0.4
-    l0_weighting: str = "macs"
-    group_size: int = 1
+    budget_loss_ratio: float = flag(10.0, group="training", help="--target-macs: keep the L0 term at most this "
+                                    "multiple of the running task loss (default {default}; 0: no bound)")
+    prior_a: float = flag(0.6, group="training", help="Beta prior parameter a (default {default})")
+    prior_b: float = flag(0.4, group="training", help="Beta prior parameter b (default {default})")
+    l0_weighting: str = flag("macs", group="training", help="macs or channels (default {default})")
+    group_size: int = flag(1, group="model", help="channels switched by one gate (default {default})")
     # ChannelGate(stop_input_gradient=True): the gate learns from the pooled
     # block input without moving the backbone.
-    gate_stop_gradient: bool = False
+    gate_stop_gradient: bool = flag(
+        False, group="model",
+        switches={"--gate-stop-gradient": (
+            True, "stop the gradient at each gate's input: the gates learn from the pooled block input "
+            "without moving the backbone (neither L0 nor the task loss reach it through the gate)")})
     # ChannelGate's binary-concrete training temperature and initial logit
     # bias (None: BUDGET_GATE_INIT_BIAS with `target_macs`, else
     # FIXED_LAM_GATE_INIT_BIAS).
-    gate_temperature: float = 2.0 / 3.0
-    gate_init_bias: float = None
-    gate_granularity: str = "channel"
-    width_multiplier: float = 1.0
-    image_size: int = None
-    seed: int = 0
-    validation_split: float = 0.1
-    limit_train: int = None
-    limit_eval: int = None
-    crop_size: int = None
-    aux_weight: float = 0.4
-    init_from: str = None
-    prune_from: str = None
-    prune_macs: float = None
+    gate_temperature: float = flag(2.0 / 3.0, group="model",
+                                   help="binary-concrete temperature of the gates in training (default {default})")
+    gate_init_bias: float = flag(
+        None, group="model",
+        help=f"initial bias of the gate logits (default {BUDGET_GATE_INIT_BIAS:g} with --target-macs, else "
+        f"{FIXED_LAM_GATE_INIT_BIAS:g}; positive: gates start open)")
+    gate_granularity: str = flag(
+        "channel", group="model", choices=GATE_GRANULARITIES,
+        help="channel: per-channel gates (the paper); block: one gate per residual branch (the coarse "
+        "ConvNet-AIG-style baseline); default {default}")
+    width_multiplier: float = flag(1.0, group="model")
+    image_size: int = flag(None, group="model", help="resize images to this square size")
+    seed: int = flag(0, group="training", type="int")
+    validation_split: float = flag(0.1, group="training", help="held-out fraction for image folders")
+    limit_train: int = flag(None, group="training", help="use only this many training examples an epoch")
+    limit_eval: int = flag(None, group="training", help="evaluate on only this many examples")
+    crop_size: int = flag(None, group="model", help="segmentation training crop (default 713 for Cityscapes)")
+    aux_weight: float = flag(0.4, group="model", help="segmentation auxiliary-head loss weight (default {default})")
+    init_from: str = flag(None, group="model",
+                          help="segmentation: copy backbone weights from this ImageNet ResNet-50 .keras")
+    prune_from: str = flag(None, group="model",
+                           help="static-pruning baseline: a trained plain .keras to magnitude-prune (|BN gamma|, "
+                           "same fraction per block) and fine-tune; needs --plain and --prune-macs")
+    prune_macs: float = flag(None, group="model", help="MACs of the pruned model as a fraction of the source's")
     # `--gate-from`: a trained classifier (.keras) to gate with `add_gates`
     # and fine-tune; its sha256 is filled in by `training.train`.
-    gate_from: str = None
+    gate_from: str = flag(
+        None, group="model",
+        help="fine-tune a gated copy of this trained classifier (.keras with residual blocks: a train.py run's "
+        "best.keras, a saved keras.applications ResNet, ...); the recipe's schedules run over the fine-tuning "
+        "epochs")
     gate_from_sha256: str = None
     needs_gate_from: bool = False
     # Distillation (bs_keras.Distiller): "self" (the network with every gate
     # open teaches the gated one) or `distill_from` (a trained .keras
     # classifier, its sha256 filled in by `training.train`).
-    distill: str = None
-    distill_from: str = None
+    distill: str = flag(None, group="distillation", choices=("self",),
+                        help="self: in each step the network with every gate open teaches the gated one")
+    distill_from: str = flag(None, group="distillation",
+                             help="a trained classifier (.keras, e.g. a plain run's best.keras) as teacher")
     distill_from_sha256: str = None
-    distill_alpha: float = 1.0
-    distill_temperature: float = 4.0
+    distill_alpha: float = flag(1.0, group="distillation", help="weight of the distillation term (default {default})")
+    distill_temperature: float = flag(4.0, group="distillation", help="softening temperature T (default {default})")
     # --distill self: the gates-open teacher also learns from the labels
     # (sandwich). None: yes (measured better than a stop-gradient teacher).
-    distill_train_teacher: bool = None
+    distill_train_teacher: bool = flag(
+        None, group="distillation",
+        help="--distill self: the full network also learns from the labels (sandwich rule, the default) or, "
+        "with --no-distill-train-teacher, is only a stop-gradient target")
     description: str = ""
 
     @property
@@ -180,9 +265,7 @@ class Recipe:
         """Raises ValueError naming the first bad field and what is allowed."""
 
         def bad(field, rule):
-            value = getattr(self, field)
-            flag = "--" + field.replace("_", "-")
-            raise ValueError(f"{flag}={value!r} is invalid: {rule}.")
+            raise ValueError(f"{flag_name(field)}={getattr(self, field)!r} is invalid: {rule}.")
 
         def finite(v):
             return isinstance(v, (int, float)) and math.isfinite(v)

@@ -93,6 +93,22 @@ def test_block_relus_run_inside_the_branches(setup):
     assert "Case" in top or "StatelessCase" in top
 
 
+def test_public_interface_for_serving(setup):
+    """What conditional_serving builds on: `forward` / `forward_with_gates` trace into the
+    caller's function; `tracing_for_tflite` switches the branches to nested tf.cond (IF)."""
+    _, cond, _, test, _ = setup
+    np.testing.assert_allclose(cond.forward(tf.constant(test)).numpy(), cond(test).numpy(), atol=1e-6)
+    assert set(cond.forward_with_gates(tf.constant(test))) == set(cond.with_gates(test))
+    assert len(cond.weight_variables) > 0 and all(isinstance(v, tf.Variable) for v in cond.weight_variables)
+    spec = tf.TensorSpec((1, *cond.input_shape), tf.float32)
+    with cond.tracing_for_tflite():
+        ops = {op.type for op in tf.function(cond.forward).get_concrete_function(spec).graph.get_operations()}
+    assert "If" in ops or "StatelessIf" in ops
+    assert not {"Case", "StatelessCase"} & ops
+    ops = {op.type for op in tf.function(cond.forward).get_concrete_function(spec).graph.get_operations()}
+    assert {"Case", "StatelessCase"} & ops  # switch_case again outside the context
+
+
 def test_chosen_widths_are_the_expected_buckets(setup):
     """Independent recomputation from the Keras masks and calibration frequencies."""
     model, cond, calib, test, _ = setup

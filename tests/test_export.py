@@ -386,6 +386,26 @@ def test_cli_failure_leaves_nothing_behind(trained_path, tmp_path, capsys, monke
     assert not _leftovers(tmp_path)
 
 
+def test_export_library_call_returns_the_parity_table(trained, images, tmp_path, capsys):
+    """`bs_keras.deploy.export` on a model in memory and an array of calibration images: the
+    CLI's job without a subprocess or a file, silent with log=None."""
+    out = tmp_path / "lib"
+    result = bs_keras.deploy.export(trained, out, format="tflite", quantize="none,float16",
+                                    calibration=images, calibration_samples=64, latency_runs=0, log=None)
+    assert capsys.readouterr().out == ""
+    assert [r.name for r in result.rows] == ["keras", "saved_model", "tflite none", "tflite float16"]
+    assert result.samples == 64 and result.out == str(out)
+    assert result.row("tflite none").max_abs_diff < 1e-4 and "| tflite float16 |" in result.table()
+    assert json.loads((out / "parity.json").read_text())["rows"] == [r.as_dict() for r in result.rows]
+    assert result.summary == json.loads((out / "export.json").read_text())
+    assert result.summary["model"] == trained.name and "mean" not in result.summary["input"]["preprocessing"]
+    assert "parity with Keras inference" in (out / "export_log.txt").read_text()
+    with pytest.raises(bs_keras.deploy.OptionError, match="already exists"):
+        bs_keras.deploy.export(trained, out)
+    with pytest.raises(ValueError, match="compact needs --calibration"):
+        bs_keras.deploy.export(trained, tmp_path / "other", mode="compact")
+
+
 def test_python_m_export_compact_with_image_folder(trained_path, tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()

@@ -14,9 +14,13 @@ Every step is a model -> model (or model -> file) transform:
   Keras inference (`parity`);
 - `conditional_model(model, calibration_images)`: batch-1 execution that
   computes, per gated block, only the smallest precompiled width covering
-  the open channels (`conditional`).
+  the open channels (`conditional`);
+- `export(model, out, mode=..., format=..., quantize=..., calibration=...)`:
+  all of the above as one call that writes a directory of files and returns
+  the parity table (`pipeline`; its options and their checks: `options`).
 
-Command line: `python -m export MODEL.keras --out DIR ...` (`cli`).
+Command line: `python -m export MODEL.keras --out DIR ...` (`bs_keras.cli.export`,
+argument parsing around `export`).
 Submodules import TensorFlow; this package imports them on first use.
 """
 
@@ -37,6 +41,11 @@ _EXPORTS = {
     "load_calibration": "bs_keras.deploy.calibration",
     "conditional_model": "bs_keras.deploy.conditional",
     "folded_model": "bs_keras.deploy.conditional",
+    "FoldedModel": "bs_keras.deploy.conditional",
+    "export": "bs_keras.deploy.pipeline",
+    "ExportResult": "bs_keras.deploy.pipeline",
+    "ExportError": "bs_keras.deploy.options",
+    "OptionError": "bs_keras.deploy.options",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -15,6 +15,7 @@ categories) and for the parity table. A source is one of:
 - a `.npy` file of already preprocessed float images `(N, H, W, C)`.
 """
 
+import dataclasses
 import os
 
 import numpy as np
@@ -110,7 +111,7 @@ def _from_folder(root, shape, n):
     mean = np.asarray(bs_data.DEFAULT_MEAN, np.float32)
     std = np.asarray(bs_data.DEFAULT_STD, np.float32)
     batch = np.stack(images).astype(np.float32) / 255.0
-    return _check_batch((batch - mean) / std, shape, root)
+    return _check_batch((batch - mean) / std, shape, root), bs_data.DEFAULT_MEAN, bs_data.DEFAULT_STD
 
 
 def _from_dataset(name, shape, n, data_dir=None, manual_dir=None):
@@ -120,11 +121,29 @@ def _from_dataset(name, shape, n, data_dir=None, manual_dir=None):
         name, data_dir=data_dir, manual_dir=manual_dir, image_size=size, channels=channels
     )
     images = source.raw_train_images(n).astype(np.float32)
-    return _check_batch(images, shape, name)
+    return _check_batch(images, shape, name), source.info.mean, source.info.std
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Calibration images and the normalization they went through.
+
+    Attributes:
+        images: float32 `(N, H, W, C)` preprocessed images.
+        mean, std: the per-channel statistics (of [0, 1] pixels) the images
+            were normalized with: the dataset's own for a dataset name, 0.5
+            for a folder; `None` for a `.npy` file (preprocessed elsewhere).
+    """
+
+    images: np.ndarray
+    mean: tuple | None = None
+    std: tuple | None = None
 
 
 def load_calibration(source, input_shape, n=256, data_dir=None, manual_dir=None):
     """Preprocessed float32 calibration images for a model input.
+
+    `read_calibration` with the same arguments also says how they were normalized.
 
     Args:
         source: dataset name, folder of images or `.npy` file (see module doc).
@@ -141,6 +160,11 @@ def load_calibration(source, input_shape, n=256, data_dir=None, manual_dir=None)
             or a dataset that is not available locally.
         ValueError: unusable data (wrong shape, raw integer pixels in a .npy).
     """
+    return read_calibration(source, input_shape, n, data_dir=data_dir, manual_dir=manual_dir).images
+
+
+def read_calibration(source, input_shape, n=256, data_dir=None, manual_dir=None):
+    """`load_calibration`'s images with their normalization, as a `Calibration`."""
     if int(n) < 1:
         raise ValueError(f"The number of calibration samples must be positive. Received: {n}")
     shape = _model_image_shape(input_shape)
@@ -149,15 +173,15 @@ def load_calibration(source, input_shape, n=256, data_dir=None, manual_dir=None)
     if source.lower().endswith(".npy"):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Calibration file {source!r} does not exist.")
-        images = _from_npy(path, shape, int(n))
+        found = Calibration(_from_npy(path, shape, int(n)))
     elif os.path.isdir(path):
-        images = _from_folder(path, shape, int(n))
+        found = Calibration(*_from_folder(path, shape, int(n)))
     elif source.startswith((".", os.sep, "~")) or os.sep in source:
         raise FileNotFoundError(
             f"Calibration source {source!r} is neither a folder of images nor a .npy file."
         )
     else:
-        images = _from_dataset(source, shape, int(n), data_dir=data_dir, manual_dir=manual_dir)
-    if len(images) == 0:
+        found = Calibration(*_from_dataset(source, shape, int(n), data_dir=data_dir, manual_dir=manual_dir))
+    if len(found.images) == 0:
         raise ValueError(f"Calibration source {source!r} gave no images.")
-    return images
+    return found

@@ -21,11 +21,14 @@ tflite = cond.to_tflite("dynamic", with_gates=True)   # batch 1, LiteRT IF branc
 xla = conditional_model(model, calibration_images, jit_compile=True)  # XLA, nested tf.cond
 ```
 
-`python -m export MODEL.keras --mode conditional --calibration ... [--format tflite]`
-writes these (`bs_keras.cli.export`); Serving and saving are in `bs_keras.deploy.conditional_serving`, the width
+`bs_keras.deploy.export(model, out, mode="conditional", calibration=...)` writes
+these (`python -m export` on the command line); serving and saving are in
+`bs_keras.deploy.conditional_serving`, the width
 fitting in `bs_keras.deploy.widths`, the layer re-implementations in
 `bs_keras.deploy.tf_layers`.
 """
+
+import contextlib
 
 import keras
 import numpy as np
@@ -85,6 +88,12 @@ class FoldedModel(tf.Module):
             docs/LATENCY.md). `save` then stores the weights inside the
             functions, once per input shape (batch 1, and any batch with
             `dynamic_batch`): every signature calls one shared core function.
+
+    Calling: `__call__` and `with_gates` (compiled functions), `executed_macs`,
+    `chosen_widths`. Saving and conversion (`save`, `to_tflite`, done by
+    `bs_keras.deploy.conditional_serving`) build on `forward` and
+    `forward_with_gates` (the same as plain Python functions, traced into the
+    serving functions), `weight_variables` and `tracing_for_tflite()`.
     """
 
     def __init__(
@@ -126,8 +135,8 @@ class FoldedModel(tf.Module):
         self.input_shape = tuple(int(d) for d in model.inputs[0].shape[1:])
         # XLA when asked; None (not False): TF's default, no auto-clustering change.
         jit = True if jit_compile else None
-        self._call_fn = tf.function(lambda images: self._forward(images)[0], jit_compile=jit)
-        self._with_gates_fn = tf.function(self._with_gates, jit_compile=jit)
+        self._call_fn = tf.function(self.forward, jit_compile=jit)
+        self._with_gates_fn = tf.function(self.forward_with_gates, jit_compile=jit)
         self._tflite = False  # True while tracing for TFLite: nested tf.cond, not Case
         self.weight_count = 0  # floats held (per-width branch kernels included)
         self._vars = []
@@ -301,6 +310,12 @@ class FoldedModel(tf.Module):
         """Class probabilities (the model's output) for `images`."""
         return self._call_fn(images)
 
+    def forward(self, images):
+        """`__call__` as a plain Python function: it traces into the calling
+        `tf.function` (a serving function, a TFLite conversion) instead of
+        calling a compiled function of its own."""
+        return self._forward(images)[0]
+
     @tf.function
     def call_with_widths(self, images):
         """`(output, widths)`: `widths` (num_gates,) int32: executed width per gate."""
@@ -332,7 +347,8 @@ class FoldedModel(tf.Module):
             macs -= (c - widths[:, j]) * self._macs_per_channel[name]
         return macs
 
-    def _with_gates(self, images):
+    def forward_with_gates(self, images):
+        """`with_gates` as a plain Python function (see `forward`)."""
         out, env, indices = self._forward(images)
         batch = tf.shape(out)[:1]
         result = {self.output_name: out}
@@ -370,6 +386,23 @@ class FoldedModel(tf.Module):
           sample needs).
         """
         return self._with_gates_fn(images)
+
+    @property
+    def weight_variables(self):
+        """The `tf.Variable`s holding the weights (none with `constant_weights`):
+        what an object saving the `forward` functions must track."""
+        return tuple(self._vars)
+
+    @contextlib.contextmanager
+    def tracing_for_tflite(self):
+        """Within this context `forward` and `forward_with_gates` trace for the
+        TFLite converter: branches as nested `tf.cond` (LiteRT IF) instead of
+        `switch_case`, and the gate logits as full-input ops."""
+        self._tflite = True
+        try:
+            yield self
+        finally:
+            self._tflite = False
 
     def signatures(self, dynamic_batch=True):
         spec1 = tf.TensorSpec((1,) + self.input_shape, tf.float32, name=INPUT_NAME)

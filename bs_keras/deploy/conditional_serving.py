@@ -5,7 +5,7 @@
 masks, executed MACs and widths); `to_tflite(module, quantize)` converts the
 batch-1 function for LiteRT; `ConditionalRunner` puts a module or its
 SavedModel behind the parity-table interface of `bs_keras.deploy.parity`;
-`describe` is what the export CLI writes to conditional.json.
+`describe` is what `bs_keras.deploy.export` writes to conditional.json.
 """
 
 import os
@@ -64,27 +64,26 @@ def to_tflite(module, quantize="none", with_gates=False):
         raise ValueError(f"quantize must be one of {TFLITE_QUANTIZATIONS}. Received: {quantize!r}")
     spec = tf.TensorSpec((1,) + module.input_shape, tf.float32, name=INPUT_NAME)
     tmp = None
-    module._tflite = True
-    try:
-        if with_gates:
-            tmp = tempfile.mkdtemp(prefix="conditional_tflite_")
-            serving = _Serving(module)
-            tf.saved_model.save(serving, tmp, signatures=_serving_signatures(module, serving, False))
-            converter = tf.lite.TFLiteConverter.from_saved_model(
-                tmp, signature_keys=[SERVING_DEFAULT, SERVING_WITH_GATES]
-            )
-        else:
-            fn = tf.function(lambda images: module._forward(images)[0]).get_concrete_function(spec)
-            converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], module)
-        if quantize != "none":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if quantize == "float16":
-            converter.target_spec.supported_types = [tf.float16]
-        return converter.convert()
-    finally:
-        module._tflite = False
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with module.tracing_for_tflite():
+        try:
+            if with_gates:
+                tmp = tempfile.mkdtemp(prefix="conditional_tflite_")
+                serving = _Serving(module)
+                tf.saved_model.save(serving, tmp, signatures=_serving_signatures(module, serving, False))
+                converter = tf.lite.TFLiteConverter.from_saved_model(
+                    tmp, signature_keys=[SERVING_DEFAULT, SERVING_WITH_GATES]
+                )
+            else:
+                fn = tf.function(module.forward).get_concrete_function(spec)
+                converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], module)
+            if quantize != "none":
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            if quantize == "float16":
+                converter.target_spec.supported_types = [tf.float16]
+            return converter.convert()
+        finally:
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 class _Serving(tf.Module):
@@ -92,20 +91,20 @@ class _Serving(tf.Module):
 
     def __init__(self, folded):
         super().__init__(name="conditional_serving")
-        self._vars = list(folded._vars)
-        self._forward = folded._forward  # bound methods: not tracked
-        self._with_gates = folded._with_gates
+        self._vars = list(folded.weight_variables)
+        self._forward = folded.forward  # bound methods: not tracked
+        self._with_gates = folded.forward_with_gates
         self._output_name = folded.output_name
 
     @tf.function
     def __call__(self, images):
-        return self._forward(images)[0]
+        return self._forward(images)
 
     # No method name may be a prefix of another: with `serve` and
     # `serve_with_gates` the TF 2.21 TFLite converter kept only one signature.
     @tf.function
     def serve_default(self, images):
-        return {self._output_name: self._forward(images)[0]}
+        return {self._output_name: self._forward(images)}
 
     @tf.function
     def serve_with_gates(self, images):
@@ -128,7 +127,7 @@ class _SharedServing(tf.Module):
 
     def __init__(self, folded, batch_sizes):
         super().__init__(name="conditional_serving")
-        core = tf.function(folded._with_gates, jit_compile=True if folded.jit_compile else None)
+        core = tf.function(folded.forward_with_gates, jit_compile=True if folded.jit_compile else None)
         # Traced here, once per batch size: a tf.function called while another
         # function is traced is traced again for that caller.
         self._cores = {  # string keys: saved as a trackable dict
@@ -197,7 +196,7 @@ class ConditionalRunner:
 
 
 def describe(module, images=None, calibration_samples=None):
-    """What `python -m export --mode conditional` writes to conditional.json.
+    """What `bs_keras.deploy.export(..., mode="conditional")` writes to conditional.json.
 
     Per gated block the gate, its channels and the precompiled widths;
     with `images`, the mean executed MACs at batch 1 on them.

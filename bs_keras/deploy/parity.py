@@ -26,7 +26,7 @@ from bs_keras.gates import find_gates
 from bs_keras.macs import conditional_macs, gate_masks
 from bs_keras.deploy.savedmodel import MACS_OUTPUT, output_names
 
-# Extra outputs of the conditional export (export.conditional.FoldedModel.with_gates).
+# Extra outputs of the conditional export (bs_keras.deploy.conditional.FoldedModel.with_gates).
 EXECUTED_MACS = "executed_macs"
 NOT_MASKS = (MACS_OUTPUT, EXECUTED_MACS, "widths")
 
