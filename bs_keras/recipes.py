@@ -433,6 +433,14 @@ RECIPES = {
             # diagnosis rows (bench/diagnose.py). Short runs need a far larger
             # lambda than the paper's 500 epochs.
             lam=12.0,
+            # Under --target-macs: gates at logit 3 and no bound on the L0
+            # term, as in the published sweeps. At 500 steps that beat the
+            # budget defaults (logit 1, bound 10x): 0.838/0.846 at 0.513/0.514
+            # of the MACs against 0.812/0.801 at 0.552 (seeds 0/1; the L0
+            # term peaked at 21x the task loss; docs/RESULTS.md). The demo
+            # inherits this; the generic recipe takes the defaults back.
+            gate_init_bias=FIXED_LAM_GATE_INIT_BIAS,
+            budget_loss_ratio=0.0,
             description="The 500-step sweep's recipe: gated ResNet-20 on Fashion-MNIST, 4 epochs of "
             "16,000 images, the paper's schedule shape with lambda 12 (the demo until 2026-12-03; "
             "bench/tradeoff.py and bench/diagnose.py start from it).",
@@ -593,6 +601,10 @@ def default_recipe_for(dataset):
         RECIPES["fashion_mnist_sweep"], name="generic_resnet20", dataset=dataset, epochs=30,
         limit_train=None, lam=5.0, target_macs=0.5, lr_schedule="cosine",
         lam_begin=0.1, lam_end=0.4, hard_gates_begin=0.6,
+        # The budget defaults (gates at logit 1, L0 term <= 10x the task
+        # loss): at 140 steps they met the target where logit 3 under the
+        # bound left the gates open.
+        gate_init_bias=None, budget_loss_ratio=Recipe.budget_loss_ratio,
         description="Generic image classification: gated ResNet-20, 30 epochs, trained to half the "
         "ungated MACs (--target-macs 0.5; --lam sets a fixed L0 weight instead), ending with the "
         "hard-gate phase.",
