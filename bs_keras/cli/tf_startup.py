@@ -50,7 +50,7 @@ def import_tensorflow(verbose=False):
         level = int(os.environ[LEVEL_VAR])
     except (KeyError, ValueError):
         level = 3
-    if os.environ.get(DEFAULTED_VAR) is not None and os.environ.get(DEFAULTED_VAR) == os.environ.get(LEVEL_VAR):
+    if DEFAULTED_VAR in os.environ and os.environ[DEFAULTED_VAR] == os.environ.get(LEVEL_VAR):
         level = 3  # set by a parent's import_tensorflow, not by the user
     if LEVEL_VAR not in os.environ:
         # Marked as ours, so that a child process (a sweep's train.py)
