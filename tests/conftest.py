@@ -57,3 +57,28 @@ def offline(no_network):
     NETWORK_ATTEMPTS.clear()
     yield
     assert NETWORK_ATTEMPTS == [], "the test tried to reach the network"
+
+
+@pytest.fixture(scope="session")
+def tiny_gated_run(tmp_path_factory, fashion_mnist_dir):
+    """A finished 2-epoch gated train.py run (tests/shared_runs.py), made
+    once per session for the tests that only read it."""
+    import shared_runs
+
+    return shared_runs.once(shared_runs.session_root(tmp_path_factory), "tiny_gated", shared_runs.GATED_ARGS,
+                            env=shared_runs.quiet_default_env())
+
+
+@pytest.fixture(scope="session")
+def tiny_plain_run(tmp_path_factory, fashion_mnist_dir):
+    """A finished 1-epoch plain train.py run, made once per session."""
+    import shared_runs
+
+    return shared_runs.once(shared_runs.session_root(tmp_path_factory), "tiny_plain", shared_runs.PLAIN_ARGS)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests marked slow first (in their files' order): pytest-xdist hands
+    tests out in this order, so the long ones start early and the short ones
+    fill in the end, instead of one long test running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -281,6 +281,7 @@ def test_a_budget_run_bounds_its_l0_term_and_starts_its_gates_at_bias_1_by_defau
         sweep.replace(target_macs=0.5, budget_loss_ratio=-1.0).validate()
 
 
+@pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_the_bound_holds_the_l0_term_within_its_multiple_of_the_task_loss_in_fit():
     """In `fit` (frozen model), with an unreachable target the unbounded
     weight keeps growing while the bounded one stops where |lambda| * L0 =

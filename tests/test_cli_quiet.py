@@ -108,18 +108,16 @@ def test_a_child_of_a_quiet_process_stays_quiet():
 
 
 @pytest.mark.slow
-def test_short_run_prints_no_tensorflow_log(tmp_path):
-    """A CPU-only run: none of TensorFlow's start-up lines (absl banner,
+def test_short_run_prints_no_tensorflow_log(tiny_gated_run):
+    """A CPU-only run (the session's shared run, started without
+    TF_CPP_MIN_LOG_LEVEL): none of TensorFlow's start-up lines (absl banner,
     oneDNN, CUDA drivers, cuInit, CPU instructions); Keras' epoch line stays."""
-    result = _run(["train.py", "--model", "resnet20", "--width-multiplier", "0.25", "--batch-size", "32",
-                   "--limit-train", "64", "--limit-eval", "32", "--epochs", "1", "--seed", "0",
-                   "--run-dir", str(tmp_path / "run")])  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    output = result.stdout + result.stderr
+    assert tiny_gated_run.returncode == 0, tiny_gated_run.stderr[-3000:]
+    output = tiny_gated_run.stdout + tiny_gated_run.stderr
     assert RECORD.findall(output) == [] and BANNER not in output, output
     for text in ("oneDNN", "cuda", "cuInit", "cpu_feature_guard", "This TensorFlow binary"):
         assert text not in output, output
-    assert re.search(r"^2/2 - .*accuracy: ", result.stdout, re.M), result.stdout
+    assert re.search(r"^4/4 - .*accuracy: ", tiny_gated_run.stdout, re.M), tiny_gated_run.stdout
 
 
 @pytest.mark.slow

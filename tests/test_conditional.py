@@ -50,7 +50,8 @@ def _model(kind):
     return model, images
 
 
-@pytest.fixture(scope="module", params=["cifar8_zero_pad", "cifar20_projection", "resnet50_w025"])
+@pytest.fixture(scope="module", params=["cifar8_zero_pad", "cifar20_projection",
+                                        pytest.param("resnet50_w025", marks=pytest.mark.slow)])  # 5-12 s a test
 def setup(request):
     model, images = _model(request.param)
     designs = set_gate_pattern(model, images, off=0.4, on=0.3, nested=request.param != "cifar20_projection")
@@ -298,6 +299,7 @@ def _saved_constant_bytes(path):
     return total
 
 
+@pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_constant_weights_exact_and_stored_once_per_batch_shape(tmp_path):
     """constant_weights=True (the default under XLA): no tf.Variable, the
     weights are graph constants; outputs and gate masks stay exact, and the
@@ -344,6 +346,7 @@ def test_constant_weights_exact_and_stored_once_per_batch_shape(tmp_path):
     assert all(f.variables for f in loaded.signatures.values())
 
 
+@pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_cli_conditional_mode(tmp_path):
     from bs_keras.cli import export as cli
 
@@ -385,6 +388,7 @@ def test_cli_conditional_mode(tmp_path):
             cli.main([str(model_path), "--out", str(tmp_path / "o3"), "--calibration", str(calib), *bad])
 
 
+@pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_to_tflite_with_gates_and_quantizations():
     """Both signatures over one set of weights; float16 and dynamic convert; int8 is refused.
 

@@ -133,6 +133,7 @@ def _moved(before, variables):
 
 
 @pytest.mark.parametrize("mode", diagnose.FREEZE_MODES)
+@pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_freeze_modes_move_only_their_part(mode):
     model, ds = _tiny()
     gates = find_gates(model)
@@ -182,17 +183,13 @@ def test_freeze_refuses_an_ungated_model():
 
 
 @pytest.mark.slow
-def test_freeze_cli_on_a_tiny_run_writes_a_report(tmp_path):
+def test_freeze_cli_on_a_tiny_run_writes_a_report(tiny_gated_run, tmp_path):
     import subprocess
     import sys
 
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
-    run = tmp_path / "run"
-    tiny = ["--width-multiplier", "0.25", "--batch-size", "32", "--limit-train", "64", "--limit-eval", "64",
-            "--epochs", "1", "--lam", "2"]
-    result = subprocess.run([sys.executable, "train.py", *tiny, "--run-dir", str(run)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert tiny_gated_run.returncode == 0, tiny_gated_run.stderr[-3000:]
+    run = tiny_gated_run.run_dir  # the session's shared run: --lam 2, 64 held-out images
     out = tmp_path / "freeze"
     result = subprocess.run(
         [sys.executable, "bench/diagnose.py", "freeze", "--source", str(run / "last.keras"), "--mode", "gates",
@@ -201,7 +198,8 @@ def test_freeze_cli_on_a_tiny_run_writes_a_report(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["freeze"]["steps"] == 3 and report["freeze"]["mode"] == "gates"
     assert report["freeze"]["lam"] == 2.0
-    assert report["evaluation"]["num_samples"] == 64 and 0 < report["evaluation"]["macs_ratio"] <= 1
+    # All gates open costs a little more than the plain network (the gate MLPs).
+    assert report["evaluation"]["num_samples"] == 64 and 0 < report["evaluation"]["macs_ratio"] <= 1.01
     result = subprocess.run([sys.executable, "bench/diagnose.py", "freeze", "--source", str(tmp_path / "x.keras"),
                              "--mode", "gates", "--out-dir", str(out)], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=120)

@@ -103,6 +103,7 @@ def test_self_teacher_gradient_reaches_the_student_and_the_teacher_only_in_sandw
         assert max(float(tf.reduce_max(tf.abs(a - b))) for a, b in zip(grads, no_kd)) > 1e-4
 
 
+@pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_the_self_teacher_leaves_the_moving_statistics_to_the_student():
     x, y = _data()
     plain_step, distilled = _student(seed=3), _student(seed=3)
@@ -122,6 +123,7 @@ def test_the_self_teacher_leaves_the_moving_statistics_to_the_student():
     assert changed > len(moving) // 2  # the step did update them (the student's pass)
 
 
+@pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_external_teacher_stays_frozen_and_the_student_learns(tmp_path):
     x, y = _data(64)
     keras.utils.set_random_seed(1)
@@ -147,6 +149,7 @@ def test_external_teacher_stays_frozen_and_the_student_learns(tmp_path):
 
 
 @pytest.mark.parametrize("teacher", ["self", "external"])
+@pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_distillation_under_mixed_precision_keeps_the_term_float32_and_finite(teacher):
     x, y = _data()
     keras.mixed_precision.set_global_policy("mixed_float16")
@@ -208,11 +211,12 @@ def test_cli_refuses_bad_distillation_flags(args, message, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_train_py_distils_from_a_teacher_file_resumes_with_it_and_records_it(tmp_path):
+def test_train_py_distils_from_a_teacher_file_resumes_with_it_and_records_it(tmp_path, capsys):
     """--distill-from with --gate-from, --target-macs and --mixed-precision,
     killed inside epoch 2 and resumed: the teacher comes back with the run
     (config.json records it and its sha256), and last.keras is the student."""
-    from test_train_cli import TINY, _run, _start_paused
+    from shared_runs import TINY, run_train as _run
+    from test_train_cli import _start_paused
 
     # The teacher (and --gate-from source): an untrained plain ResNet-20 of the run's shape.
     teacher_path = tmp_path / "teacher.keras"
@@ -256,5 +260,6 @@ def test_train_py_distils_from_a_teacher_file_resumes_with_it_and_records_it(tmp
     kernel.assign(kernel.numpy() + 1.0)
     teacher.save(tmp_path / "other.keras")
     os.replace(tmp_path / "other.keras", teacher_path)
-    again = _run(args)
-    assert again.returncode == 2 and "distill_from_sha256" in again.stderr.split("different settings")[1]
+    capsys.readouterr()
+    assert train_cli.main(args) == 2  # in this process: a refusal needs no new TensorFlow
+    assert "distill_from_sha256" in capsys.readouterr().err.split("different settings")[1]

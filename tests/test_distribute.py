@@ -75,6 +75,7 @@ def _assert_same(actual, expected, what):
         np.testing.assert_allclose(a, e, rtol=RTOL, atol=RTOL * scale, err_msg=f"{what}, weight {i}")
 
 
+@pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_batch_shaping_under_mirrored_strategy_uses_the_global_batch(mirrored_run):
     r = _results(mirrored_run)
     # The test has teeth: batch-shaping on the global batch of 16 differs
@@ -148,6 +149,7 @@ def _recipe():
     ).validate()
 
 
+@pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_mac_budget_under_mirrored_strategy_measures_the_global_batch(tmp_path):
     """tests/dist_scripts/mirrored_budget.py: the ratio MacBudget follows is
     the global batch's (mean of the replicas'), as on one device."""
@@ -165,6 +167,7 @@ def test_mac_budget_under_mirrored_strategy_measures_the_global_batch(tmp_path):
     assert one[1] == pytest.approx(one[0] - 0.2, rel=RTOL)  # gain 0, rate 1: one step of the excess
 
 
+@pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_distiller_under_mirrored_strategy_steps_like_one_device(tmp_path):
     """tests/dist_scripts/mirrored_distill.py: after one step, the weights of
     a 2-replica Distiller equal the single-device ones, in every teacher mode."""

@@ -344,6 +344,7 @@ def test_cli_rejects_bad_model_files(tmp_path, capsys):
     assert not (tmp_path / "o").exists() and not _leftovers(tmp_path)
 
 
+@pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_cli_tflite_export_with_npy_calibration(trained_path, tmp_path, capsys):
     np.save(tmp_path / "calib.npy", synthetic(48, 3)[0])
     out = tmp_path / "exported"
@@ -386,6 +387,7 @@ def test_cli_failure_leaves_nothing_behind(trained_path, tmp_path, capsys, monke
     assert not _leftovers(tmp_path)
 
 
+@pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_export_library_call_returns_the_parity_table(trained, images, tmp_path, capsys):
     """`bs_keras.deploy.export` on a model in memory and an array of calibration images: the
     CLI's job without a subprocess or a file, silent with log=None."""
@@ -406,6 +408,7 @@ def test_export_library_call_returns_the_parity_table(trained, images, tmp_path,
         bs_keras.deploy.export(trained, tmp_path / "other", mode="compact")
 
 
+@pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_python_m_export_compact_with_image_folder(trained_path, tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
@@ -435,6 +438,7 @@ def test_python_m_export_compact_with_image_folder(trained_path, tmp_path):
     np.testing.assert_allclose(loaded(calib)["probabilities"], np.asarray(compact(calib)), atol=1e-6)
 
 
+@pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_cli_conditional_tflite(trained, trained_path, images, tmp_path, capsys):
     """--mode conditional --format tflite: batch-1 .tflite files with per-block IF branches."""
     from ai_edge_litert.interpreter import Interpreter

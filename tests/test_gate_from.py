@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 import types
 
 import keras
@@ -12,7 +13,7 @@ from bs_keras import recipes, training
 from bs_keras.cli import train as train_cli
 from bs_keras.gates import find_gates
 from bs_keras.models import cifar_resnet
-from test_train_cli import TINY, _run
+from shared_runs import TINY, run_train as _run
 
 INFO = types.SimpleNamespace(image_shape=(32, 32, 1), num_classes=10)
 
@@ -56,6 +57,7 @@ def test_gate_from_copies_the_trained_weights(tmp_path):
     assert float(find_gates(model)[0].l0_coef) == 0.0  # the scheduler ramps lambda in
 
 
+@pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_gate_from_a_saved_keras_applications_resnet50(tmp_path):
     """A user's keras.applications model (its ZeroPadding stem, biased convs,
     no regularizers) trains one step through train.py's model path."""
@@ -104,11 +106,11 @@ def test_gate_from_a_file_that_is_not_a_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_gate_from_a_plain_run_fine_tunes_and_records_the_source(tmp_path):
-    plain_dir, gated_dir = tmp_path / "plain", tmp_path / "gated"
-    result = _run([*TINY, "--plain", "--epochs", "1", "--run-dir", str(plain_dir)])
-    assert result.returncode == 0, result.stderr[-3000:]
-    source = plain_dir / "best.keras"
+def test_gate_from_a_plain_run_fine_tunes_and_records_the_source(tiny_plain_run, tmp_path, capsys):
+    assert tiny_plain_run.returncode == 0, tiny_plain_run.stderr[-3000:]
+    gated_dir = tmp_path / "gated"
+    source = tmp_path / "best.keras"  # a copy: the test changes it below, the shared run stays as it is
+    shutil.copyfile(tiny_plain_run.run_dir / "best.keras", source)
     # The sweep recipe: a fixed lambda ramp without the demo's hard-gate phase (lambda 0 there).
     gated_args = [*TINY, "--recipe", "fashion_mnist_sweep", "--epochs", "2", "--lam", "12",
                   "--gate-from", str(source), "--run-dir", str(gated_dir)]
@@ -133,5 +135,6 @@ def test_gate_from_a_plain_run_fine_tunes_and_records_the_source(tmp_path):
     changed = keras.models.load_model(source)
     changed.get_layer("predictions").bias.assign(changed.get_layer("predictions").bias + 1.0)
     changed.save(source)
-    result = _run(gated_args)
-    assert result.returncode == 2 and "different settings (gate_from_sha256)" in result.stderr
+    capsys.readouterr()
+    assert train_cli.main(gated_args) == 2  # in this process: a refusal needs no new TensorFlow
+    assert "different settings (gate_from_sha256)" in capsys.readouterr().err

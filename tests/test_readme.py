@@ -65,27 +65,13 @@ def test_readme_and_docs_name_only_existing_repo_files():
     assert not missing, "stale paths:\n" + "\n".join(missing)
 
 
-@pytest.mark.slow  # a subprocess training a ResNet-20 with its distillation teacher
-def test_readme_distillation_block_runs_and_saves_the_student(tmp_path):
-    """The Distillation block continues the quick start: it trains through
-    the wrapper, logs the term, and what it saves is the gated student."""
-    block = _block("## Distillation")
-    check = (
-        "\nh = distiller.history.history\n"
-        "assert len(h['distill_loss']) == 2 and all(v > 0 for v in h['distill_loss']), h\n"
-        "assert 'l0_loss' in h\n"
-        "saved = keras.models.load_model('gated_distilled.keras')\n"
-        "assert type(saved).__name__ == 'Functional' and bs_keras.find_gates(saved)\n"
-        "print('README_OK')\n"
-    )
-    result = subprocess.run([sys.executable, "-c", _quick_start() + block + check], cwd=tmp_path,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "README_OK" in result.stdout
-
-
-@pytest.mark.slow  # a subprocess training a ResNet-20: 18 s on 2 busy cores
-def test_readme_quick_start_runs_and_learns():
+@pytest.mark.slow  # one subprocess: the quick start, then the budget and distillation blocks that continue it
+def test_readme_quick_start_budget_and_distillation_blocks_run_and_learn(tmp_path):
+    """The quick start trains and learns; the budget block continues it (same
+    model and data) and follows its target; the distillation block continues
+    it again through the wrapper, logs the term, and saves the gated student.
+    One process for the three, as a reader runs them (the quick start ran
+    twice when each block had its own test)."""
     code = _quick_start()
     assert len(code.strip().splitlines()) <= 12
     check = (
@@ -94,26 +80,36 @@ def test_readme_quick_start_runs_and_learns():
         "assert 'cond_macs_ratio' in h and 'gate_open_rate' in h\n"
         "assert 0 < per_sample.min() <= per_sample.max() <= bs_keras.count_macs(model)\n"
     )
-    # The budget section's block continues the quick start (same model and data).
     budget_block = _block("## Train to a compute budget")
     check_budget = (
         "\nh = model.history.history\n"
         "assert h['mac_target'][-1] == 0.5 and h['mac_target'][0] > 0.5, h['mac_target']\n"
         "assert budget.multiplier > 0 and 'hard_macs_ratio' in h\n"
-        "print('README_OK')\n"
+        "print('BUDGET_OK')\n"
+    )
+    distill_block = _block("## Distillation")
+    check_distill = (
+        "\nh = distiller.history.history\n"
+        "assert len(h['distill_loss']) == 2 and all(v > 0 for v in h['distill_loss']), h\n"
+        "assert 'l0_loss' in h\n"
+        "saved = keras.models.load_model('gated_distilled.keras')\n"
+        "assert type(saved).__name__ == 'Functional' and bs_keras.find_gates(saved)\n"
+        "print('DISTILL_OK')\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code + check + budget_block + check_budget],
-        cwd=ROOT,
+        [sys.executable, "-c", code + check + budget_block + check_budget + distill_block + check_distill],
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "README_OK" in result.stdout
     assert "of the static count" in result.stdout
+    assert "BUDGET_OK" in result.stdout and "DISTILL_OK" in result.stdout
 
 
+@pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_readme_gate_a_model_you_already_have_runs():
     """The README's add_gates block: outputs kept at the start, then it trains
     and the gates learn (in process: about 10 s)."""

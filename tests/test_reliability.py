@@ -103,6 +103,7 @@ def test_a_folder_with_no_decodable_image_fails_even_with_skip(tmp_path):
         data.get_dataset(str(tmp_path), skip_bad_images=True)
 
 
+@pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_train_stops_on_a_bad_image_before_training_and_skip_bad_images_leaves_it_out(tmp_path, capsys):
     root = _good_folder(tmp_path / "images", per_class=12)
     (root / "cat" / "broken.png").write_text("not a png")
@@ -251,6 +252,7 @@ def _full_disk_on(method, call):
 # Model.save: last.keras and best.keras of epoch 1, then last.keras of epoch 2;
 # Model.save_weights: the resume weights of epoch 1, then of epoch 2.
 @pytest.mark.parametrize("method, call", [("save", 3), ("save_weights", 2)])
+@pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_a_full_disk_during_a_checkpoint_leaves_the_previous_one_intact(tmp_path, monkeypatch, method, call):
     monkeypatch.setattr(keras.Model, method, _full_disk_on(method, call))
     with pytest.raises(CheckpointWriteError) as raised:
@@ -287,6 +289,7 @@ def test_a_late_write_error_at_fsync_keeps_the_old_file(tmp_path, monkeypatch):
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["state.json"]
 
 
+@pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_resume_goes_back_to_the_previous_epoch_when_the_newest_state_is_damaged(tmp_path):
     _tiny_fit(tmp_path, epochs=3)
     state_dir = tmp_path / "state"

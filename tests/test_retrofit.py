@@ -137,7 +137,7 @@ def _he_resnet_v1_macs(blocks, size=224, classes=1000):
 @pytest.mark.parametrize(
     "builder, blocks, published",
     [(APPS.ResNet50, (3, 4, 6, 3), 3.8e9), (APPS.ResNet101, (3, 4, 23, 3), 7.6e9),
-     (APPS.ResNet152, (3, 8, 36, 3), 11.3e9)],
+     pytest.param(APPS.ResNet152, (3, 8, 36, 3), 11.3e9, marks=pytest.mark.slow)],  # 152: 17 s
     ids=["50", "101", "152"],
 )  # fmt: skip
 def test_keras_applications_macs_are_the_published_v1_figures(builder, blocks, published):
@@ -148,7 +148,8 @@ def test_keras_applications_macs_are_the_published_v1_figures(builder, blocks, p
     assert abs(macs - published) / published < 0.02
 
 
-@pytest.mark.parametrize("builder, gates", [(APPS.ResNet50, 16), (APPS.ResNet101, 33), (APPS.ResNet152, 50)])
+@pytest.mark.parametrize("builder, gates", [(APPS.ResNet50, 16), pytest.param(APPS.ResNet101, 33, marks=pytest.mark.slow),
+                                            pytest.param(APPS.ResNet152, 50, marks=pytest.mark.slow)])  # 6-10 s
 def test_keras_applications_resnets(builder, gates):
     source = _perturb_bn(builder(weights=None, input_shape=(64, 64, 3), classes=10))
     gated = add_gates(source, seed=0)
@@ -164,6 +165,7 @@ def test_keras_applications_resnets(builder, gates):
         assert node.input_tensors[0] is gated.get_layer(f"{block}_1_conv")._inbound_nodes[0].input_tensors[0]
 
 
+@pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_keras_applications_resnet50v2_gates_after_the_first_conv_reading_the_preactivation():
     source = _perturb_bn(APPS.ResNet50V2(weights=None, input_shape=(64, 64, 3), classes=10))
     gated = add_gates(source, seed=0)
@@ -303,6 +305,7 @@ def gated_resnet50():
     return model, images[:12], images[12:]
 
 
+@pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_gated_resnet50_conditional_equals_masked(gated_resnet50):
     model, calib, test = gated_resnet50
     images = np.concatenate([calib, test])

@@ -146,6 +146,7 @@ def test_pspnet_save_load_and_resize_to_another_input_size(tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+@pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_init_from_copies_imagenet_backbone_weights(tmp_path):
     from bs_keras.models import imagenet_resnet
     from bs_keras.training import RunError, init_backbone

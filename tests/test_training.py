@@ -33,6 +33,7 @@ def _compiled(lr=0.05, **kwargs):
 LOG_KEYS = ("gamma", "lam", "bs_loss", "l0_loss", "gate_open_rate", "cond_macs", "cond_macs_ratio")
 
 
+@pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_fit_with_scheduler_lowers_loss_and_logs_gate_terms():
     x, y = _quadrant_task()
     model = _compiled()
@@ -64,6 +65,7 @@ def test_fit_with_scheduler_lowers_loss_and_logs_gate_terms():
     assert sum(float(g.bs_coef) for g in gates) == pytest.approx(gamma(4 + 7 / 8), abs=1e-7)
 
 
+@pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_gate_terms_absent_while_gamma_is_0_and_task_loss_is_the_loss_without_them(tmp_path):
     import csv
 
@@ -140,6 +142,7 @@ def test_logged_conditional_macs_match_the_gates():
     assert history.history["cond_macs_ratio"][0] < 0.3
 
 
+@pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_l0_alone_drives_the_open_rate_down():
     x, y = _quadrant_task(n=128)
     model = _compiled(lr=0.05, gate_kwargs={"init_bias": 1.0})
@@ -153,6 +156,7 @@ def test_l0_alone_drives_the_open_rate_down():
     assert history.history["cond_macs_ratio"][-1] < history.history["cond_macs_ratio"][0]
 
 
+@pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_step_unit_schedule_and_bad_schedule_values():
     x, y = _quadrant_task(n=64)
     model = _compiled()
@@ -203,6 +207,7 @@ def test_clipnorm_bounds_the_step_of_a_gradient_spike():
         base.replace(clipnorm=0.0).validate()
 
 
+@pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_build_for_fit_traces_the_train_step_once_and_trains_the_same():
     import tensorflow as tf
 
