@@ -90,8 +90,8 @@ def test_startup_log_shows_records_from_the_asked_level(level, verbose, shown):
     assert RECORD.findall(result.stderr) == shown, result.stderr
     assert (BANNER in result.stderr) == verbose, result.stderr
     assert "UserWarning: a Python warning" in result.stderr and "a line of a C library" in result.stderr
-    # Unset, records after the start-up show from level 2 (errors) on.
-    assert result.stdout.strip() == str(level or (None if verbose else "2"))
+    # Unset, records after the start-up show from level 2 (errors) on; --verbose makes TF's default (0) explicit.
+    assert result.stdout.strip() == str(level or ("0" if verbose else "2"))
 
 
 def test_a_child_of_a_quiet_process_stays_quiet():
@@ -140,3 +140,38 @@ def test_verbose_or_user_level_shows_the_tensorflow_log(cli, level, tmp_path):
     result = _run(args, level)
     assert result.returncode == 2 and error in result.stderr, result.stderr[-3000:]
     assert expected <= set(RECORD.findall(result.stderr)), result.stderr
+
+
+LITERT_LINE = b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n"
+
+
+@pytest.mark.parametrize("level, shown", [(None, False), ("2", False), ("0", True)])
+def test_litert_info_lines_show_only_at_level_0(level, shown, capfd, monkeypatch):
+    """LiteRT writes its INFO lines to file descriptor 2 itself; they are
+    dropped unless TF_CPP_MIN_LOG_LEVEL is 0 (what --verbose sets). Other
+    lines written meanwhile still show, in order."""
+    from bs_keras import native_log
+
+    if level is None:
+        monkeypatch.delenv(native_log.LEVEL_VAR, raising=False)
+    else:
+        monkeypatch.setenv(native_log.LEVEL_VAR, level)
+    capfd.readouterr()
+    with native_log.litert_info_hidden():
+        os.write(2, b"before\n" + LITERT_LINE + b"after\n")
+    err = capfd.readouterr().err
+    assert err == ("before\n" + LITERT_LINE.decode() * shown + "after\n")
+
+
+@pytest.mark.slow  # an export subprocess: ~15 s
+def test_tflite_export_prints_no_litert_info_line(tiny_gated_run, tmp_path):
+    """`python -m export --format tflite` on a CPU-only machine: the parity
+    check runs the LiteRT interpreter, whose XNNPACK INFO line stays hidden."""
+    assert tiny_gated_run.returncode == 0, tiny_gated_run.stderr[-3000:]
+    result = _run(["-m", "export", str(tiny_gated_run.run_dir / "last.keras"), "--out", str(tmp_path / "tfl"),
+                   "--format", "tflite", "--latency-runs", "0"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list((tmp_path / "tfl").glob("*.tflite")), result.stdout
+    output = result.stdout + result.stderr
+    assert "XNNPACK" not in output and not re.search(r"^INFO: ", output, re.M), output
+    assert RECORD.findall(output) == [] and BANNER not in output, output

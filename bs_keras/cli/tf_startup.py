@@ -17,13 +17,13 @@ level (and absl's banner). Anything else printed meanwhile, a Python warning
 say, still shows; after the start-up stderr is untouched.
 """
 
-import contextlib
 import os
 import re
 import sys
-import tempfile
 
-LEVEL_VAR = "TF_CPP_MIN_LOG_LEVEL"
+from bs_keras import native_log
+
+LEVEL_VAR = native_log.LEVEL_VAR
 DEFAULTED_VAR = "BS_KERAS_TF_LOG_LEVEL_DEFAULTED"
 ABSL_BANNER = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 # An absl log record: severity, MMDD, time, thread, file:line].
@@ -44,6 +44,9 @@ def import_tensorflow(verbose=False):
     if "tensorflow" in sys.modules:  # called from Python after TensorFlow started
         return
     if verbose:
+        # TensorFlow's default made explicit: LiteRT's INFO lines show too
+        # (bs_keras.native_log), and child processes log alike.
+        os.environ.setdefault(LEVEL_VAR, "0")
         _start()
         return
     try:
@@ -73,20 +76,6 @@ def _shown(line, level):
     return record is None or SEVERITIES.index(record.group(1)) >= level
 
 
-@contextlib.contextmanager
 def _stderr_filtered(level):
-    """File descriptor 2 goes to a temporary file inside the block; on leaving
-    it, the lines `_shown` at `level` are written to stderr."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile("w+", errors="replace") as caught:
-        os.dup2(caught.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            caught.seek(0)
-            sys.stderr.writelines(line for line in caught if _shown(line, level))
-            sys.stderr.flush()
+    """File descriptor 2 caught inside the block; the lines `_shown` at `level` are written on leaving it."""
+    return native_log.filtered_stderr(lambda line: _shown(line, level))

@@ -22,6 +22,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
+from bs_keras import native_log
 from bs_keras.deploy.savedmodel import (
     INPUT_NAME, SERVING_DEFAULT, SERVING_WITH_GATES, SIGNATURES, check_images, run_in_chunks,
 )
@@ -89,17 +90,19 @@ class TFLiteRunner:
     def __init__(self, model, num_threads=2):
         from ai_edge_litert.interpreter import Interpreter
 
-        if isinstance(model, (bytes, bytearray)):
-            self.interpreter = Interpreter(model_content=bytes(model), num_threads=num_threads)
-            self.size_bytes = len(model)
-        else:
-            self.interpreter = Interpreter(model_path=os.fspath(model), num_threads=num_threads)
-            self.size_bytes = os.path.getsize(model)
-        signatures = self.interpreter.get_signature_list()
-        missing = [s for s in SIGNATURES if s not in signatures]
-        if missing:
-            raise ValueError(f"The TFLite model has no signature(s) {missing}; was it written by export?")
-        self._runners = {s: self.interpreter.get_signature_runner(s) for s in SIGNATURES}
+        with native_log.litert_info_hidden():  # "INFO: Created ... XNNPACK delegate", on allocation
+            if isinstance(model, (bytes, bytearray)):
+                self.interpreter = Interpreter(model_content=bytes(model), num_threads=num_threads)
+                self.size_bytes = len(model)
+            else:
+                self.interpreter = Interpreter(model_path=os.fspath(model), num_threads=num_threads)
+                self.size_bytes = os.path.getsize(model)
+            signatures = self.interpreter.get_signature_list()
+            missing = [s for s in SIGNATURES if s not in signatures]
+            if missing:
+                raise ValueError(f"The TFLite model has no signature(s) {missing}; was it written by export?")
+            self.interpreter.allocate_tensors()  # applies the delegate now, not at the first call
+            self._runners = {s: self.interpreter.get_signature_runner(s) for s in SIGNATURES}
         details = self._runners[SERVING_DEFAULT].get_input_details()[INPUT_NAME]
         shape = [None if d < 0 else int(d) for d in details["shape_signature"]]
         # A batch-1 model (the conditional export) runs one sample per call.
