@@ -8,8 +8,9 @@ STAMP       := $(VENV)/.installed
 DATASET_DIR := /usr/share/datasets/fashion-mnist
 DATASET_PKG := dataset-fashion-mnist
 # pytest-xdist workers for `make test` (0: one process). Two fit these 2-core
-# machines: much of the suite is single-threaded Python tracing (measured:
-# 789 s in one process, 461 s in two).
+# machines (three: 837 s against 767 s). --dist worksteal: tests/conftest.py
+# puts the slow tests first, and xdist's default hands each worker a
+# consecutive chunk, so one worker got them all (986 s); stealing: 665 s.
 TEST_WORKERS ?= 2
 
 .PHONY: venv test test-fast demo bench
@@ -25,13 +26,13 @@ $(STAMP): setup.cfg pyproject.toml
 # network: tests/conftest.py generates a synthetic Fashion-MNIST for the session
 # (the few tests of the real files skip without the package; .ci/run installs it).
 test: venv
-	$(VPY) -m pytest -q -n $(TEST_WORKERS)
+	$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # Inner loop: everything but the tests marked slow (train.py subprocesses,
 # ResNet-50/101/152 tracing, exports and conversions, in-process fits; each
-# >= ~5 s on 2 busy cores). 127 s here (2026-12-05; `make test` 767 s).
+# >= ~5 s on 2 busy cores). 127 s here (2026-12-05; `make test` 665 s).
 test-fast: venv
-	$(VPY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+	$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 demo: venv
 	@if [ ! -d $(DATASET_DIR) ]; then \
