@@ -16,6 +16,7 @@ from bs_keras.deploy.conditional import (
     calibrated_widths,
     conditional_model,
     folded_model,
+    support_problems,
 )
 from gate_pattern import set_gate_pattern  # bench/gate_pattern.py
 
@@ -424,3 +425,61 @@ def test_to_tflite_with_gates_and_quantizations():
             assert got["widths"][0, j] == buckets[buckets >= needed].min(), (k, name)
             macs -= (cond.gate_channels[j] - got["widths"][0, j]) * per_channel[name]
         assert got["executed_macs"][0] == round(macs)
+
+
+# ----------------------------------------------- what the conditional export refuses, before any work
+
+def _gated_models_it_cannot_run_yet():
+    """Models `add_gates`/our builders gate that `conditional_model` does not
+    run (issue 28), with a text the refusal must contain."""
+    import bs_keras
+
+    yield "pspnet", bs_keras.pspnet(num_classes=5, input_shape=(96, 96, 3), aux=False, width_multiplier=0.25), \
+        "AdaptiveAveragePooling2D layers ('ppm"
+    yield "pspnet with aux head", bs_keras.pspnet(num_classes=5, input_shape=(96, 96, 3), width_multiplier=0.25), \
+        "1 inputs and 2 outputs"
+    mobilenet = keras.applications.MobileNetV2(weights=None, input_shape=(96, 96, 3), classes=10)
+    yield "mobilenet_v2", bs_keras.add_gates(mobilenet, seed=0), \
+        "gates 'block_2_gate', 'block_4_gate', 'block_5_gate' and 7 more: unsupported layers between the producer " \
+        "conv and the gate, expected conv [-> BN] [-> ReLU] (in 'block_2_gate': 'block_2_expand_relu' (ReLU))"
+    v2 = keras.applications.ResNet50V2(weights=None, input_shape=(64, 64, 3), classes=10)
+    yield "resnet50_v2", bs_keras.add_gates(v2, seed=0), \
+        "the gate must feed exactly one Conv2D (in 'conv2_block1_gate': it feeds 'conv2_block1_2_pad' (ZeroPadding2D))"
+    keras_hub = pytest.importorskip("keras_hub")
+    backbone = keras_hub.models.ResNetBackbone(
+        block_type="bottleneck_block", use_pre_activation=False, input_conv_filters=[64], input_conv_kernel_sizes=[7],
+        stackwise_num_filters=[64, 32], stackwise_num_blocks=[2, 2], stackwise_num_strides=[1, 2],
+        image_shape=(32, 32, 3))  # fmt: skip
+    yield "keras_hub classifier", bs_keras.add_gates(keras_hub.models.ResNetImageClassifier(backbone, num_classes=5)), \
+        "Functional layers ('res_net_backbone') are not supported"
+    yield "keras_hub backbone", bs_keras.add_gates(backbone), \
+        "(in 'stack1_block0_gate': it feeds 'stack1_block0_2_pad' (ZeroPadding2D))"
+
+
+@pytest.mark.slow  # builds a PSPNet, MobileNetV2 and ResNet50V2: ~15 s
+def test_unsupported_models_are_refused_before_any_work(tmp_path, monkeypatch):
+    import bs_keras
+    from bs_keras.deploy import conditional as cond_lib
+    from bs_keras.deploy import pipeline
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the refusal")
+
+    monkeypatch.setattr(pipeline._Calibration, "load", no_work)  # no calibration data read
+    monkeypatch.setattr(cond_lib, "gate_masks", no_work)  # no gate measured
+    for name, model, text in _gated_models_it_cannot_run_yet():
+        assert cond_lib.support_problems(model), name
+        out = tmp_path / name.replace(" ", "_")
+        with pytest.raises(bs_keras.deploy.ExportError) as raised:
+            bs_keras.deploy.export(model, out, mode="conditional", calibration="fashion_mnist")
+        message = str(raised.value)
+        assert text in message and "--mode compact" in message, (name, message)
+        assert not out.exists() and not list(tmp_path.glob(f"{out.name}*")), name  # nothing half-written
+        with pytest.raises(ValueError, match="cannot run this model"):
+            conditional_model(model, np.zeros((2, *model.inputs[0].shape[1:]), np.float32))
+
+
+def test_support_problems_is_empty_for_the_models_it_runs():
+    for model in (cifar_resnet(8, input_shape=(16, 16, 1), num_classes=3, seed=0),
+                  imagenet_resnet(50, input_shape=(32, 32, 3), num_classes=3, width_multiplier=0.25, seed=0)):
+        assert support_problems(model) == [], model.name

@@ -126,8 +126,6 @@ class FoldedModel(tf.Module):
             raise ValueError(f"mode must be 'conditional' or 'masked'. Received: {mode!r}")
         if isinstance(widths, str) and widths != "auto":
             raise ValueError(f"widths must be fractions in (0, 1] or 'auto'. Received: {widths!r}")
-        if len(model.inputs) != 1 or len(model.outputs) != 1:
-            raise ValueError("Only single-input, single-output models are supported.")
         self.branching = branching
         self.jit_compile = bool(jit_compile)
         self.mode = mode
@@ -149,6 +147,9 @@ class FoldedModel(tf.Module):
         self.gate_orders = {}  # gate name -> gate (group) order, same convention
         self._alias = {}  # tensor id -> tensor id (outputs of layers folded into another step)
 
+        problems = support_problems(model)
+        if problems:  # before measuring the gates or folding a weight
+            raise ValueError(refusal(problems))
         graph = LayerGraph(model, purpose="conditional_model")
         masks = {}
         if mode == "conditional" and any(isinstance(n.operation, ChannelGate) for n in graph.nodes):
@@ -197,24 +198,8 @@ class FoldedModel(tf.Module):
 
     def _fold_gated_block(self, graph, node, masks, widths, multiple_of, max_widths, done):
         gate = node.operation
-        x_t, h_t = node.input_tensors
-        prod, chain = graph.trace_back(h_t, through=lambda op: not isinstance(op, _L.Conv2D))
-        for t in [h_t] + [n.input_tensors[0] for n in chain]:
-            if graph.only_consumer(t) is None:
-                raise ValueError(f"The features gated by '{gate.name}' have other consumers.")
-        if prod is None:
-            raise ValueError(f"'{gate.name}' gates the model input; conditional_model needs a Conv2D producer.")
-        rest = [n.operation for n in reversed(chain)]  # [bn], [relu]
-        bn1 = rest.pop(0) if rest and isinstance(rest[0], _L.BatchNormalization) else None
-        relu1 = rest.pop(0) if rest and is_relu(rest[0]) else None
-        if rest:
-            raise ValueError(
-                f"Unsupported layers between the producer conv and gate '{gate.name}': "
-                f"{[op.name for op in rest]} (expected conv [-> BN] [-> ReLU])."
-            )
-        cnode = graph.only_consumer(node.output_tensors[0])
-        if cnode is None or type(cnode.operation) is not _L.Conv2D:
-            raise ValueError(f"Gate '{gate.name}' must feed exactly one Conv2D.")
+        x_t = node.input_tensors[0]
+        prod, chain, bn1, relu1, cnode = _gated_block(graph, node)
         out_t = cnode.output_tensors[0]
         bnode = self._fold_following_bn(graph, out_t, done)
         # A ReLU right after conv2 [-> BN] runs inside the branches, where it
@@ -255,6 +240,9 @@ class FoldedModel(tf.Module):
     def _fold_layer(self, graph, node, done):
         """One step `(kind, fn, input ids, output id)` for a layer outside the gated blocks."""
         op = node.operation
+        problem = _layer_problem(op)
+        if problem:
+            raise ValueError(problem)
         ins = [id(t) for t in node.input_tensors]
         out = id(node.output_tensors[0])
         if type(op) is _L.Conv2D:
@@ -279,15 +267,9 @@ class FoldedModel(tf.Module):
         elif isinstance(op, _L.ZeroPadding2D):
             fn = zero_padding_fn(op)
         elif isinstance(op, _L.GlobalAveragePooling2D):
-            if op.keepdims or op.data_format != "channels_last":
-                raise ValueError(f"GlobalAveragePooling2D '{op.name}' options not supported.")
             fn = lambda x: tf.reduce_mean(x, axis=[1, 2])  # noqa: E731
-        elif isinstance(op, _L.Dense):
+        else:  # _layer_problem let only a Dense through
             fn = dense_fn(op, self._weight)
-        else:
-            raise ValueError(
-                f"Layer '{op.name}' ({type(op).__name__}) is not supported by conditional_model."
-            )
         return ("op", fn, ins, out)
 
     def _resolve(self, i):
@@ -447,6 +429,114 @@ class FoldedModel(tf.Module):
         branches.
         """
         return conditional_serving.to_tflite(self, quantize, with_gates)
+
+
+# Layers `FoldedModel` re-implements outside the gated blocks, besides an
+# exact Conv2D (not a subclass) and ReLU (the layer or an Activation("relu")).
+SUPPORTED_LAYERS = (_L.BatchNormalization, _L.Add, ZeroPadShortcut, _L.MaxPooling2D, _L.ZeroPadding2D,
+                    _L.GlobalAveragePooling2D, _L.Dense)
+
+
+def _layer_problem(op):
+    """Why `FoldedModel` cannot run layer `op` (outside a gated block), or None."""
+    if not (type(op) is _L.Conv2D or is_relu(op) or isinstance(op, SUPPORTED_LAYERS)):
+        return f"Layer '{op.name}' ({type(op).__name__}) is not supported by conditional_model."
+    if isinstance(op, _L.GlobalAveragePooling2D) and (op.keepdims or op.data_format != "channels_last"):
+        return f"GlobalAveragePooling2D '{op.name}' options not supported (keepdims or channels_first)."
+    return None
+
+
+class _BlockShapeError(ValueError):
+    """A gated block `FoldedModel` does not handle: `kind` (the same for
+    every block with this problem) and the detail of this one."""
+
+    def __init__(self, kind, gate, detail):
+        super().__init__(f"Gate '{gate}': {kind} ({detail}).")
+        self.kind, self.gate, self.detail = kind, gate, detail
+
+
+def _gated_block(graph, node):
+    """`(producer conv node, chain nodes, bn1, relu1, consumer conv node)` of
+    the gate at `node`: conv1 [-> BN] [-> ReLU] -> gate -> one Conv2D.
+
+    Raises:
+        _BlockShapeError: the block has another shape, naming the layers.
+    """
+    gate = node.operation
+    h_t = node.input_tensors[1]
+    prod, chain = graph.trace_back(h_t, through=lambda op: not isinstance(op, _L.Conv2D))
+    for t in [h_t] + [n.input_tensors[0] for n in chain]:
+        if graph.only_consumer(t) is None:
+            raise _BlockShapeError("the gated features have other consumers", gate.name,
+                                   f"{[n.operation.name for n in graph.consumers(t) or []]}")
+    if prod is None:
+        raise _BlockShapeError("gates the model input, not a Conv2D's output", gate.name, "no producer conv")
+    rest = [n.operation for n in reversed(chain)]  # [bn], [relu]
+    bn1 = rest.pop(0) if rest and isinstance(rest[0], _L.BatchNormalization) else None
+    relu1 = rest.pop(0) if rest and is_relu(rest[0]) else None
+    if rest:
+        raise _BlockShapeError("unsupported layers between the producer conv and the gate, expected conv [-> BN] "
+                               "[-> ReLU]", gate.name, ", ".join(f"'{op.name}' ({type(op).__name__})" for op in rest))
+    cnode = graph.only_consumer(node.output_tensors[0])
+    if cnode is None or type(cnode.operation) is not _L.Conv2D:
+        following = [f"'{n.operation.name}' ({type(n.operation).__name__})"
+                     for n in graph.consumers(node.output_tensors[0]) or []]
+        raise _BlockShapeError("the gate must feed exactly one Conv2D", gate.name, f"it feeds {', '.join(following)}")
+    return prod, chain, bn1, relu1, cnode
+
+
+def _listed(names):
+    shown = ", ".join(f"'{n}'" for n in names[:3])
+    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def support_problems(model):
+    """Why the conditional export cannot run `model`: one message per kind of
+    gated block or layer it does not handle, none when it can. Reads only the
+    layer graph (no calibration, no weights), so callers refuse before any work.
+    """
+    problems = []
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        problems.append(f"the model has {len(model.inputs)} inputs and {len(model.outputs)} outputs "
+                        "(only single-input, single-output models are supported)")
+    graph = LayerGraph(model, purpose="conditional_model")
+    in_blocks = set()
+    blocks = {}  # kind -> [(gate, detail)]
+    for node in graph.nodes:
+        if isinstance(node.operation, ChannelGate):
+            in_blocks.add(id(node))
+            try:
+                _, chain, *_ = _gated_block(graph, node)
+            except _BlockShapeError as e:
+                blocks.setdefault(e.kind, []).append((e.gate, e.detail))
+            else:
+                in_blocks.update(id(n) for n in chain)
+    for kind, found in blocks.items():
+        problems.append(f"gates {_listed([g for g, _ in found])}: {kind} (in '{found[0][0]}': {found[0][1]})")
+    layers = {}  # layer class -> names
+    for node in graph.nodes:
+        problem = None if id(node) in in_blocks else _layer_problem(node.operation)
+        if problem and isinstance(node.operation, _L.GlobalAveragePooling2D):
+            problems.append(problem.rstrip("."))
+        elif problem:
+            layers.setdefault(_layer_kind(node.operation), []).append(node.operation.name)
+    for kind, names in layers.items():
+        problems.append(f"{kind} layers ({_listed(names)}) are not supported by conditional_model")
+    return problems
+
+
+def _layer_kind(op):
+    """The class name, and what makes a ReLU-like layer not a plain ReLU."""
+    if isinstance(op, _L.ReLU):
+        return f"ReLU(max_value={op.max_value}, negative_slope={op.negative_slope}, threshold={op.threshold})"
+    return type(op).__name__
+
+
+def refusal(problems):
+    """The error message for `support_problems`' list."""
+    return ("The conditional export cannot run this model: " + "; ".join(problems)
+            + ". Export it with --mode compact (mode='compact': the channels its gates never open are removed, "
+            "a static network) or --mode masked (the model as trained).")
 
 
 class _GatedBlock:

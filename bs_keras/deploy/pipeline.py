@@ -235,6 +235,10 @@ class _Run:
         where = f"{model_path}: " if model_path else ""
         self.log(f"model      {where}'{model.name}', input {savedmodel.describe_spec(spec)}, "
                  f"{model.count_params():,} parameters")  # fmt: skip
+        if self.mode == "conditional":
+            problems = cond_lib.support_problems(model)
+            if problems:  # before loading calibration data or writing anything
+                raise ExportError(cond_lib.refusal(problems))
         self.calibration = _Calibration.load(calibration, spec.shape, calibration_samples, data_dir, manual_dir)
         if self.calibration.images is not None:
             self.log(f"calibration {len(self.calibration.images)} images from {self.calibration.described}")
