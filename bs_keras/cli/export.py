@@ -32,6 +32,13 @@ def _quantizations(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _outputs(text):
+    try:
+        return options.parse_outputs(text)
+    except OptionError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser(prog="bs-keras-export"):
     doc = __doc__.split("\n\n")
     p = argparse.ArgumentParser(
@@ -76,6 +83,11 @@ def build_parser(prog="bs-keras-export"):
              "constants (stored in saved_model.pb, once per input shape)",
     )  # fmt: skip
     p.add_argument(
+        "--outputs", type=_outputs, default=None,
+        help="conditional: model outputs to export, comma-separated (default: the first; a PSPNet's "
+             "seg without its auxiliary head, --outputs seg,aux keeps both); the other modes export all",
+    )  # fmt: skip
+    p.add_argument(
         "--parity-samples", type=positive_int, default=128,
         help="samples for the parity table (calibration images, else seeded N(0, 1) inputs)",
     )  # fmt: skip
@@ -97,7 +109,7 @@ def validate_args(parser, args):
         options.check_options(
             args.model, args.out, format=args.format, mode=args.mode, quantize=args.quantize,
             calibration=args.calibration, round_to=args.round_to, widths=args.widths,
-            max_widths=args.max_widths, xla=args.xla, overwrite=args.overwrite,
+            max_widths=args.max_widths, xla=args.xla, outputs=args.outputs, overwrite=args.overwrite,
         )
     except OptionError as e:
         parser.error(str(e))
@@ -113,7 +125,7 @@ def main(argv=None, prog="bs-keras-export"):
             args.model, args.out, mode=args.mode, format=args.format, quantize=args.quantize,
             calibration=args.calibration, calibration_samples=args.calibration_samples,
             round_to=args.round_to, widths=args.widths, max_widths=args.max_widths, xla=args.xla,
-            parity_samples=args.parity_samples, latency_runs=args.latency_runs, threads=args.threads,
+            outputs=args.outputs, parity_samples=args.parity_samples, latency_runs=args.latency_runs, threads=args.threads,
             data_dir=args.data_dir, manual_dir=args.manual_dir, overwrite=args.overwrite,
         )
     except (ExportError, ValueError, FileNotFoundError, FileExistsError) as e:

@@ -46,6 +46,7 @@ from bs_keras.deploy.tf_layers import (
     dense_fn,
     is_relu,
     pool_fn,
+    resize_like_fn,
     select_branch,
     zero_pad_fn,
     zero_padding_fn,
@@ -54,6 +55,7 @@ from bs_keras.deploy.widths import bucket_widths, calibrated_widths  # noqa: F40
 from bs_keras.gates import ChannelGate
 from bs_keras.graph import LayerGraph
 from bs_keras.macs import count_macs, gate_masks, gate_table
+from bs_keras.segmentation import AdaptiveAveragePooling2D, ResizeLike
 
 _L = keras.layers
 
@@ -77,6 +79,11 @@ class FoldedModel(tf.Module):
             balanced tree of `tf.cond`); default: "cond" with
             `jit_compile=True`, else "switch_case". TFLite export always
             uses "cond" (LiteRT IF).
+        outputs: names of the model outputs to compute (see
+            `bs_keras.deploy.savedmodel.output_names`), the first the
+            primary one; default: the model's first output alone (a
+            PSPNet's `seg`, its auxiliary head dropped). The layers no
+            kept output needs are not folded and their MACs not counted.
         jit_compile: compile `__call__`, `with_gates` and the saved serving
             functions with XLA (on first call per input shape). Needs
             `branching="cond"` (XLA compiles nested `tf.cond`, not `Case`,
@@ -108,6 +115,7 @@ class FoldedModel(tf.Module):
         max_widths=6,
         jit_compile=False,
         constant_weights=None,
+        outputs=None,
         name=None,
     ):
         super().__init__(name=name)
@@ -147,9 +155,12 @@ class FoldedModel(tf.Module):
         self.gate_orders = {}  # gate name -> gate (group) order, same convention
         self._alias = {}  # tensor id -> tensor id (outputs of layers folded into another step)
 
-        problems = support_problems(model)
+        problems = support_problems(model, outputs)
         if problems:  # before measuring the gates or folding a weight
             raise ValueError(refusal(problems))
+        model = exported_part(model, outputs)
+        self.output_names = tuple(output_names(model))  # a tuple: tf.Module wraps lists
+        self.output_name = self.output_names[0]
         graph = LayerGraph(model, purpose="conditional_model")
         masks = {}
         if mode == "conditional" and any(isinstance(n.operation, ChannelGate) for n in graph.nodes):
@@ -168,11 +179,12 @@ class FoldedModel(tf.Module):
             if id(node) in segments:
                 self._steps.append(segments[id(node)])
             elif id(node) not in done:
-                self._steps.append(self._fold_layer(graph, node, done))
+                step = self._fold_layer(graph, node, done)
+                if step is not None:
+                    self._steps.append(step)
                 done.add(id(node))
         self._input_id = id(model.inputs[0])
-        self._output_id = id(model.outputs[0])
-        self.output_name = output_names(model)[0]
+        self._output_ids = {name: id(t) for name, t in _named_outputs(model)}
         self.static_macs = int(count_macs(model))
         self._macs_per_channel = {i.gate.name: i.macs_per_channel for i in gate_table(model)} if self.gate_names else {}
 
@@ -238,13 +250,17 @@ class FoldedModel(tf.Module):
         return cnode, ("segment", block, [id(prod.input_tensors[0]), id(x_t)], id(out_t))
 
     def _fold_layer(self, graph, node, done):
-        """One step `(kind, fn, input ids, output id)` for a layer outside the gated blocks."""
+        """One step `(kind, fn, input ids, output id)` for a layer outside the
+        gated blocks; None for a layer that is the identity at inference."""
         op = node.operation
         problem = _layer_problem(op)
         if problem:
             raise ValueError(problem)
         ins = [id(t) for t in node.input_tensors]
         out = id(node.output_tensors[0])
+        if isinstance(op, _L.Dropout):
+            self._alias[out] = self._resolve(ins[0])
+            return None
         if type(op) is _L.Conv2D:
             bnode = self._fold_following_bn(graph, node.output_tensors[0], done)
             k, b = conv_weights(op, None if bnode is None else bnode.operation)
@@ -268,6 +284,12 @@ class FoldedModel(tf.Module):
             fn = zero_padding_fn(op)
         elif isinstance(op, _L.GlobalAveragePooling2D):
             fn = lambda x: tf.reduce_mean(x, axis=[1, 2])  # noqa: E731
+        elif isinstance(op, AdaptiveAveragePooling2D):
+            fn = op.call  # static slices and means: plain TF ops, no weights
+        elif isinstance(op, ResizeLike):
+            fn = resize_like_fn
+        elif isinstance(op, _L.Concatenate):
+            fn = lambda *xs: tf.concat(list(xs), axis=-1)  # noqa: E731
         else:  # _layer_problem let only a Dense through
             fn = dense_fn(op, self._weight)
         return ("op", fn, ins, out)
@@ -276,6 +298,7 @@ class FoldedModel(tf.Module):
         return self._alias.get(i, i)
 
     def _forward(self, images):
+        """`(outputs dict, tensors by id, branch index per gated block)`."""
         env = {self._input_id: tf.cast(images, tf.float32)}
         indices = []
         for kind, fn, ins, out in self._steps:
@@ -286,22 +309,28 @@ class FoldedModel(tf.Module):
             else:
                 y = fn(*args)
             env[out] = y
-        return env[self._resolve(self._output_id)], env, indices
+        outputs = {name: env[self._resolve(i)] for name, i in self._output_ids.items()}
+        return outputs, env, indices
 
     def __call__(self, images):
-        """Class probabilities (the model's output) for `images`."""
+        """The primary output (class probabilities, segmentation logits) for `images`."""
         return self._call_fn(images)
 
     def forward(self, images):
         """`__call__` as a plain Python function: it traces into the calling
         `tf.function` (a serving function, a TFLite conversion) instead of
         calling a compiled function of its own."""
+        return self._forward(images)[0][self.output_name]
+
+    def forward_outputs(self, images):
+        """Every kept output, `{name: tensor}` (see `outputs`), as `forward`."""
         return self._forward(images)[0]
 
     @tf.function
     def call_with_widths(self, images):
         """`(output, widths)`: `widths` (num_gates,) int32: executed width per gate."""
-        out, _, indices = self._forward(images)
+        outputs, _, indices = self._forward(images)
+        out = outputs[self.output_name]
         widths = [
             tf.gather(tf.constant(ws, tf.int32), i) for ws, i in zip(self.bucket_widths, indices)
         ]
@@ -331,9 +360,9 @@ class FoldedModel(tf.Module):
 
     def forward_with_gates(self, images):
         """`with_gates` as a plain Python function (see `forward`)."""
-        out, env, indices = self._forward(images)
-        batch = tf.shape(out)[:1]
-        result = {self.output_name: out}
+        outputs, env, indices = self._forward(images)
+        batch = tf.shape(outputs[self.output_name])[:1]
+        result = dict(outputs)
         macs = tf.fill(batch, tf.constant(self.static_macs, tf.int64))
         widths = []
         for block, name, ws, c, index in zip(
@@ -434,7 +463,8 @@ class FoldedModel(tf.Module):
 # Layers `FoldedModel` re-implements outside the gated blocks, besides an
 # exact Conv2D (not a subclass) and ReLU (the layer or an Activation("relu")).
 SUPPORTED_LAYERS = (_L.BatchNormalization, _L.Add, ZeroPadShortcut, _L.MaxPooling2D, _L.ZeroPadding2D,
-                    _L.GlobalAveragePooling2D, _L.Dense)
+                    _L.GlobalAveragePooling2D, _L.Dense, _L.Dropout, _L.Concatenate, AdaptiveAveragePooling2D,
+                    ResizeLike)
 
 
 def _layer_problem(op):
@@ -443,7 +473,46 @@ def _layer_problem(op):
         return f"Layer '{op.name}' ({type(op).__name__}) is not supported by conditional_model."
     if isinstance(op, _L.GlobalAveragePooling2D) and (op.keepdims or op.data_format != "channels_last"):
         return f"GlobalAveragePooling2D '{op.name}' options not supported (keepdims or channels_first)."
+    if isinstance(op, _L.Concatenate) and op.axis not in (-1, 3):
+        return f"Concatenate '{op.name}' options not supported (axis={op.axis}; only the channel axis, -1)."
     return None
+
+
+def _named_outputs(model):
+    """`[(name, symbolic tensor)]` of `model`'s outputs, named as the signatures name them."""
+    names, out = output_names(model), model.output
+    if isinstance(out, dict):
+        return [(name, out[name]) for name in names]
+    if isinstance(out, (list, tuple)):
+        return list(zip(names, out))
+    return [(names[0], out)]
+
+
+def _output_choice(model, outputs):
+    """The output names `outputs` selects (default: the first), or a ValueError's message."""
+    names = output_names(model)
+    if outputs is None:
+        return names[:1], None
+    chosen = [outputs] if isinstance(outputs, str) else list(outputs)
+    unknown = [o for o in chosen if o not in names]
+    if not chosen or unknown or len(set(chosen)) != len(chosen):
+        return None, (f"outputs must be distinct names among the model's outputs {names}. "
+                      f"Received: outputs={outputs!r}")
+    return chosen, None
+
+
+def exported_part(model, outputs=None):
+    """The part of `model` the conditional export runs: the outputs named in
+    `outputs` (default: the first, e.g. a PSPNet's `seg`) and the layers they
+    need, sharing `model`'s layers; `model` itself when that is all of it."""
+    chosen, error = _output_choice(model, outputs)
+    if error:
+        raise ValueError(error)
+    named = dict(_named_outputs(model))
+    if len(model.inputs) != 1 or chosen == list(named):
+        return model
+    # A dict keeps the output names (a list model's "outputs_1" too).
+    return keras.Model(model.input, {name: named[name] for name in chosen}, name=model.name)
 
 
 class _BlockShapeError(ValueError):
@@ -490,16 +559,22 @@ def _listed(names):
     return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def support_problems(model):
-    """Why the conditional export cannot run `model`: one message per kind of
-    gated block or layer it does not handle, none when it can. Reads only the
-    layer graph (no calibration, no weights), so callers refuse before any work.
+def support_problems(model, outputs=None):
+    """Why the conditional export cannot run `model` (its `outputs`, see
+    `FoldedModel`): one message per kind of gated block or layer it does not
+    handle, none when it can. Reads only the layer graph (no calibration, no
+    weights), so callers refuse before any work.
+
+    Raises:
+        ValueError: `outputs` names an output the model does not have.
     """
+    if len(model.inputs) != 1:
+        return [f"the model has {len(model.inputs)} inputs (only single-input models are supported)"]
+    chosen, error = _output_choice(model, outputs)
+    if error:  # a bad argument, not a problem of the model
+        raise ValueError(error)
     problems = []
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        problems.append(f"the model has {len(model.inputs)} inputs and {len(model.outputs)} outputs "
-                        "(only single-input, single-output models are supported)")
-    graph = LayerGraph(model, purpose="conditional_model")
+    graph = LayerGraph(exported_part(model, chosen), purpose="conditional_model")
     in_blocks = set()
     blocks = {}  # kind -> [(gate, detail)]
     for node in graph.nodes:
@@ -649,16 +724,17 @@ class _GatedBlock:
 
 def conditional_model(
     model, calibration_images, widths=(0.25, 0.5, 0.75, 1.0), multiple_of=8, batch_size=64,
-    branching=None, max_widths=6, jit_compile=False, constant_weights=None,
+    branching=None, max_widths=6, jit_compile=False, constant_weights=None, outputs=None,
 ):
     """A `FoldedModel` in conditional mode (see module doc)."""
     return FoldedModel(
         model, calibration_images, mode="conditional", widths=widths, multiple_of=multiple_of,
         batch_size=batch_size, branching=branching, max_widths=max_widths, jit_compile=jit_compile,
-        constant_weights=constant_weights,
+        constant_weights=constant_weights, outputs=outputs,
     )
 
 
-def folded_model(model, jit_compile=False, constant_weights=None):
+def folded_model(model, jit_compile=False, constant_weights=None, outputs=None):
     """The BN-folded TF equivalent of `model` (gates, if any, multiply by 0/1)."""
-    return FoldedModel(model, mode="masked", jit_compile=jit_compile, constant_weights=constant_weights)
+    return FoldedModel(model, mode="masked", jit_compile=jit_compile, constant_weights=constant_weights,
+                       outputs=outputs)

@@ -93,8 +93,8 @@ class _Serving(tf.Module):
         super().__init__(name="conditional_serving")
         self._vars = list(folded.weight_variables)
         self._forward = folded.forward  # bound methods: not tracked
+        self._outputs = folded.forward_outputs
         self._with_gates = folded.forward_with_gates
-        self._output_name = folded.output_name
 
     @tf.function
     def __call__(self, images):
@@ -104,7 +104,7 @@ class _Serving(tf.Module):
     # `serve_with_gates` the TF 2.21 TFLite converter kept only one signature.
     @tf.function
     def serve_default(self, images):
-        return {self._output_name: self._forward(images)}
+        return self._outputs(images)
 
     @tf.function
     def serve_with_gates(self, images):
@@ -134,7 +134,7 @@ class _SharedServing(tf.Module):
             str(b): core.get_concrete_function(tf.TensorSpec((b,) + folded.input_shape, tf.float32, name=INPUT_NAME))
             for b in batch_sizes
         }
-        self._output_name = folded.output_name
+        self._output_names = list(folded.output_names)
 
     def _core(self, images):
         key = str(images.shape[0])
@@ -142,11 +142,12 @@ class _SharedServing(tf.Module):
 
     @tf.function
     def __call__(self, images):
-        return self._core(images)[self._output_name]
+        return self._core(images)[self._output_names[0]]
 
     @tf.function
     def serve_default(self, images):
-        return {self._output_name: self._core(images)[self._output_name]}
+        core = self._core(images)
+        return {name: core[name] for name in self._output_names}
 
     @tf.function
     def serve_with_gates(self, images):
@@ -170,7 +171,7 @@ class ConditionalRunner:
         self.batch_size = batch_size
         if isinstance(model, tf.Module) and hasattr(model, "with_gates"):  # a FoldedModel
             self.module = model
-            self._serve = lambda x: {model.output_name: model(x)}
+            self._serve = lambda x: {model.output_name: model(x)}  # the primary output
             self._gates = model.with_gates
         else:
             # Keep the loaded object alive: its signatures reference its variables.

@@ -58,13 +58,22 @@ def parse_quantize(text):
     return list(dict.fromkeys(values))
 
 
+def parse_outputs(text):
+    """`"seg,aux"` -> `["seg", "aux"]`; raises `OptionError`. Whether the
+    model has these outputs is checked when it is loaded."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values or len(set(values)) != len(values):
+        raise OptionError(f"expected distinct output names, comma-separated (e.g. seg,aux), got {text!r}")
+    return values
+
+
 def has_calibration(calibration):
     """Whether a calibration source (name, path or array) was given."""
     return calibration is not None and not (isinstance(calibration, str) and not calibration)
 
 
 def check_options(model, out, *, format, mode, quantize, calibration, round_to=None, widths=None,
-                  max_widths=None, xla=False, overwrite=False):
+                  max_widths=None, xla=False, outputs=None, overwrite=False):
     """Raises `OptionError` for a bad combination of `export` options.
 
     `model` is a `.keras` path (checked to exist) or a model object (not
@@ -107,6 +116,8 @@ def check_options(model, out, *, format, mode, quantize, calibration, round_to=N
         raise OptionError("--widths and --max-widths apply to --mode conditional")
     if max_widths and widths not in (None, "auto"):
         raise OptionError("--max-widths applies to --widths auto")
+    if outputs is not None and mode != "conditional":
+        raise OptionError("--outputs applies to --mode conditional (the other modes export every output)")
     if round_to and mode != "compact":
         raise OptionError("--round-to applies to --mode compact")
     out_path = os.path.abspath(out)

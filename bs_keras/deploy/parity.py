@@ -4,8 +4,13 @@ For every variant (SavedModel, each TFLite quantization, a compacted Keras
 model) `parity_rows` reports against the Keras model's inference outputs:
 
 - `max_abs_diff`: largest absolute difference of the primary output
-  (class probabilities) over all samples and classes;
-- `top1_agreement`: fraction of samples with the same arg-max class;
+  (class probabilities, segmentation logits) over all samples and classes;
+- `top1_agreement`: fraction of samples with the same arg-max class
+  (classification: an output of shape `(N, classes)`);
+- segmentation (an output of shape `(N, H, W, classes)`) instead:
+  `pixel_agreement`, the fraction of pixels with the same arg-max class, and
+  `miou`, the mean IoU of the variant's arg-max map taking the Keras model's
+  as the labels (over the classes either predicts);
 - `gate_agreement`: fraction of all (sample, gate) decisions that agree
   (from the `serving_with_gates` outputs; a compacted variant's masks are
   first expanded to the original layout; None, shown "-", when a variant
@@ -24,6 +29,7 @@ import numpy as np
 
 from bs_keras.gates import find_gates
 from bs_keras.macs import conditional_macs, gate_masks
+from bs_keras.segmentation import confusion_matrix, iou_from_confusion
 from bs_keras.deploy.savedmodel import MACS_OUTPUT, output_names
 
 # Extra outputs of the conditional export (bs_keras.deploy.conditional.FoldedModel.with_gates).
@@ -35,11 +41,13 @@ NOT_MASKS = (MACS_OUTPUT, EXECUTED_MACS, "widths")
 class ParityRow:
     name: str
     max_abs_diff: float
-    top1_agreement: float
+    top1_agreement: float | None
     gate_agreement: float | None = None
     mean_macs: float | None = None
     size_bytes: int | None = None
     latency_ms: float | None = None
+    pixel_agreement: float | None = None
+    miou: float | None = None
 
     def as_dict(self):
         return dataclasses.asdict(self)
@@ -88,8 +96,12 @@ def compare(reference, outputs, output_name, gate_names, expand=None):
     got = np.asarray(outputs[output_name], np.float64)
     if ref.shape != got.shape:
         raise ValueError(f"Output shapes differ: reference {ref.shape}, variant {got.shape}.")
-    flat_ref, flat_got = ref.reshape(len(ref), -1), got.reshape(len(got), -1)
-    top1 = float(np.mean(flat_ref.argmax(-1) == flat_got.argmax(-1))) if len(ref) else math.nan
+    agreement = {"top1_agreement": None}
+    if ref.ndim == 4:  # (N, H, W, classes): per-pixel classes
+        agreement.update(pixel_agreement_and_miou(ref.argmax(-1), got.argmax(-1), ref.shape[-1]))
+    else:
+        flat_ref, flat_got = ref.reshape(len(ref), -1), got.reshape(len(got), -1)
+        agreement["top1_agreement"] = float(np.mean(flat_ref.argmax(-1) == flat_got.argmax(-1))) if len(ref) else math.nan
     gates = None
     if gate_names:
         masks = {k: outputs[k] for k in outputs if k not in (output_name, *NOT_MASKS)}
@@ -101,10 +113,18 @@ def compare(reference, outputs, output_name, gate_names, expand=None):
     macs = next((float(np.mean(outputs[k])) for k in (MACS_OUTPUT, EXECUTED_MACS) if k in outputs), None)
     return {
         "max_abs_diff": float(np.max(np.abs(ref - got))) if ref.size else 0.0,
-        "top1_agreement": top1,
+        **agreement,
         "gate_agreement": gates,
         "mean_macs": macs,
     }
+
+
+def pixel_agreement_and_miou(reference, predicted, num_classes):
+    """`{"pixel_agreement", "miou"}` of two arg-max maps of equal shape: the
+    fraction of equal pixels, and the mean IoU of `predicted` against
+    `reference` as the labels, over the classes present in either."""
+    _, miou, agreement = iou_from_confusion(confusion_matrix(reference, predicted, num_classes, ignore_label=-1))
+    return {"pixel_agreement": agreement, "miou": miou}
 
 
 def latency_ms(runner, image, runs):
@@ -169,15 +189,21 @@ def format_table(rows):
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
+    segmentation = any(r.pixel_agreement is not None for r in rows)
+    agree = "pixel agree | mIoU vs Keras" if segmentation else "top-1 agree"
     lines = [
-        "| variant | max abs diff | top-1 agree | gate agree | mean MACs | size | batch-1 ms |",
-        "|---|---|---|---|---|---|---|",
+        f"| variant | max abs diff | {agree} | gate agree | mean MACs | size | batch-1 ms |",
+        "|---|---|---|---|---|---|---|" + ("---|" if segmentation else ""),
     ]
     for r in rows:
         size = "-" if r.size_bytes is None else f"{r.size_bytes / 1024:.0f} KiB"
         macs = "-" if r.mean_macs is None else f"{r.mean_macs / 1e6:.3f} M"
+        if segmentation:
+            agreement = f"{fmt(r.pixel_agreement, '.3%')} | {fmt(r.miou, '.4f')}"
+        else:
+            agreement = fmt(r.top1_agreement, ".2%")
         lines.append(
-            f"| {r.name} | {fmt(r.max_abs_diff, '.3g')} | {fmt(r.top1_agreement, '.2%')} | "
+            f"| {r.name} | {fmt(r.max_abs_diff, '.3g')} | {agreement} | "
             f"{fmt(r.gate_agreement, '.2%')} | {macs} | {size} | {fmt(r.latency_ms, '.2f')} |"
         )
     return "\n".join(lines)

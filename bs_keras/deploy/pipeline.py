@@ -27,7 +27,7 @@ from bs_keras.deploy import conditional as cond_lib
 from bs_keras.deploy import conditional_serving as serving_lib
 from bs_keras.deploy import parity, savedmodel, tflite
 from bs_keras.deploy.options import (
-    COND_FRACTIONS, DEFAULT_MAX_WIDTHS, ExportError, check_options, has_calibration, parse_quantize,
+    COND_FRACTIONS, DEFAULT_MAX_WIDTHS, ExportError, check_options, has_calibration, parse_outputs, parse_quantize,
 )
 from bs_keras.io_utils import atomic_path
 from bs_keras.macs import count_macs
@@ -84,7 +84,7 @@ def _print(text):
 
 
 def export(model, out, *, mode="masked", format="saved_model", quantize="none", calibration=None,
-           calibration_samples=256, round_to=None, widths=None, max_widths=None, xla=False,
+           calibration_samples=256, round_to=None, widths=None, max_widths=None, xla=False, outputs=None,
            parity_samples=128, latency_runs=20, threads=2, data_dir=None, manual_dir=None,
            overwrite=False, log=_print):
     """Exports `model` into the directory `out` and measures its parity with Keras.
@@ -111,6 +111,10 @@ def export(model, out, *, mode="masked", format="saved_model", quantize="none", 
             the full one (default 6).
         xla: "conditional", "saved_model": compile the serving functions
             with XLA.
+        outputs: "conditional": the model outputs to export, a list or
+            comma-separated string of names (default: the first, e.g. a
+            PSPNet's "seg" without its auxiliary head; "seg,aux" keeps both).
+            The other modes export every output.
         parity_samples: images in the parity table (calibration images,
             else seeded N(0, 1) inputs).
         latency_runs: batch-1 calls timed per variant (0: none).
@@ -133,12 +137,16 @@ def export(model, out, *, mode="masked", format="saved_model", quantize="none", 
             left in `out`'s place on failure.
     """
     quantize = parse_quantize(quantize if isinstance(quantize, str) else ",".join(quantize))
+    if isinstance(outputs, str):
+        outputs = parse_outputs(outputs)
     check_options(model, out, format=format, mode=mode, quantize=quantize, calibration=calibration,
-                  round_to=round_to, widths=widths, max_widths=max_widths, xla=xla, overwrite=overwrite)
+                  round_to=round_to, widths=widths, max_widths=max_widths, xla=xla, outputs=outputs,
+                  overwrite=overwrite)
     run = _Run(
         out=os.fspath(out), mode=mode, format=format, quantize=quantize if format == "tflite" else ["none"],
         round_to=round_to, widths=COND_FRACTIONS.get(widths, "auto"),
-        max_widths=max_widths or DEFAULT_MAX_WIDTHS, xla=bool(xla), parity_samples=parity_samples,
+        max_widths=max_widths or DEFAULT_MAX_WIDTHS, xla=bool(xla),
+        outputs=None if outputs is None else list(outputs), parity_samples=parity_samples,
         latency_runs=latency_runs, threads=threads, log=_Log(log),
     )
     return run.export(model, calibration, calibration_samples, data_dir, manual_dir)
@@ -214,6 +222,7 @@ class _Run:
     widths: object
     max_widths: int
     xla: bool
+    outputs: list | None
     parity_samples: int
     latency_runs: int
     threads: int
@@ -236,7 +245,7 @@ class _Run:
         self.log(f"model      {where}'{model.name}', input {savedmodel.describe_spec(spec)}, "
                  f"{model.count_params():,} parameters")  # fmt: skip
         if self.mode == "conditional":
-            problems = cond_lib.support_problems(model)
+            problems = cond_lib.support_problems(model, self.outputs)
             if problems:  # before loading calibration data or writing anything
                 raise ExportError(cond_lib.refusal(problems))
         self.calibration = _Calibration.load(calibration, spec.shape, calibration_samples, data_dir, manual_dir)
@@ -352,7 +361,12 @@ class _Run:
     def _conditional(self, model, spec):
         images = self.calibration.images
         module = cond_lib.conditional_model(model, images, widths=self.widths, max_widths=self.max_widths,
-                                            jit_compile=self.xla)
+                                            jit_compile=self.xla, outputs=self.outputs)
+        if module.output_names != tuple(savedmodel.output_names(model)):
+            self.log(f"outputs    {', '.join(module.output_names)} (not exported: "
+                     f"{', '.join(n for n in savedmodel.output_names(model) if n not in module.output_names)})")
+        # The reference is the part of the model that was exported (its MACs without a dropped head).
+        model = cond_lib.exported_part(model, module.output_names)
         batch1, any_batch = [1, *spec.shape[1:]], [None, *spec.shape[1:]]
         if self.format == "saved_model":
             sm_dir = os.path.join(self.tmp, "saved_model")
@@ -385,15 +399,15 @@ class _Run:
                  + f"\n           executed MACs at batch 1 on {len(parity_images)} samples: "
                  f"{info['mean_executed_mac_ratio']:.3f} of {info['static_macs'] / 1e6:.2f} M static")  # fmt: skip
         self._parity(model, spec)
-        output = module.output_name
-        with_gates = [output, *module.gate_names, serving_lib.EXECUTED_MACS, serving_lib.WIDTHS]
+        outputs = list(module.output_names)
+        with_gates = [*outputs, *module.gate_names, serving_lib.EXECUTED_MACS, serving_lib.WIDTHS]
         return {
             **self.head,
             "input": self._input(batch1),
             "signatures": {
                 name: {
                     "input_shape": shape,
-                    "outputs": with_gates if name == serving_lib.SERVING_WITH_GATES else [output],
+                    "outputs": with_gates if name == serving_lib.SERVING_WITH_GATES else outputs,
                 }
                 for name, shape in signatures.items()
             },

@@ -126,6 +126,15 @@ def zero_padding_fn(op):
     return lambda x: tf.pad(x, paddings)
 
 
+def resize_like_fn(x, reference):
+    """`ResizeLike`: bilinear resize of `x` to `reference`'s spatial size
+    (static where known: a constant size in the graph and in TFLite)."""
+    size = reference.shape[1:3]
+    if None in size:
+        size = tf.shape(reference)[1:3]
+    return tf.image.resize(x, size, method="bilinear")
+
+
 def dense_fn(op, weight):
     """`x -> act(x @ kernel + bias)` of a Dense layer; `weight(value, name)` holds its weights."""
     kv = weight(np.asarray(op.kernel), f"{op.name}/kernel")
