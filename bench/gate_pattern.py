@@ -13,11 +13,22 @@ from bs_keras.gates import find_gates
 
 def _between_samples(values, q):
     """A threshold near the q-quantile of `values` halfway between two of them, so
-    that no sample sits on it (float rounding would decide its gate)."""
+    that no sample sits on it (float rounding would decide its gate).
+
+    The two values must be clearly apart (more than 1e-5 x (1 + max |value|)
+    each side of the threshold, far above float32 rounding); otherwise the
+    nearest such gap is taken, and with none (e.g. a gate MLP whose hidden
+    units are dead for every sample: equal values) the gate is open for all."""
     v = np.sort(np.asarray(values, np.float64))
     if len(v) == 1:
         return float(v[0]) - 1.0
     lo = min(int(np.floor(q * (len(v) - 1))), len(v) - 2)
+    clear = np.diff(v) > 2e-5 * (1.0 + np.abs(v).max())
+    if not clear.any():
+        return float(v[0]) - 1.0
+    if not clear[lo]:
+        candidates = np.flatnonzero(clear)
+        lo = int(candidates[np.argmin(np.abs(candidates - lo))])
     return float((v[lo] + v[lo + 1]) / 2)
 
 

@@ -29,6 +29,7 @@ fitting in `bs_keras.deploy.widths`, the layer re-implementations in
 """
 
 import contextlib
+import dataclasses
 
 import keras
 import numpy as np
@@ -39,12 +40,15 @@ from bs_keras.deploy import conditional_serving
 from bs_keras.deploy.conditional_serving import EXECUTED_MACS, INPUT_NAME, SERVING_BATCH, SERVING_DEFAULT, WIDTHS
 from bs_keras.deploy.savedmodel import output_names
 from bs_keras.deploy.tf_layers import (
+    activation_fn,
     bn_affine,
     check_bn,
     conv_fn,
     conv_weights,
     dense_fn,
-    is_relu,
+    depthwise_fn,
+    depthwise_problem,
+    depthwise_weights,
     pool_fn,
     resize_like_fn,
     select_branch,
@@ -211,26 +215,25 @@ class FoldedModel(tf.Module):
     def _fold_gated_block(self, graph, node, masks, widths, multiple_of, max_widths, done):
         gate = node.operation
         x_t = node.input_tensors[0]
-        prod, chain, bn1, relu1, cnode = _gated_block(graph, node)
+        nodes = _gated_block(graph, node)
+        cnode = nodes.consumer
         out_t = cnode.output_tensors[0]
         bnode = self._fold_following_bn(graph, out_t, done)
         # A ReLU right after conv2 [-> BN] runs inside the branches, where it
         # fuses with the convolution (Conv2D + BiasAdd + Relu): one op fewer per block.
         rnode = graph.only_consumer(bnode.output_tensors[0] if bnode is not None else out_t)
-        relu2 = rnode is not None and is_relu(rnode.operation)
-        if relu2:
+        act2 = None if rnode is None else activation_fn(rnode.operation)
+        if act2 is not None:
             done.add(id(rnode))
             self._alias[id(rnode.output_tensors[0])] = id(out_t)
-        done.update(id(n) for n in [prod, *chain, node, cnode])
+        done.update(id(n) for n in nodes.members())
 
         if self.mode == "conditional":
             gate_order = np.argsort(-masks[gate.name].mean(axis=0), kind="stable")
         else:
             gate_order = np.arange(gate.num_gates)
-        block = _GatedBlock(
-            self, gate, prod.operation, bn1, relu1 is not None, cnode.operation,
-            None if bnode is None else bnode.operation, relu2, gate_order, gate_input=id(x_t),
-        )
+        block = _GatedBlock(self, gate, nodes, None if bnode is None else bnode.operation, act2, gate_order,
+                            gate_input=id(x_t))
         channels = block.channels
         if self.mode == "conditional" and isinstance(widths, str):
             reordered = masks[gate.name][:, gate_order] > 0
@@ -247,7 +250,7 @@ class FoldedModel(tf.Module):
         self.gate_names.append(gate.name)
         self.gate_channels.append(channels)
         self.bucket_widths.append(ws)
-        return cnode, ("segment", block, [id(prod.input_tensors[0]), id(x_t)], id(out_t))
+        return cnode, ("segment", block, [id(nodes.producer.input_tensors[0]), id(x_t)], id(out_t))
 
     def _fold_layer(self, graph, node, done):
         """One step `(kind, fn, input ids, output id)` for a layer outside the
@@ -261,19 +264,20 @@ class FoldedModel(tf.Module):
         if isinstance(op, _L.Dropout):
             self._alias[out] = self._resolve(ins[0])
             return None
-        if type(op) is _L.Conv2D:
+        if type(op) in (_L.Conv2D, _L.DepthwiseConv2D):
             bnode = self._fold_following_bn(graph, node.output_tensors[0], done)
-            k, b = conv_weights(op, None if bnode is None else bnode.operation)
+            weights, conv = (conv_weights, conv_fn) if type(op) is _L.Conv2D else (depthwise_weights, depthwise_fn)
+            k, b = weights(op, None if bnode is None else bnode.operation)
             kv, bv = self._weight(k, f"{op.name}/kernel"), self._weight(b, f"{op.name}/bias")
-            run = conv_fn(op)
+            run = conv(op)
             fn = lambda x, run=run, kv=kv, bv=bv: run(x, kv(), bv())  # noqa: E731
         elif isinstance(op, _L.BatchNormalization):
             check_bn(op)
             s, b = bn_affine(op)
             sv, bv = self._weight(s, f"{op.name}/scale"), self._weight(b, f"{op.name}/shift")
             fn = lambda x, sv=sv, bv=bv: x * sv() + bv()  # noqa: E731
-        elif is_relu(op):
-            fn = tf.nn.relu
+        elif activation_fn(op) is not None:
+            fn = activation_fn(op)
         elif isinstance(op, _L.Add):
             fn = lambda *xs: tf.add_n(list(xs))  # noqa: E731
         elif isinstance(op, ZeroPadShortcut):
@@ -461,7 +465,8 @@ class FoldedModel(tf.Module):
 
 
 # Layers `FoldedModel` re-implements outside the gated blocks, besides an
-# exact Conv2D (not a subclass) and ReLU (the layer or an Activation("relu")).
+# exact Conv2D or DepthwiseConv2D (not a subclass) and ReLU / ReLU6 (the layer
+# or an Activation).
 SUPPORTED_LAYERS = (_L.BatchNormalization, _L.Add, ZeroPadShortcut, _L.MaxPooling2D, _L.ZeroPadding2D,
                     _L.GlobalAveragePooling2D, _L.Dense, _L.Dropout, _L.Concatenate, AdaptiveAveragePooling2D,
                     ResizeLike)
@@ -469,8 +474,11 @@ SUPPORTED_LAYERS = (_L.BatchNormalization, _L.Add, ZeroPadShortcut, _L.MaxPoolin
 
 def _layer_problem(op):
     """Why `FoldedModel` cannot run layer `op` (outside a gated block), or None."""
-    if not (type(op) is _L.Conv2D or is_relu(op) or isinstance(op, SUPPORTED_LAYERS)):
+    if not (type(op) in (_L.Conv2D, _L.DepthwiseConv2D) or activation_fn(op) is not None
+            or isinstance(op, SUPPORTED_LAYERS)):
         return f"Layer '{op.name}' ({type(op).__name__}) is not supported by conditional_model."
+    if type(op) is _L.DepthwiseConv2D:
+        return depthwise_problem(op)
     if isinstance(op, _L.GlobalAveragePooling2D) and (op.keepdims or op.data_format != "channels_last"):
         return f"GlobalAveragePooling2D '{op.name}' options not supported (keepdims or channels_first)."
     if isinstance(op, _L.Concatenate) and op.axis not in (-1, 3):
@@ -524,34 +532,87 @@ class _BlockShapeError(ValueError):
         self.kind, self.gate, self.detail = kind, gate, detail
 
 
+@dataclasses.dataclass
+class _BlockNodes:
+    """The call nodes of one gated block (see `_gated_block`)."""
+
+    producer: object  # conv1 (Conv2D)
+    chain: list  # between conv1 and the gate: [BN] [activation], nearest to the gate first
+    bn1: object  # conv1's BN layer, or None
+    act1: object  # the TF function of the activation before the gate, or None
+    gate: object
+    pad: object  # ZeroPadding2D node between the gate and what it feeds, or None
+    depthwise: list  # [DepthwiseConv2D, [BN], [activation]] nodes between the gate and conv2, or []
+    consumer: object  # conv2 (Conv2D)
+
+    def members(self):
+        return [self.producer, *self.chain, self.gate, *([self.pad] if self.pad else []), *self.depthwise,
+                self.consumer]
+
+
+def _not_conv(op):
+    return not isinstance(op, _L.Conv2D)
+
+
+def _follow(graph, node, what):
+    """The single consumer of `node`'s output if `what(layer)`, else None."""
+    nxt = graph.only_consumer(node.output_tensors[0])
+    return nxt if nxt is not None and what(nxt.operation) else None
+
+
 def _gated_block(graph, node):
-    """`(producer conv node, chain nodes, bn1, relu1, consumer conv node)` of
-    the gate at `node`: conv1 [-> BN] [-> ReLU] -> gate -> one Conv2D.
+    """The `_BlockNodes` of the gate at `node`: conv1 [-> BN] [-> ReLU/ReLU6]
+    -> gate [-> ZeroPadding2D] -> Conv2D, or, in an inverted residual,
+    ... -> gate [-> ZeroPadding2D] -> DepthwiseConv2D [-> BN] [-> ReLU/ReLU6]
+    -> 1x1 Conv2D.
 
     Raises:
         _BlockShapeError: the block has another shape, naming the layers.
     """
     gate = node.operation
     h_t = node.input_tensors[1]
-    prod, chain = graph.trace_back(h_t, through=lambda op: not isinstance(op, _L.Conv2D))
+    prod, chain = graph.trace_back(h_t, through=_not_conv)
     for t in [h_t] + [n.input_tensors[0] for n in chain]:
         if graph.only_consumer(t) is None:
             raise _BlockShapeError("the gated features have other consumers", gate.name,
                                    f"{[n.operation.name for n in graph.consumers(t) or []]}")
     if prod is None:
         raise _BlockShapeError("gates the model input, not a Conv2D's output", gate.name, "no producer conv")
-    rest = [n.operation for n in reversed(chain)]  # [bn], [relu]
+    if type(prod.operation) is not _L.Conv2D:
+        raise _BlockShapeError("the gated features come from a convolution other than Conv2D", gate.name,
+                               f"'{prod.operation.name}' ({type(prod.operation).__name__})")
+    rest = [n.operation for n in reversed(chain)]  # [bn], [activation]
     bn1 = rest.pop(0) if rest and isinstance(rest[0], _L.BatchNormalization) else None
-    relu1 = rest.pop(0) if rest and is_relu(rest[0]) else None
+    act1 = activation_fn(rest.pop(0)) if rest and activation_fn(rest[0]) is not None else None
     if rest:
         raise _BlockShapeError("unsupported layers between the producer conv and the gate, expected conv [-> BN] "
-                               "[-> ReLU]", gate.name, ", ".join(f"'{op.name}' ({type(op).__name__})" for op in rest))
-    cnode = graph.only_consumer(node.output_tensors[0])
+                               "[-> ReLU or ReLU6]", gate.name,
+                               ", ".join(f"'{op.name}' ({type(op).__name__})" for op in rest))
+    pad = _follow(graph, node, lambda op: isinstance(op, _L.ZeroPadding2D) and op.data_format == "channels_last")
+    depthwise, cnode = [], graph.only_consumer((pad or node).output_tensors[0])
+    if cnode is not None and type(cnode.operation) is _L.DepthwiseConv2D:
+        problem = depthwise_problem(cnode.operation)
+        if problem:
+            raise _BlockShapeError("an unsupported depthwise convolution follows the gate", gate.name, problem)
+        depthwise.append(cnode)
+        bn = _follow(graph, cnode, lambda op: isinstance(op, _L.BatchNormalization))
+        depthwise += [bn] if bn else []
+        act = _follow(graph, depthwise[-1], lambda op: activation_fn(op) is not None)
+        depthwise += [act] if act else []
+        cnode = graph.only_consumer(depthwise[-1].output_tensors[0])
+        if cnode is None or type(cnode.operation) is not _L.Conv2D or tuple(cnode.operation.kernel_size) != (1, 1):
+            raise _BlockShapeError(
+                "the depthwise convolution after the gate must feed one 1x1 Conv2D", gate.name,
+                f"'{depthwise[-1].operation.name}' feeds " + ", ".join(
+                    f"'{n.operation.name}' ({type(n.operation).__name__})"
+                    for n in graph.consumers(depthwise[-1].output_tensors[0]) if n is not None))
     if cnode is None or type(cnode.operation) is not _L.Conv2D:
+        after = pad or node
         following = [f"'{n.operation.name}' ({type(n.operation).__name__})"
-                     for n in graph.consumers(node.output_tensors[0]) or []]
-        raise _BlockShapeError("the gate must feed exactly one Conv2D", gate.name, f"it feeds {', '.join(following)}")
-    return prod, chain, bn1, relu1, cnode
+                     for n in graph.consumers(after.output_tensors[0]) if n is not None]
+        raise _BlockShapeError("the gate must feed exactly one Conv2D (or DepthwiseConv2D)", gate.name,
+                               f"{'its padding' if pad else 'it'} feeds {', '.join(following) or 'a model output'}")
+    return _BlockNodes(prod, chain, bn1, act1, node, pad, depthwise, cnode)
 
 
 def _listed(names):
@@ -581,11 +642,13 @@ def support_problems(model, outputs=None):
         if isinstance(node.operation, ChannelGate):
             in_blocks.add(id(node))
             try:
-                _, chain, *_ = _gated_block(graph, node)
+                nodes = _gated_block(graph, node)
             except _BlockShapeError as e:
                 blocks.setdefault(e.kind, []).append((e.gate, e.detail))
+                if e.kind.startswith("unsupported layers between"):  # named there, not again as layers
+                    in_blocks.update(id(n) for n in graph.trace_back(node.input_tensors[1], through=_not_conv)[1])
             else:
-                in_blocks.update(id(n) for n in chain)
+                in_blocks.update(id(n) for n in nodes.members())
     for kind, found in blocks.items():
         problems.append(f"gates {_listed([g for g, _ in found])}: {kind} (in '{found[0][0]}': {found[0][1]})")
     layers = {}  # layer class -> names
@@ -615,26 +678,44 @@ def refusal(problems):
 
 
 class _GatedBlock:
-    """One folded gated block: conv1 [BN] [ReLU] -> gate -> conv2 [BN] [ReLU].
+    """One folded gated block: conv1 [BN] [act] -> gate [pad] -> conv2 [BN] [act],
+    or, in an inverted residual, conv1 [BN] [act] -> gate [pad] -> depthwise
+    [BN] [act] -> 1x1 conv2 [BN] (act: ReLU or ReLU6).
 
     The gate's groups are reordered by `gate_order` (most often open first)
-    and conv1's filters, the gate logits and conv2's input slices with them;
-    `set_widths` then precompiles one (conv1, conv2) kernel pair per width.
-    Calling the block runs the smallest width covering every open channel.
+    and conv1's filters, the gate logits, the depthwise filters and conv2's
+    input slices with them; `set_widths` then precompiles one kernel set per
+    width. Calling the block runs the smallest width covering every open
+    channel. Past a depthwise convolution a closed channel is not zero but
+    act(its bias), the same at every pixel: each width's conv2 bias adds what
+    the channels beyond it contribute that way, so the output stays exact.
     """
 
-    def __init__(self, owner, gate, conv1, bn1, relu1, conv2, bn2, relu2, gate_order, gate_input):
+    def __init__(self, owner, gate, nodes, bn2, act2, gate_order, gate_input):
         self.owner = owner  # the FoldedModel: weight storage and tracing flags
         self.gate_input = gate_input  # id of the gate's input tensor
-        self.relu1, self.relu2 = relu1, relu2
+        self.act1, self.act2 = nodes.act1, act2
         self.group_size = gs = gate.group_size
         self.num_gates = gate.num_gates
-        k1, b1 = conv_weights(conv1, bn1)
+        conv1, conv2 = nodes.producer.operation, nodes.consumer.operation
+        k1, b1 = conv_weights(conv1, nodes.bn1)
         k2, b2 = conv_weights(conv2, bn2)
         self.channels = k1.shape[-1]
-        self.channel_order = (gate_order[:, None] * gs + np.arange(gs)[None, :]).reshape(-1)
-        self._k1, self._b1 = k1[..., self.channel_order], b1[self.channel_order]
-        self._k2 = k2[:, :, self.channel_order, :]
+        self.channel_order = order = (gate_order[:, None] * gs + np.arange(gs)[None, :]).reshape(-1)
+        self._k1, self._b1 = k1[..., order], b1[order]
+        self._k2, self._b2_full = k2[:, :, order, :], b2
+        self._paddings = None
+        if nodes.pad is not None:
+            (top, bottom), (left, right) = nodes.pad.operation.padding
+            self._paddings = [[0, 0], [int(top), int(bottom)], [int(left), int(right)], [0, 0]]
+        self._dw = None
+        if nodes.depthwise:
+            dw_layers = [n.operation for n in nodes.depthwise]
+            dw_bn = next((op for op in dw_layers if isinstance(op, _L.BatchNormalization)), None)
+            dk, db = depthwise_weights(dw_layers[0], dw_bn)
+            self._dw_act = activation_fn(dw_layers[-1]) if len(dw_layers) > 1 else None
+            self._dk, self._db = dk[:, :, order, :], db[order]
+            self._dw = depthwise_fn(dw_layers[0])
         hs, hb = bn_affine(gate.hidden_bn)
         wl = np.asarray(gate.logits_dense.kernel, np.float64)[:, gate_order]
         bl = np.asarray(gate.logits_dense.bias, np.float64)[gate_order]
@@ -643,18 +724,43 @@ class _GatedBlock:
         self._hb = weight(hb, f"{name}/hidden_bias")
         self._wl = weight(wl, f"{name}/logits")
         self._bl = weight(bl, f"{name}/logits_bias")
-        self._b2 = weight(b2, f"{name}/conv2_bias")
+        if self._dw is None:
+            self._b2 = weight(b2, f"{name}/conv2_bias")
         self._conv1, self._conv2 = conv_fn(conv1), conv_fn(conv2)
         self._name = name
 
+    def _closed_contribution(self, w):
+        """What the channels from `w` on add to conv2's output when closed:
+        past the depthwise conv each is act(its bias) at every pixel."""
+        if self._dw is None:
+            return 0.0
+        level = self._db[w:]
+        if self._dw_act is tf.nn.relu:
+            level = np.maximum(level, 0)
+        elif self._dw_act is tf.nn.relu6:
+            level = np.clip(level, 0, 6)
+        return level @ self._k2[0, 0, w:, :]
+
     def set_widths(self, widths):
         weight, name = self.owner._weight, self._name
-        self.branches = [
-            (w, weight(self._k1[..., :w], f"{name}/conv1_w{w}"), weight(self._b1[:w], f"{name}/conv1_b{w}"),
-             weight(self._k2[:, :, :w, :], f"{name}/conv2_w{w}"))
-            for w in widths
-        ]
+        self.branches = []
+        for w in widths:
+            branch = {
+                "w": w,
+                "k1": weight(self._k1[..., :w], f"{name}/conv1_w{w}"),
+                "b1": weight(self._b1[:w], f"{name}/conv1_b{w}"),
+                "k2": weight(self._k2[:, :, :w, :], f"{name}/conv2_w{w}"),
+            }
+            if self._dw is not None:
+                branch["dk"] = weight(self._dk[:, :, :w, :], f"{name}/depthwise_w{w}")
+                branch["db"] = weight(self._db[:w], f"{name}/depthwise_b{w}")
+                branch["b2"] = weight(self._b2_full + self._closed_contribution(w), f"{name}/conv2_b{w}")
+            else:
+                branch["b2"] = self._b2
+            self.branches.append(branch)
         del self._k1, self._b1, self._k2
+        if self._dw is not None:
+            del self._dk, self._db
         # Per gate (group), the index of the smallest branch covering it.
         group_end = (np.arange(self.num_gates) + 1) * self.group_size
         self._bucket_row = np.searchsorted(np.asarray(widths), group_end).astype(np.int32)[None]
@@ -687,14 +793,14 @@ class _GatedBlock:
         is_open = self.logits(x_gate) > 0
         index = self.index_of(is_open, axis=None)
         # At batch 1 a closed channel's conv1 bias is set to -1e30, so the
-        # fused Conv2D + BiasAdd + Relu outputs exactly 0 there: no mask
+        # fused Conv2D + BiasAdd + Relu (Relu6) outputs exactly 0 there: no mask
         # multiply (one op fewer per block and no pass over the features).
-        fold = self.relu1 and x_in.shape[0] == 1 and not owner._tflite
+        fold = self.act1 is not None and x_in.shape[0] == 1 and not owner._tflite
         if fold:
             open_c = tf.reshape(is_open, [-1])
             if gs > 1:
                 open_c = tf.repeat(open_c, gs)
-            b1_full = self.branches[-1][2]  # the full width's conv1 bias (the last width is `channels`)
+            b1_full = self.branches[-1]["b1"]  # the full width's conv1 bias (the last width is `channels`)
             bias = tf.where(open_c, b1_full(), np.full(channels, -1e30, np.float32))
         else:
             mask = tf.cast(is_open, tf.float32)
@@ -702,21 +808,29 @@ class _GatedBlock:
                 mask = tf.repeat(mask, gs, axis=1)
             mask = mask[:, None, None, :]
 
-        def branch(w, k1v, b1v, k2v):
+        def branch(b):
+            w = b["w"]
+
             def run():
                 if fold:
-                    h = tf.nn.relu(self._conv1(x_in, k1v(), bias[:w]))
+                    h = self.act1(self._conv1(x_in, b["k1"](), bias[:w]))
                 else:
-                    h = self._conv1(x_in, k1v(), b1v())
-                    if self.relu1:
-                        h = tf.nn.relu(h)
+                    h = self._conv1(x_in, b["k1"](), b["b1"]())
+                    if self.act1 is not None:
+                        h = self.act1(h)
                     h = h * mask[..., :w]
-                y = self._conv2(h, k2v(), self._b2())
-                return tf.nn.relu(y) if self.relu2 else y
+                if self._paddings is not None:
+                    h = tf.pad(h, self._paddings)
+                if self._dw is not None:
+                    h = self._dw(h, b["dk"](), b["db"]())
+                    if self._dw_act is not None:
+                        h = self._dw_act(h)
+                y = self._conv2(h, b["k2"](), b["b2"]())
+                return y if self.act2 is None else self.act2(y)
 
             return run
 
-        fns = [branch(*b) for b in self.branches]
+        fns = [branch(b) for b in self.branches]
         if len(fns) == 1:
             return fns[0](), tf.constant(0, tf.int32)
         return select_branch(index, fns, nested_cond=owner._tflite or owner.branching == "cond"), index

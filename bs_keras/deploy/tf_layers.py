@@ -62,6 +62,62 @@ def conv_fn(conv):
     return run
 
 
+def depthwise_weights(conv, bn=None):
+    """Kernel `(kh, kw, C, 1)` and bias `(C,)` of a DepthwiseConv2D (depth
+    multiplier 1, no activation) with an optional BN folded in."""
+    if type(conv) is not _L.DepthwiseConv2D:
+        raise ValueError(f"Layer '{conv.name}' ({type(conv).__name__}) is not a plain DepthwiseConv2D.")
+    problem = depthwise_problem(conv)
+    if problem:
+        raise ValueError(problem)
+    kernel = np.asarray(conv.kernel, np.float64)
+    bias = np.asarray(conv.bias, np.float64) if conv.use_bias else np.zeros(kernel.shape[2])
+    if bn is not None:
+        check_bn(bn)
+        scale, shift = bn_affine(bn)
+        kernel = kernel * scale[None, None, :, None]
+        bias = bias * scale + shift
+    return kernel, bias
+
+
+def depthwise_problem(conv):
+    """Why `depthwise_fn` cannot run the DepthwiseConv2D `conv`, or None."""
+    if conv.depth_multiplier != 1:
+        return f"DepthwiseConv2D '{conv.name}' with depth_multiplier={conv.depth_multiplier} is not supported."
+    if conv.activation not in (None, keras.activations.linear):
+        return f"DepthwiseConv2D '{conv.name}' with an activation is not supported."
+    if conv.data_format != "channels_last":
+        return f"DepthwiseConv2D '{conv.name}' must be channels_last."
+    return None
+
+
+def depthwise_fn(conv):
+    """`(x, kernel, bias) -> depthwise_conv(x) + bias` with the layer's strides, padding and dilation."""
+    strides = (1, *conv.strides, 1)
+    dilations = tuple(conv.dilation_rate)
+    padding = conv.padding.upper()
+
+    def run(x, kernel, bias):
+        y = tf.nn.depthwise_conv2d(x, kernel, strides=strides, padding=padding, dilations=dilations)
+        return tf.nn.bias_add(y, bias)
+
+    return run
+
+
+def activation_fn(op):
+    """The TF function of a ReLU or ReLU6 layer (`ReLU()`, `ReLU(6.0)`,
+    `Activation("relu" | "relu6")`), or None for any other layer."""
+    if isinstance(op, _L.ReLU):
+        if op.negative_slope or op.threshold:
+            return None
+        if op.max_value is None:
+            return tf.nn.relu
+        return tf.nn.relu6 if float(op.max_value) == 6.0 else None
+    if isinstance(op, _L.Activation):
+        return {keras.activations.relu: tf.nn.relu, keras.activations.relu6: tf.nn.relu6}.get(op.activation)
+    return None
+
+
 def check_relu(op):
     """Raises `ValueError` unless `op` is a plain ReLU."""
     if isinstance(op, _L.ReLU):
