@@ -209,6 +209,46 @@ def test_cityscapes_missing_archives(tmp_path):
     assert not (tmp_path / "data" / "cityscapes" / "semantic_segmentation" / "1.0.0").exists()
 
 
+@pytest.mark.slow  # a PSPNet-50 trained 1 step, evaluated on a 1024x2048 image, exported: ~1 min
+def test_cityscapes_train_then_conditional_export_as_the_readme_shows(cityscapes, tmp_path, capsys):
+    """The README's Cityscapes commands on the generated archives: train.py
+    --dataset cityscapes --manual-dir, then the conditional export calibrated
+    on the same data (training crops of the model's input size)."""
+    import json
+
+    from bs_keras.cli import export as export_cli
+    from bs_keras.cli import train as train_cli
+    from bs_keras.deploy.calibration import read_calibration
+
+    _, _, _, root = cityscapes
+    where = ["--manual-dir", str(root / "manual"), "--data-dir", str(root / "data")]
+    run = tmp_path / "run"
+    assert train_cli.main(["--dataset", "cityscapes", *where, "--crop-size", "64", "--width-multiplier", "0.25",
+                           "--batch-size", "2", "--epochs", "1", "--limit-eval", "1", "--run-dir", str(run)]) == 0
+    report = json.loads((run / "report.json").read_text())
+    evaluation = report["evaluation"]
+    assert report["optimizer_steps"] == 1 and evaluation["num_images"] == 1
+    assert 0 < evaluation["macs_ratio"] <= 1 and 0 <= evaluation["mean_iou"] <= 1
+    out = tmp_path / "exported"
+    assert export_cli.main([str(run / "best.keras"), "--out", str(out), "--mode", "conditional",
+                            "--calibration", "cityscapes", *where, "--latency-runs", "0"]) == 0
+    log = capsys.readouterr().out
+    assert "calibration 2 images from 'cityscapes'" in log and "not exported: aux" in log
+    rows = {r["name"]: r for r in json.loads((out / "parity.json").read_text())["rows"]}
+    sm = rows["saved_model"]
+    assert sm["pixel_agreement"] == 1.0 and sm["miou"] == 1.0 and sm["gate_agreement"] == 1.0
+    assert sm["top1_agreement"] is None
+    summary = json.loads((out / "export.json").read_text())
+    assert summary["input"]["shape"] == [1, 64, 64, 3]
+    assert summary["input"]["preprocessing"]["mean"] == pytest.approx(list(data.IMAGENET_MEAN))
+    assert summary["signatures"]["serving_default"]["outputs"] == ["seg"]
+    # The calibration images are training crops: pixels in [0, 1] after undoing the normalization.
+    found = read_calibration("cityscapes", (64, 64, 3), 8, data_dir=root / "data", manual_dir=root / "manual")
+    assert found.images.shape == (2, 64, 64, 3)  # the 2 training images
+    pixels = found.images * np.asarray(found.std) + np.asarray(found.mean)
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5 and pixels.std() > 0.05
+
+
 # --------------------------------------------------------------------------- augmentation
 
 

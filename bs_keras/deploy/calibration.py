@@ -7,7 +7,9 @@ categories) and for the parity table. A source is one of:
   classification name): the first training images through
   `bs_keras.data.get_dataset(name).raw_train_images(n)`, resized and converted
   to the model's input size and channels, normalized with that dataset's
-  mean/std exactly as in training;
+  mean/std exactly as in training; a segmentation name (`cityscapes`,
+  `fashion_canvas`): training crops of the model's input size from
+  `bs_keras.data.get_segmentation_dataset(name)` (seed 0), as in training;
 - a folder of images (png/jpeg/bmp/gif, searched recursively, sorted by
   path): decoded, converted to the model's channels, resized (bilinear,
   antialiased) to the model's input size, scaled to [0, 1] and normalized with
@@ -114,7 +116,25 @@ def _from_folder(root, shape, n):
     return _check_batch((batch - mean) / std, shape, root), bs_data.DEFAULT_MEAN, bs_data.DEFAULT_STD
 
 
+def _from_segmentation_dataset(name, shape, n, data_dir=None, manual_dir=None):
+    """Training crops of the model's input size, as the model saw them in
+    training (scale, crop and flip from seed 0), normalized likewise."""
+    height, width, channels = shape
+    if height is None or width is None:
+        raise ValueError(f"Calibration from {name!r} needs a model with a fixed input size (the crop size).")
+    source = bs_data.get_segmentation_dataset(name, data_dir=data_dir, manual_dir=manual_dir,
+                                              crop_size=(height, width))
+    if source.info.channels != channels:
+        raise ValueError(f"{name!r} images have {source.info.channels} channels; the model takes {channels}.")
+    batch = min(n, source.info.train_examples, 32)
+    batches = source.train(batch, seed=0).take(-(-n // batch))
+    images = np.concatenate([images.numpy() for images, _ in batches])[:n]
+    return _check_batch(images, shape, name), source.info.mean, source.info.std
+
+
 def _from_dataset(name, shape, n, data_dir=None, manual_dir=None):
+    if name in bs_data.SEGMENTATION_DATASETS:
+        return _from_segmentation_dataset(name, shape, n, data_dir=data_dir, manual_dir=manual_dir)
     height, width, channels = shape
     size = None if height is None or width is None else (height, width)
     source = bs_data.get_dataset(
