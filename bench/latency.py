@@ -1,6 +1,7 @@
 """Inference latency of dense / masked / compact / conditional gated ResNets, one run.
 
-Times ResNet-50 at 224x224 and CIFAR ResNet-20 at 32x32 (or, with
+Times ResNet-50 at 224x224 and CIFAR ResNet-20 at 32x32 (with `--models psp`
+the gated PSPNet-50 at a Cityscapes-like 512x512, 19 classes; with
 `--models trained`, a model trained by train.py) with a synthetic gate pattern
 whose mean conditional MACs are ~45% of the dense model's: the dense ResNet,
 the gated model as trained (masked), its compaction, conditional execution
@@ -16,6 +17,8 @@ measured figures: docs/LATENCY.md.
         [--xla] [--group-sizes 8]
     python bench/latency.py --xla --group-sizes 8        # the run in docs/LATENCY.md
     python bench/latency.py --models trained --model-path runs/fashion_mnist_demo/best.keras --dataset fashion_mnist
+    python bench/latency.py --models psp --xla --rounds 3 --images 2 --calibration 8 \
+        --variants dense,masked,compact,cond,narrow,narrow+g          # PSPNet-50 at 512x512
 """
 
 import argparse
@@ -39,6 +42,7 @@ COND_WIDTHS = {"cond4": (0.25, 0.5, 0.75, 1.0), "cond8": [i / 8 for i in range(1
 # references, the CLI's conditional default and its gate-group rows.
 XLA_VARIANTS = ("dense", "narrow", "narrow+g", "cond")
 COND_FRACTION = 0.3  # input-dependent channels per gate, open ~half the time
+PSP_SIZE, PSP_WIDTH = 512, 1.0  # --models psp: the gated PSPNet-50 (set by --psp-size, --psp-width)
 
 
 def build(kind, seed=0, model_path=None, group_size=1):
@@ -68,6 +72,13 @@ def build(kind, seed=0, model_path=None, group_size=1):
     if kind == "r50":
         dense = imagenet_resnet(50, gated=False)
         gated = imagenet_resnet(50, gated=True, gate_kwargs={"group_size": group_size})
+    elif kind == "psp":
+        from bs_keras.segmentation import pspnet
+
+        # Cityscapes-like: 19 classes, PSP_SIZE x PSP_SIZE crops, no auxiliary head (dropped at export).
+        kwargs = dict(num_classes=19, input_shape=(PSP_SIZE, PSP_SIZE, 3), aux=False, width_multiplier=PSP_WIDTH)
+        dense = pspnet(gated=False, **kwargs)
+        gated = pspnet(gated=True, gate_kwargs={"group_size": group_size}, **kwargs)
     else:
         dense = cifar_resnet(20, gated=False)
         gated = cifar_resnet(20, gated=True, gate_kwargs={"group_size": group_size})
@@ -282,7 +293,7 @@ def bench_model(kind, args, log):
     # Exactness check on the test images (batch 1).
     for k in [k for k in variants if k.split("/")[0] in ("masked", *COND_WIDTHS)]:
         ref = gated_of[k](test[:4], training=False).numpy()
-        got = np.concatenate([variants[k](test[i : i + 1]).numpy() for i in range(4)])
+        got = np.concatenate([variants[k](test[i : i + 1]).numpy() for i in range(len(ref))])
         err = float(np.abs(got - ref).max())
         log(f"  [{kind}] {k}: max |diff| vs Keras gated model = {err:.2e}")
     log(f"  [{kind}] pattern per gate: off {off:.2f} on {on:.2f} conditional {COND_FRACTION:.2f} "
@@ -338,6 +349,8 @@ def bench_model(kind, args, log):
     if not args.quick:
         batch = tf.constant(np.concatenate([test] * (32 // len(test) + 1))[:32])
         rounds32 = 3 if kind == "r50" else 10
+        if kind == "psp":  # batch 32 of 512x512 PSPNets: minutes a call
+            return cmacs.mean(), mac_ratio, results, ratios, group_cmacs
         results["tf b32"], ratios["tf b32"] = time_rounds(tf_fns, [batch], rounds32, warmup=1)
         widths32 = {k: variants[k].call_with_widths(batch)[1].numpy() for k in ("cond4", "cond8", "cond") if k in variants}
         for k, w in widths32.items():
@@ -368,6 +381,8 @@ def main():
         help=f"comma-separated subset of {','.join(VARIANTS)} (dense is always timed; default all "
              "but cond8ch, --quick: also without narrow)",
     )  # fmt: skip
+    parser.add_argument("--psp-size", type=int, default=512, help="--models psp: input height and width")
+    parser.add_argument("--psp-width", type=float, default=1.0, help="--models psp: width multiplier")
     parser.add_argument("--model-path", help="a gated .keras model trained by train.py (for --models trained)")
     parser.add_argument("--dataset", default="fashion_mnist", help="its dataset (calibration and test images)")
     args = parser.parse_args()
@@ -386,6 +401,8 @@ def main():
         parser.error(f"--group-sizes: comma-separated integers, e.g. 4,8. Received: {args.group_sizes!r}")
     if any(g < 2 for g in args.group_sizes):
         parser.error("--group-sizes: sizes must be >= 2 (g = 1 is the main model)")
+    global PSP_SIZE, PSP_WIDTH
+    PSP_SIZE, PSP_WIDTH = args.psp_size, args.psp_width
     args.rounds = args.rounds or (5 if args.quick else 11)
     args.images = args.images or (8 if args.quick else 16)
     args.calibration = args.calibration or (16 if args.quick else 32)
@@ -402,6 +419,7 @@ def main():
     for kind in args.models.split(","):
         cratio, mac_ratio, results, ratios, group_cmacs = bench_model(kind, args, log)
         name = {"r50": "ResNet-50 224x224", "r20": "CIFAR ResNet-20 32x32",
+                "psp": f"PSPNet-50 {PSP_SIZE}x{PSP_SIZE} width {PSP_WIDTH:g}",
                 "trained": f"trained model {args.model_path} on {args.dataset}"}[kind]
         log(f"\n{name}: mean conditional MAC ratio {cratio:.3f}")
         cols = list(results)
