@@ -166,6 +166,8 @@ class Recipe:
     limit_train: int = flag(None, group="training", help="use only this many training examples an epoch")
     limit_eval: int = flag(None, group="training", help="evaluate on only this many examples")
     crop_size: int = flag(None, group="model", help="segmentation training crop (default 713 for Cityscapes)")
+    canvas_size: int = flag(None, group="model",
+                            help="fashion_canvas: canvas height and width (default 64; the crop defaults to it)")
     aux_weight: float = flag(0.4, group="model", help="segmentation auxiliary-head loss weight (default {default})")
     init_from: str = flag(None, group="model",
                           help="segmentation: copy backbone weights from this ImageNet ResNet-50 .keras")
@@ -293,7 +295,11 @@ class Recipe:
                 f"({', '.join(SEGMENTATION_DATASETS)}) and a ResNet classifier otherwise")
         if self.aux_weight < 0 or not finite(self.aux_weight):
             bad("aux_weight", "must be a finite number >= 0")
-        for field in ("limit_train", "limit_eval", "image_size", "crop_size"):
+        if self.canvas_size is not None and self.dataset != "fashion_canvas":
+            bad("canvas_size", "applies to --dataset fashion_canvas")
+        if self.canvas_size is not None and isinstance(self.canvas_size, int) and self.canvas_size < 28:
+            bad("canvas_size", "must be at least 28 (the Fashion-MNIST items' size)")
+        for field in ("limit_train", "limit_eval", "image_size", "crop_size", "canvas_size"):
             v = getattr(self, field)
             if v is not None and (not isinstance(v, int) or v < 1):
                 bad(field, "must be a positive integer")
@@ -542,9 +548,9 @@ RECIPES = {
             width_multiplier=0.25,
             gamma=0.75,
             lam=2.0,
-            crop_size=64,
             description="CPU check of the segmentation pipeline on real pixels: Fashion-MNIST "
-            "items pasted on 64x64 canvases, gated PSPNet at width 0.25.",
+            "items pasted on 64x64 canvases (--canvas-size), trained on whole canvases, gated PSPNet "
+            "at width 0.25.",
         ),
     ]
 }

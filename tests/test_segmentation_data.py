@@ -383,6 +383,29 @@ def test_fashion_canvases_labels_match_pixels(fashion_mnist):
     assert not np.array_equal(other[0], canvases)
 
 
+def test_fashion_canvases_of_another_size(fashion_mnist):
+    """--canvas-size: larger canvases of the same items; crop and evaluation
+    size follow; mean/std (from a histogram) equal NumPy's on the pixels."""
+    (x_train, y_train), (x_test, y_test) = fashion_mnist
+    source = sd.get_segmentation_dataset("fashion_canvas", canvas_size=96, limit_train=200, limit_eval=20,
+                                         scale_range=(1.0, 1.0))
+    info = source.info
+    assert (info.crop_size, info.eval_size) == ((96, 96), (96, 96))
+    train_canvases, _ = sd.make_fashion_canvases(x_train, y_train, 200, size=96, seed=[0, 0])
+    np.testing.assert_allclose(info.mean[0], train_canvases.mean() / 255, rtol=1e-9)
+    np.testing.assert_allclose(info.std[0], train_canvases.std() / 255, rtol=1e-9)
+    eval_canvases, eval_labels = sd.make_fashion_canvases(x_test, y_test, 20, size=96, seed=[0, 1])
+    images, labels = batches(source.eval(10))
+    assert images.shape == (20, 96, 96, 1)
+    np.testing.assert_array_equal(labels, eval_labels)
+    np.testing.assert_allclose(unnormalize(images, info)[..., 0], eval_canvases, atol=1e-3)
+    for bad in (27, 96.5):
+        with pytest.raises(ValueError, match="canvas_size applies to fashion_canvas and must be an integer >= 28"):
+            sd.get_segmentation_dataset("fashion_canvas", canvas_size=bad)
+    with pytest.raises(ValueError, match="canvas_size applies to fashion_canvas"):
+        sd.get_segmentation_dataset("cityscapes", canvas_size=128)
+
+
 def test_fashion_canvas_source(fashion_mnist):
     (x_train, y_train), (x_test, y_test) = fashion_mnist
     source = sd.get_segmentation_dataset("fashion_canvas", scale_range=(1.0, 1.0))

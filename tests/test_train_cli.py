@@ -44,6 +44,8 @@ SCRIPTS = ROOT / "tests" / "dist_scripts"
         (["--plain", "--prune-from", "x.keras", "--prune-macs", "1.5"], "--prune-macs=1.5 is invalid"),
         (["--plain", "--prune-from", "missing.keras", "--prune-macs", "0.5"], "--prune-from='missing.keras' is invalid: the file does not exist"),
         (["--gate-granularity", "block", "--group-size", "2"], "--group-size=2 is invalid"),
+        (["--canvas-size", "128"], "--canvas-size=128 is invalid: applies to --dataset fashion_canvas"),
+        (["--dataset", "fashion_canvas", "--canvas-size", "20"], "--canvas-size=20 is invalid: must be at least 28"),
     ],
 )
 def test_bad_values_fail_fast_with_a_clear_message(args, message, tmp_path, capsys):

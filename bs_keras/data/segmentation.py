@@ -54,6 +54,7 @@ CITYSCAPES_CROP_SIZE = 713
 CITYSCAPES_SCALE_RANGE = (0.5, 2.0)
 
 FASHION_CANVAS_SIZE = 64
+FASHION_CANVAS_ITEM_SIZE = 28  # Fashion-MNIST items are 28x28
 FASHION_CANVAS_MAX_ITEMS = 3
 FASHION_CANVAS_TRAIN_EXAMPLES = 6000
 FASHION_CANVAS_EVAL_EXAMPLES = 1000
@@ -239,7 +240,7 @@ class SegmentationSource:
 
 def get_segmentation_dataset(name, *, data_dir=None, manual_dir=None, crop_size=None,
                              eval_size=None, scale_range=None, seed=0, limit_train=None,
-                             limit_eval=None):
+                             limit_eval=None, canvas_size=None):
     """Returns the `SegmentationSource` of a dataset.
 
     Names:
@@ -253,7 +254,10 @@ def get_segmentation_dataset(name, *, data_dir=None, manual_dir=None, crop_size=
       items each (see `make_fashion_canvases`); 11 classes, 0 = background.
       6000 training canvases from the Fashion-MNIST train split, 1000
       evaluation canvases from its test split, generated from `seed`.
-      Defaults: `crop_size=64`, `scale_range=(0.75, 1.5)`.
+      Defaults: `crop_size=64`, `scale_range=(0.75, 1.5)`. `canvas_size`
+      makes larger canvases (same items, more room: e.g. 256 for a
+      segmentation network whose latency means something); the crop and
+      evaluation size then default to it.
 
     Args:
         name: `"cityscapes"` or `"fashion_canvas"`.
@@ -269,6 +273,7 @@ def get_segmentation_dataset(name, *, data_dir=None, manual_dir=None, crop_size=
         seed: seed of the generated canvases (fashion_canvas).
         limit_train: use at most this many training images.
         limit_eval: use at most this many evaluation images.
+        canvas_size: fashion_canvas: canvas height and width (default 64).
 
     Returns:
         A `SegmentationSource`.
@@ -289,6 +294,11 @@ def get_segmentation_dataset(name, *, data_dir=None, manual_dir=None, crop_size=
     for arg, value in (("limit_train", limit_train), ("limit_eval", limit_eval)):
         if value is not None and int(value) < 1:
             raise ValueError(f"{arg} must be a positive integer or None. Received: {arg}={value}")
+    if canvas_size is not None and (name != "fashion_canvas" or int(canvas_size) != canvas_size
+                                    or canvas_size < FASHION_CANVAS_ITEM_SIZE):
+        raise ValueError(f"canvas_size applies to fashion_canvas and must be an integer >= "
+                         f"{FASHION_CANVAS_ITEM_SIZE} (the items' size). Received: canvas_size={canvas_size} "
+                         f"for {name!r}")
     if name == "cityscapes":
         crop_size = crop_size or _size(CITYSCAPES_CROP_SIZE, "crop_size")
         return _cityscapes_source(data_dir, manual_dir, crop_size, eval_size,
@@ -297,7 +307,8 @@ def get_segmentation_dataset(name, *, data_dir=None, manual_dir=None, crop_size=
     if name == "fashion_canvas":
         return _fashion_canvas_source(crop_size, eval_size,
                                       scale_range or FASHION_CANVAS_SCALE_RANGE, seed,
-                                      limit_train, limit_eval)  # fmt: skip
+                                      limit_train, limit_eval,
+                                      int(canvas_size or FASHION_CANVAS_SIZE))  # fmt: skip
     raise ValueError(
         f"Unknown segmentation dataset {name!r}. Use one of: "
         f"{', '.join(repr(n) for n in SEGMENTATION_DATASETS)}."
@@ -529,31 +540,34 @@ def _fashion_mnist(directory):
 
 
 @functools.lru_cache(maxsize=2)
-def _fashion_canvas_arrays(directory, seed, train_count, eval_count):
+def _fashion_canvas_arrays(directory, seed, train_count, eval_count, size=FASHION_CANVAS_SIZE):
     (x_train, y_train), (x_test, y_test) = _fashion_mnist(directory)
-    train = make_fashion_canvases(x_train, y_train, train_count, seed=[seed, 0])
-    test = make_fashion_canvases(x_test, y_test, eval_count, seed=[seed, 1])
+    train = make_fashion_canvases(x_train, y_train, train_count, size=size, seed=[seed, 0])
+    test = make_fashion_canvases(x_test, y_test, eval_count, size=size, seed=[seed, 1])
     for array in (*train, *test):
         array.setflags(write=False)
     return train, test
 
 
-def _fashion_canvas_source(crop_size, eval_size, scale_range, seed, limit_train, limit_eval):
+def _fashion_canvas_source(crop_size, eval_size, scale_range, seed, limit_train, limit_eval, canvas_size):
     train_count = min(int(limit_train or FASHION_CANVAS_TRAIN_EXAMPLES),
                       FASHION_CANVAS_TRAIN_EXAMPLES)  # fmt: skip
     eval_count = min(int(limit_eval or FASHION_CANVAS_EVAL_EXAMPLES),
                      FASHION_CANVAS_EVAL_EXAMPLES)  # fmt: skip
     (x_train, y_train), (x_eval, y_eval) = _fashion_canvas_arrays(
-        fashion_mnist_dir(), int(seed), train_count, eval_count
+        fashion_mnist_dir(), int(seed), train_count, eval_count, canvas_size
     )
-    pixels = x_train.astype(np.float64) / 255.0
-    size = (FASHION_CANVAS_SIZE, FASHION_CANVAS_SIZE)
+    # Mean and std of the [0, 1] pixels from the histogram of their uint8 values (exact, no float copy).
+    counts = np.bincount(x_train.ravel(), minlength=256).astype(np.float64)
+    values = np.arange(256) / 255.0
+    mean = float(counts @ values / counts.sum())
+    std = float(np.sqrt(counts @ (values - mean) ** 2 / counts.sum()))
+    size = (canvas_size, canvas_size)
     info = SegmentationInfo(
         name="fashion_canvas", num_classes=len(FASHION_CANVAS_CLASSES),
         class_names=list(FASHION_CANVAS_CLASSES), ignore_label=IGNORE_LABEL,
         train_examples=train_count, eval_examples=eval_count, crop_size=crop_size or size,
-        eval_size=eval_size or size, channels=1, mean=(float(pixels.mean()),),
-        std=(float(pixels.std()),),
+        eval_size=eval_size or size, channels=1, mean=(mean,), std=(std,),
     )  # fmt: skip
 
     def split(x, y):

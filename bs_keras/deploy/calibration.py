@@ -122,8 +122,9 @@ def _from_segmentation_dataset(name, shape, n, data_dir=None, manual_dir=None):
     height, width, channels = shape
     if height is None or width is None:
         raise ValueError(f"Calibration from {name!r} needs a model with a fixed input size (the crop size).")
+    canvas = {"canvas_size": max(height, width)} if name == "fashion_canvas" else {}  # canvases as large as the input
     source = bs_data.get_segmentation_dataset(name, data_dir=data_dir, manual_dir=manual_dir,
-                                              crop_size=(height, width))
+                                              crop_size=(height, width), **canvas)
     if source.info.channels != channels:
         raise ValueError(f"{name!r} images have {source.info.channels} channels; the model takes {channels}.")
     batch = min(n, source.info.train_examples, 32)

@@ -88,6 +88,7 @@ class SegmentationTask:
         self.source = data_lib.get_segmentation_dataset(
             recipe.dataset, data_dir=data_dir, manual_dir=manual_dir, crop_size=recipe.crop_size,
             seed=recipe.seed, limit_train=recipe.limit_train, limit_eval=recipe.limit_eval,
+            canvas_size=recipe.canvas_size,
         )  # fmt: skip
         self.info = self.source.info
         self.train_examples = self.info.train_examples
