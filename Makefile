@@ -30,7 +30,7 @@ test: venv
 
 # Inner loop: everything but the tests marked slow (train.py subprocesses,
 # ResNet-50/101/152 tracing, exports and conversions, in-process fits; each
-# >= ~5 s on 2 busy cores). 127 s here (2026-12-05; `make test` 665 s).
+# >= ~5 s on 2 busy cores). 146 s here (2026-12-05; `make test` 805 s).
 test-fast: venv
 	$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
