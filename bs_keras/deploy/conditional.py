@@ -704,10 +704,7 @@ class _GatedBlock:
         self.channel_order = order = (gate_order[:, None] * gs + np.arange(gs)[None, :]).reshape(-1)
         self._k1, self._b1 = k1[..., order], b1[order]
         self._k2, self._b2_full = k2[:, :, order, :], b2
-        self._paddings = None
-        if nodes.pad is not None:
-            (top, bottom), (left, right) = nodes.pad.operation.padding
-            self._paddings = [[0, 0], [int(top), int(bottom)], [int(left), int(right)], [0, 0]]
+        self._pad = None if nodes.pad is None else zero_padding_fn(nodes.pad.operation)
         self._dw = None
         if nodes.depthwise:
             dw_layers = [n.operation for n in nodes.depthwise]
@@ -819,8 +816,8 @@ class _GatedBlock:
                     if self.act1 is not None:
                         h = self.act1(h)
                     h = h * mask[..., :w]
-                if self._paddings is not None:
-                    h = tf.pad(h, self._paddings)
+                if self._pad is not None:
+                    h = self._pad(h)
                 if self._dw is not None:
                     h = self._dw(h, b["dk"](), b["db"]())
                     if self._dw_act is not None:

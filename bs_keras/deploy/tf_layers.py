@@ -118,26 +118,6 @@ def activation_fn(op):
     return None
 
 
-def check_relu(op):
-    """Raises `ValueError` unless `op` is a plain ReLU."""
-    if isinstance(op, _L.ReLU):
-        if op.max_value is not None or op.negative_slope or op.threshold:
-            raise ValueError(f"ReLU '{op.name}' with max_value/negative_slope/threshold is not supported.")
-        return
-    if isinstance(op, _L.Activation) and op.activation in (keras.activations.relu,):
-        return
-    raise ValueError(f"Layer '{op.name}' is not a plain ReLU.")
-
-
-def is_relu(op):
-    """Whether `op` is a plain ReLU (layer or activation)."""
-    try:
-        check_relu(op)
-        return True
-    except ValueError:
-        return False
-
-
 def select_branch(index, fns, nested_cond=False, offset=0):
     """`tf.switch_case(index, fns)`, or a balanced tree of `tf.cond` (LiteRT IF)."""
     if not nested_cond:
