@@ -159,10 +159,10 @@ class FoldedModel(tf.Module):
         self.gate_orders = {}  # gate name -> gate (group) order, same convention
         self._alias = {}  # tensor id -> tensor id (outputs of layers folded into another step)
 
-        problems = support_problems(model, outputs)
+        model = exported_part(model, outputs)  # the kept outputs and what they need
+        problems = support_problems(model)
         if problems:  # before measuring the gates or folding a weight
             raise ValueError(refusal(problems))
-        model = exported_part(model, outputs)
         self.output_names = tuple(output_names(model))  # a tuple: tf.Module wraps lists
         self.output_name = self.output_names[0]
         graph = LayerGraph(model, purpose="conditional_model")
@@ -276,7 +276,7 @@ class FoldedModel(tf.Module):
             s, b = bn_affine(op)
             sv, bv = self._weight(s, f"{op.name}/scale"), self._weight(b, f"{op.name}/shift")
             fn = lambda x, sv=sv, bv=bv: x * sv() + bv()  # noqa: E731
-        elif activation_fn(op) is not None:
+        elif activation_fn(op):
             fn = activation_fn(op)
         elif isinstance(op, _L.Add):
             fn = lambda *xs: tf.add_n(list(xs))  # noqa: E731
