@@ -16,7 +16,7 @@ measured figures: docs/LATENCY.md.
         [--variants dense,masked,compact,cond4,cond8,cond,cond8ch,narrow,narrow+g]   (default all but cond8ch; --quick: no narrow*)
         [--xla] [--group-sizes 8]
     python bench/latency.py --xla --group-sizes 8        # the run in docs/LATENCY.md
-    python bench/latency.py --models trained --model-path runs/fashion_mnist_demo/best.keras --dataset fashion_mnist
+    python bench/latency.py --models trained --model-path runs/fashion_mnist_demo/best.keras
     python bench/latency.py --models psp --xla --rounds 3 --images 2 --calibration 8 \
         --variants dense,masked,compact,cond,narrow,narrow+g          # PSPNet-50 at 512x512
 """
@@ -52,23 +52,16 @@ def build(kind, seed=0, model_path=None, group_size=1):
 
     keras.utils.set_random_seed(seed)
     if kind == "trained":
-        import json
+        from bs_keras.training.tasks import make_task
 
-        from bs_keras.data import get_dataset
-        from bs_keras.recipes import Recipe
-        from bs_keras.training import build_model
-
+        recipe = trained_recipe(model_path)
         gated = keras.models.load_model(model_path)
-        config_path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json")
-        if not os.path.exists(config_path):
-            raise SystemExit(f"{config_path} not found: --model-path must be a model in a train.py run directory")
-        with open(config_path) as f:
-            recipe = Recipe.from_dict(json.load(f)["recipe"]).replace(gated=False)
-        dense = build_model(recipe, get_dataset(recipe.dataset).info)
+        dense = make_task(recipe.replace(gated=False)).build()
         for layer in dense.layers:
             if layer.weights:
                 layer.set_weights(gated.get_layer(layer.name).get_weights())
-        return dense, gated
+        # What the export runs: the first output (a PSPNet's `seg`; its auxiliary head is not exported).
+        return first_output(dense), first_output(gated)
     if kind == "r50":
         dense = imagenet_resnet(50, gated=False)
         gated = imagenet_resnet(50, gated=True, gate_kwargs={"group_size": group_size})
@@ -87,6 +80,28 @@ def build(kind, seed=0, model_path=None, group_size=1):
         if layer.weights:
             gated.get_layer(layer.name).set_weights(layer.get_weights())
     return dense, gated
+
+
+def trained_recipe(model_path):
+    """The `Recipe` of the train.py run that wrote `model_path` (its config.json)."""
+    import json
+
+    from bs_keras.recipes import Recipe
+
+    config_path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json")
+    if not os.path.exists(config_path):
+        raise SystemExit(f"{config_path} not found: --model-path must be a model in a train.py run directory")
+    with open(config_path) as f:
+        return Recipe.from_dict(json.load(f)["recipe"])
+
+
+def first_output(model):
+    """`model` with only its first output, as a tensor (a PSPNet without its auxiliary head)."""
+    import keras
+
+    if len(model.outputs) == 1:
+        return model
+    return keras.Model(model.input, model.outputs[0], name=model.name)
 
 
 def fractions(gated, dense_macs):
@@ -212,11 +227,16 @@ def bench_model(kind, args, log):
     shape = tuple(dense.input_shape[1:])
     dense_macs = count_macs(dense)
     if kind == "trained":
-        from bs_keras.data import get_dataset
+        from bs_keras.deploy.calibration import load_calibration
+        from bs_keras.training.tasks import make_task
 
-        source = get_dataset(args.dataset)
-        calib = source.raw_train_images(args.calibration * 16)
+        recipe = trained_recipe(args.model_path)
+        # As the export gets them: training images (crops for segmentation), and evaluation images.
+        calib = load_calibration(recipe.dataset, shape, args.calibration * 16)
+        source = make_task(recipe.replace(limit_eval=None)).source
         test = np.concatenate([x for x, _ in source.eval(args.images).take(1)]).astype("float32")
+        if test.shape[1:] != shape:
+            raise SystemExit(f"evaluation images {test.shape[1:]} differ from the model input {shape}")
         off = on = float("nan")
     else:
         rng = np.random.default_rng(1)
@@ -384,7 +404,6 @@ def main():
     parser.add_argument("--psp-size", type=int, default=512, help="--models psp: input height and width")
     parser.add_argument("--psp-width", type=float, default=1.0, help="--models psp: width multiplier")
     parser.add_argument("--model-path", help="a gated .keras model trained by train.py (for --models trained)")
-    parser.add_argument("--dataset", default="fashion_mnist", help="its dataset (calibration and test images)")
     args = parser.parse_args()
     if "trained" in args.models.split(",") and not args.model_path:
         parser.error("--models trained needs --model-path")
@@ -420,7 +439,7 @@ def main():
         cratio, mac_ratio, results, ratios, group_cmacs = bench_model(kind, args, log)
         name = {"r50": "ResNet-50 224x224", "r20": "CIFAR ResNet-20 32x32",
                 "psp": f"PSPNet-50 {PSP_SIZE}x{PSP_SIZE} width {PSP_WIDTH:g}",
-                "trained": f"trained model {args.model_path} on {args.dataset}"}[kind]
+                "trained": f"trained model {args.model_path}"}[kind]
         log(f"\n{name}: mean conditional MAC ratio {cratio:.3f}")
         cols = list(results)
         head = f"{'variant':10s} {'exec MACs':>9s} " + " ".join(f"{c + ' ms':>13s} {'ratio':>6s}" for c in cols)
