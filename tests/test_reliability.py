@@ -2,6 +2,7 @@
 two runs on one run directory, damaged checkpoints, a full disk."""
 
 import csv
+import dataclasses
 import errno
 import io
 import json
@@ -366,8 +367,9 @@ def test_train_recovers_from_a_full_disk_and_from_damaged_checkpoints(tmp_path, 
         with open(run_dir / "log.csv") as f:
             return [r["epoch"] for r in csv.DictReader(f)]
 
-    # The disk fills up while epoch 2 writes last.keras: a RunError (train.py prints it, exit 2).
-    monkeypatch.setattr(keras.Model, "save", _full_disk_on("save", 3))
+    # The disk fills up while epoch 2 writes last.keras (the second save: epoch 1 ends before the
+    # L0 ramp, so it writes no best.keras): a RunError (train.py prints it, exit 2).
+    monkeypatch.setattr(keras.Model, "save", _full_disk_on("save", 2))
     with pytest.raises(training.RunError, match="^Could not write .*last.keras: No space left on device .* "
                        "epoch 1 is intact"):
         train()
@@ -421,3 +423,35 @@ def test_the_checkpoint_names_moved_to_run_dir_still_import_from_callbacks():
         assert getattr(callbacks, name) is getattr(run_dir, name), name
     with pytest.raises(AttributeError):
         callbacks.no_such_name
+
+
+def test_best_keras_is_chosen_only_among_epochs_after_the_l0_ramp(tmp_path):
+    """A gated run's epochs before its L0 ramp ends (gates still open, full
+    MACs) may score higher; they must not become best.keras."""
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, name="d")])
+    guard = StopOnNaN()
+    checkpoint = RunCheckpoint(str(tmp_path), guard, first_best_epoch=3)
+    checkpoint.set_model(model)
+    for epoch, value in enumerate([0.9, 0.95, 0.5, 0.6, 0.55]):
+        model.get_layer("d").bias.assign([float(epoch)])
+        checkpoint.on_epoch_end(epoch, {"val_accuracy": value})
+    state = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert (state["best_epoch"], state["best"]) == (4, 0.6)
+    best = keras.models.load_model(tmp_path / "best.keras")
+    assert float(best.get_layer("d").bias.numpy()[0]) == 3.0  # the weights of epoch 4
+    with pytest.raises(ValueError, match="first_best_epoch"):
+        RunCheckpoint(str(tmp_path), guard, first_best_epoch=0)
+
+
+def test_best_candidates_start_where_the_l0_ramp_ends():
+    from bs_keras.training.model import best_candidate_from
+
+    demo = recipes.get_recipe("fashion_mnist_demo")  # budget 0.5, L0 ramp 0.1-0.4 of 4 epochs
+    assert best_candidate_from(demo) == 2
+    assert best_candidate_from(demo.replace(epochs=10, lam_end=0.6)) == 6
+    assert best_candidate_from(demo.replace(epochs=1)) == 1
+    # (dataclasses.replace: Recipe.replace keeps a field given None)
+    assert best_candidate_from(dataclasses.replace(demo, gated=False, target_macs=None)) == 1
+    fixed = dataclasses.replace(demo, target_macs=None, lam=0.5, lam_end=0.6)
+    assert best_candidate_from(fixed) == 3
+    assert best_candidate_from(fixed.replace(lam=0.0)) == 1  # no L0 term: every epoch

@@ -7,6 +7,7 @@ wraps it in a `Distiller`; `build_optimizer` and `gate_callback` give what
 segmentation task.
 """
 
+import math
 import os
 
 import keras
@@ -194,6 +195,19 @@ def gate_callback(recipe):
         begin = recipe.hard_gates_begin * recipe.epochs
         hard = Linear(0.0, 1.0, begin, begin)  # 0 up to `begin`, then 1
     return GateLossScheduler(gamma, lam, l0_weighting=recipe.l0_weighting, hard=hard)
+
+
+def best_candidate_from(recipe):
+    """The first epoch (1-based) whose model may become `best.keras`.
+
+    A gated run with an L0 term (`lam` or `target_macs`) trains with its
+    gates open until the L0 ramp ends (`lam_end`): an earlier epoch can score
+    higher while costing the full MACs, so only epochs ending at or after
+    the ramp's end are candidates. Other runs: every epoch.
+    """
+    if not recipe.gated or (not recipe.lam and recipe.target_macs is None):
+        return 1
+    return max(1, min(recipe.epochs, math.ceil(recipe.lam_end * recipe.epochs - 1e-9)))
 
 
 def rebuild_at_size(model, input_shape):

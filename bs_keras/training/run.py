@@ -24,7 +24,7 @@ from bs_keras.callbacks import GateTensorBoard, RunCSVLogger, StopOnNaN
 from bs_keras.distillation import unwrap
 from bs_keras.run_lock import RunLock, RunLockedError
 from bs_keras.training.errors import RunError
-from bs_keras.training.model import build_for_fit, build_optimizer, gate_callback, with_distillation
+from bs_keras.training.model import best_candidate_from, build_for_fit, build_optimizer, gate_callback, with_distillation
 from bs_keras.training.run_dir import (
     CheckpointWriteError,
     RunCheckpoint,
@@ -213,7 +213,8 @@ def _callbacks(recipe, run_dir, monitor, state):
     """The run's callbacks (gate-loss schedule, NaN guard, checkpoints, CSV
     and TensorBoard logs), its NaN guard and its checkpoint callback."""
     nan_guard = StopOnNaN()
-    checkpoint = RunCheckpoint(run_dir, nan_guard, monitor=monitor, state=state)
+    checkpoint = RunCheckpoint(run_dir, nan_guard, monitor=monitor, first_best_epoch=best_candidate_from(recipe),
+                               state=state)
     callbacks = [gate_callback(recipe)] if recipe.gated else []
     callbacks += [
         nan_guard,
@@ -276,6 +277,11 @@ def _report(task, model, eval_ds, recipe, run_dir, wall, kept, skipped, is_chief
         extra["skipped_bad_images"] = skipped
     report, text = task.report(unwrap(model), eval_ds, run_dir, extra, write=is_chief)
     log(text)
+    if kept and kept.get("best_epoch"):
+        first = best_candidate_from(recipe)
+        since = f"; candidates: epochs {first}-{recipe.epochs}, after the L0 ramp" if first > 1 else ""
+        log(f"best.keras: epoch {kept['best_epoch']} of {recipe.epochs} ({kept.get('monitor', 'monitor')} "
+            f"{kept['best']:.4f}{since}); the report is of the last epoch (last.keras)")
     log(f"Report: {os.path.join(run_dir, 'report.json')}")
     return report
 

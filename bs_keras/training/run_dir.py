@@ -192,16 +192,22 @@ class RunCheckpoint(keras.callbacks.Callback):
         run_dir: the run directory.
         nan_guard: a `StopOnNaN`; nothing is saved once it has fired.
         monitor: the log entry whose maximum selects `best.keras`.
+        first_best_epoch: the first epoch (1-based) that may become
+            `best.keras`: a gated run's epochs before its L0 ramp has ended
+            (gates still open) are not candidates (`best_candidate_from`).
         write: False on non-chief workers (they track, but do not save).
         state: the resume state training continues from (default: the
             run directory's `state/state.json`, if any).
     """
 
-    def __init__(self, run_dir, nan_guard, monitor="val_accuracy", write=True, state=None):
+    def __init__(self, run_dir, nan_guard, monitor="val_accuracy", first_best_epoch=1, write=True, state=None):
         super().__init__()
+        if int(first_best_epoch) != first_best_epoch or first_best_epoch < 1:
+            raise ValueError(f"first_best_epoch must be an integer >= 1. Received: {first_best_epoch!r}")
         self.run_dir = run_dir
         self.nan_guard = nan_guard
         self.monitor = monitor
+        self.first_best_epoch = int(first_best_epoch)
         self.write = write
         state = dict(state) if state else load_state(run_dir)
         self.state = state or {"epoch": 0, "best": None, "best_epoch": None}
@@ -234,7 +240,8 @@ class RunCheckpoint(keras.callbacks.Callback):
             return
         logs = logs or {}
         value = logs.get(self.monitor)
-        improved = value is not None and (self.state["best"] is None or value > self.state["best"])
+        improved = (epoch + 1 >= self.first_best_epoch and value is not None
+                    and (self.state["best"] is None or value > self.state["best"]))  # fmt: skip
         if not self.write:
             return
         previous = dict(self.state) if self.state.get("weights") else None
