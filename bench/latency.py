@@ -316,8 +316,9 @@ def bench_model(kind, args, log):
         got = np.concatenate([variants[k](test[i : i + 1]).numpy() for i in range(len(ref))])
         err = float(np.abs(got - ref).max())
         log(f"  [{kind}] {k}: max |diff| vs Keras gated model = {err:.2e}")
-    log(f"  [{kind}] pattern per gate: off {off:.2f} on {on:.2f} conditional {COND_FRACTION:.2f} "
-        f"({args.pattern}); setup {time.time() - t0:.0f}s")
+    pattern = ("gates as trained" if kind == "trained" else
+               f"pattern per gate: off {off:.2f} on {on:.2f} conditional {COND_FRACTION:.2f} ({args.pattern})")
+    log(f"  [{kind}] {pattern}; setup {time.time() - t0:.0f}s")
 
     ones = [tf.constant(test[i : i + 1]) for i in range(len(test))]
     tf_fns = {k: v.__call__ for k, v in variants.items()}
