@@ -13,7 +13,7 @@ DATASET_PKG := dataset-fashion-mnist
 # consecutive chunk, so one worker got them all (986 s); stealing: 665 s.
 TEST_WORKERS ?= 2
 
-.PHONY: venv test test-fast demo bench
+.PHONY: venv test test-all test-fast demo bench
 
 venv: $(STAMP)
 
@@ -25,12 +25,19 @@ $(STAMP): setup.cfg pyproject.toml
 # The whole suite. Needs neither the Debian package $(DATASET_PKG) nor the
 # network: tests/conftest.py generates a synthetic Fashion-MNIST for the session
 # (the few tests of the real files skip without the package; .ci/run installs it).
+# The suite without the heavy end-to-end tests (whole train.py/export runs of
+# >= ~30 s each: deep ResNets, the README and Cityscapes walk-throughs, ...).
 test: venv
+	$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not heavy"
+
+# Everything, the heavy tests included: what CI runs (.ci/run).
+test-all: venv
 	$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # Inner loop: everything but the tests marked slow (train.py subprocesses,
 # ResNet-50/101/152 tracing, exports and conversions, in-process fits; each
-# >= ~5 s on 2 busy cores). 146 s here (2026-12-05; `make test` 805 s).
+# >= ~5 s on 2 busy cores). 146 s here (2026-12-05; `make test` 466 s, `make test-all`
+# ~700 s).
 test-fast: venv
 	$(VPY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 

@@ -81,6 +81,7 @@ def test_pspnet_runs_conditionally_equal_to_keras_without_its_aux_head(psp):
         conditional_model(model, calib, outputs=["logits"])
 
 
+@pytest.mark.heavy  # whole-program run, >= ~30 s: make test-all / CI only
 @pytest.mark.slow  # XLA and two TFLite conversions of a PSPNet-50: ~1 min
 def test_pspnet_conditional_xla_and_tflite_equal_keras(psp):
     """The SavedModel signatures are checked through the export's parity table

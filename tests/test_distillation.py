@@ -210,6 +210,7 @@ def test_cli_refuses_bad_distillation_flags(args, message, tmp_path, capsys):
     assert not run_dir.exists()
 
 
+@pytest.mark.heavy  # whole-program run, >= ~30 s: make test-all / CI only
 @pytest.mark.slow
 def test_train_py_distils_from_a_teacher_file_resumes_with_it_and_records_it(tmp_path, capsys):
     """--distill-from with --gate-from, --target-macs and --mixed-precision,

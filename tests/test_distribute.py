@@ -201,6 +201,7 @@ def test_chief_accepts_a_run_dir_holding_worker_subdirs(tmp_path):
     assert (run / "worker-1" / "config.json").exists()
 
 
+@pytest.mark.heavy  # whole-program run, >= ~30 s: make test-all / CI only
 @pytest.mark.slow  # 30-55 s on 2 busy CPU cores: two TensorFlow processes training
 def test_multi_worker_train_py_on_two_local_workers(tmp_path):
     data = _image_folder(tmp_path / "images")

@@ -65,6 +65,7 @@ def test_readme_and_docs_name_only_existing_repo_files():
     assert not missing, "stale paths:\n" + "\n".join(missing)
 
 
+@pytest.mark.heavy  # whole-program run, >= ~30 s: make test-all / CI only
 @pytest.mark.slow  # one subprocess: the quick start, then the budget and distillation blocks that continue it
 def test_readme_quick_start_budget_and_distillation_blocks_run_and_learn(tmp_path):
     """The quick start trains and learns; the budget block continues it (same
@@ -109,6 +110,7 @@ def test_readme_quick_start_budget_and_distillation_blocks_run_and_learn(tmp_pat
     assert "BUDGET_OK" in result.stdout and "DISTILL_OK" in result.stdout
 
 
+@pytest.mark.heavy  # whole-program run, >= ~30 s: make test-all / CI only
 @pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_readme_gate_a_model_you_already_have_runs():
     """The README's add_gates block: outputs kept at the start, then it trains

@@ -209,6 +209,7 @@ def test_cityscapes_missing_archives(tmp_path):
     assert not (tmp_path / "data" / "cityscapes" / "semantic_segmentation" / "1.0.0").exists()
 
 
+@pytest.mark.heavy  # whole-program run, >= ~30 s: make test-all / CI only
 @pytest.mark.slow  # a PSPNet-50 trained 1 step, evaluated on a 1024x2048 image, exported: ~1 min
 def test_cityscapes_train_then_conditional_export_as_the_readme_shows(cityscapes, tmp_path, capsys):
     """The README's Cityscapes commands on the generated archives: train.py

@@ -269,6 +269,7 @@ def test_mixed_precision_run_keeps_gates_float32(tmp_path):
     assert np.isfinite(report["evaluation"]["mean_loss"])
 
 
+@pytest.mark.heavy  # whole-program run, >= ~30 s: make test-all / CI only
 @pytest.mark.slow
 def test_segmentation_run_on_fashion_canvases_writes_miou_report(tmp_path, capsys):
     run_dir = tmp_path / "seg"
@@ -307,6 +308,7 @@ DEEP_MAX_TASK_LOSS = 2.30
 DEEP_MIN_ACCURACY = 0.15
 
 
+@pytest.mark.heavy  # whole-program run, >= ~30 s: make test-all / CI only
 @pytest.mark.slow
 @pytest.mark.parametrize("model, gated", [("resnet110", True), ("resnet110", False)])
 def test_deep_resnets_train_with_the_default_recipe(model, gated, tmp_path):
@@ -332,6 +334,7 @@ def test_deep_resnets_train_with_the_default_recipe(model, gated, tmp_path):
 SHORT_RUN_MIN_ACCURACY = 0.85
 
 
+@pytest.mark.heavy  # whole-program run, >= ~30 s: make test-all / CI only
 @pytest.mark.slow
 def test_a_short_run_on_a_small_folder_meets_its_mac_target_within_the_l0_bound(tmp_path):
     from data_fixtures import synthetic_fashion_mnist, write_image_folder
