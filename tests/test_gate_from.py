@@ -57,6 +57,21 @@ def test_gate_from_copies_the_trained_weights(tmp_path):
     assert float(find_gates(model)[0].l0_coef) == 0.0  # the scheduler ramps lambda in
 
 
+def test_gate_from_under_mixed_precision_moves_the_source_to_the_mixed_policy(tmp_path):
+    """`--gate-from --mixed-precision`: the float32 source's layers follow the
+    global policy (they kept float32 before), the softmax output stays float32."""
+    source = cifar_resnet(8, gated=False, input_shape=(32, 32, 1), width_multiplier=0.25, seed=0)
+    path = _save(source, tmp_path)
+    try:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        model = training.build_model(_recipe(path, width_multiplier=0.25), INFO)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.get_layer("stage1_block1_conv1").dtype_policy.name == "mixed_float16"
+    assert model.get_layer("predictions").compute_dtype == "float32"
+    assert find_gates(model)[0].logits_dense.compute_dtype == "float32"
+
+
 @pytest.mark.slow  # 5-30 s on 2 busy cores (pytest --durations, 2026-12-05)
 def test_gate_from_a_saved_keras_applications_resnet50(tmp_path):
     """A user's keras.applications model (its ZeroPadding stem, biased convs,

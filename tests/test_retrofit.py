@@ -374,3 +374,27 @@ def test_adapt_inputs_then_add_gates_on_resnet50():
     np.testing.assert_allclose(np.asarray(gated(ours, training=False)), expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="preprocessing must be one of"):
         adapt_inputs(source, "bgr")
+
+
+def test_dtype_policy_moves_the_float32_layers_of_a_saved_model_to_mixed_precision():
+    """A float32 model fine-tuned under mixed precision (`train.py --gate-from
+    --mixed-precision`): its layers compute in float16, the output layer and
+    the gates stay float32, and the copy still computes the source's function."""
+    source = cifar_resnet(8, num_classes=3, input_shape=(16, 16, 3), gated=False, seed=0)
+    x = np.random.default_rng(0).normal(size=(4, 16, 16, 3)).astype("float32")
+    try:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        gated = add_gates(source, dtype_policy="mixed_float16", seed=0)
+        kept = add_gates(source, seed=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    by_name = {layer.name: layer for layer in gated.layers}
+    convs = [l for l in gated.layers if isinstance(l, keras.layers.Conv2D)]
+    assert convs and all(l.compute_dtype == "float16" and l.variable_dtype == "float32" for l in convs)
+    assert by_name["predictions"].compute_dtype == "float32" and gated.outputs[0].dtype == "float32"
+    assert all(g.logits_dense.compute_dtype == "float32" for g in find_gates(gated))  # the gate MLP
+    # Without dtype_policy every copied layer keeps the source's float32.
+    assert all(l.compute_dtype == "float32" for l in kept.layers if isinstance(l, keras.layers.Conv2D))
+    np.testing.assert_allclose(gated(x, training=False).numpy(), source(x, training=False).numpy(), atol=2e-2)
+    with pytest.raises(ValueError):
+        add_gates(source, dtype_policy="float17")

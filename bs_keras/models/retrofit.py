@@ -234,14 +234,24 @@ def copy_model(model, call_function=None, config_of=None, nested=None, input_ten
 class _Retrofit:
     """One `add_gates` call: gate counter, skipped blocks, weight copies."""
 
-    def __init__(self, gate_kwargs, seed, weight_decay):
+    def __init__(self, gate_kwargs, seed, weight_decay, dtype_policy=None, keep_dtype=()):
         self.gate_for = gate_factory(True, gate_kwargs, seed)
         self.regularizer = weight_decay_regularizer(weight_decay)
+        self.dtype_policy = dtype_policy
+        self.keep_dtype = set(keep_dtype)  # layer names that keep their own policy (the outputs)
         self.gates = []
         self.skipped = []
 
     def config_of(self, layer):
         config = layer.get_config()
+        if (
+            self.dtype_policy is not None
+            and "dtype" in config
+            and not isinstance(layer, keras.layers.InputLayer)
+            and layer.name not in self.keep_dtype
+            and layer.dtype_policy.name == "float32"
+        ):
+            config["dtype"] = self.dtype_policy
         if (
             self.regularizer is not None
             and isinstance(layer, MAC_LAYERS)
@@ -294,6 +304,7 @@ def add_gates(
     seed=None,
     weight_decay=0.0,
     name=None,
+    dtype_policy=None,
 ):
     """A copy of a trained (or fresh) ResNet with a `ChannelGate` in every residual block.
 
@@ -312,6 +323,11 @@ def add_gates(
             models); existing regularizers are kept, gates get none.
         name: name of the new model (default: the source's, "plain_"
             replaced by "gated_" or "gated_" prepended).
+        dtype_policy: e.g. `"mixed_float16"`: the copied layers whose policy
+            is float32 get this one (a model saved in float32, fine-tuned
+            under mixed precision); the layers producing the model's outputs
+            keep theirs (float32 probabilities), and the gates are float32
+            under any policy. None: every layer keeps its own.
 
     Returns:
         A functional `keras.Model`. Right after the call its inference
@@ -338,7 +354,10 @@ def add_gates(
             f"Model '{model.name}' already has ChannelGate layers "
             f"({', '.join(g.name for g in find_gates(model)[:3])}, ...); add_gates takes an ungated model."
         )
-    retrofit = _Retrofit(gate_kwargs, seed, weight_decay)
+    if dtype_policy is not None:
+        dtype_policy = keras.dtype_policies.get(dtype_policy).name  # raises on an unknown name
+    outputs = {t._keras_history[0].name for t in keras.tree.flatten(model.outputs)}
+    retrofit = _Retrofit(gate_kwargs, seed, weight_decay, dtype_policy, keep_dtype=outputs)
     gated = retrofit.rebuild(model)
     skipped = "; ".join(f"'{add}': {why}" for add, why in retrofit.skipped)
     if not retrofit.gates:

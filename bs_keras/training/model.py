@@ -80,12 +80,15 @@ def gated_from(recipe, info):
                             "them; build it with classifier_activation='softmax')")
     if problems:
         raise RunError(f"--gate-from {path} does not fit {recipe.dataset}: " + "; ".join(problems) + ".")
+    policy = keras.mixed_precision.dtype_policy()
     try:
         return add_gates(
             source,
             gate_kwargs=recipe.gate_kwargs,
             gamma=recipe.gamma, lam=0.0, l0_weighting=recipe.l0_weighting, seed=recipe.seed,
             weight_decay=recipe.weight_decay,
+            # --mixed-precision (the global policy): the source's float32 layers follow it.
+            dtype_policy=policy.name if policy.compute_dtype != policy.variable_dtype else None,
         )  # fmt: skip
     except ValueError as e:
         raise RunError(f"--gate-from {path}: {e}") from e
