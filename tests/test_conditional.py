@@ -83,6 +83,17 @@ def test_outputs_match_masked_keras_at_batch_1(setup):
     np.testing.assert_allclose(folded_model(model)(images).numpy(), ref, atol=1e-5, rtol=0)
 
 
+def test_an_empty_batch_gives_an_empty_output(setup):
+    """(TF's CPU convolution returns a batch-0 input unchanged, so both Keras and
+    the branches fail on one: the model answers it without running them.)"""
+    model, cond, calib, _, _ = setup
+    empty = calib[:0]
+    for images in (empty, tf.constant(empty)):
+        out = cond(images)
+        assert tuple(out.shape) == (0, model.output_shape[-1]) and out.dtype == tf.float32
+    assert cond.executed_macs(empty).shape == (0,)
+
+
 def test_block_relus_run_inside_the_branches(setup):
     """Outside the width branches only the stem's ReLU, one ReLU per residual Add and
     the gate MLPs' hidden ReLUs remain: conv1's ReLU and a ReLU right after conv2

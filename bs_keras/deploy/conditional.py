@@ -165,6 +165,9 @@ class FoldedModel(tf.Module):
             raise ValueError(refusal(problems))
         self.output_names = tuple(output_names(model))  # a tuple: tf.Module wraps lists
         self.output_name = self.output_names[0]
+        # An empty batch gets an empty output of this shape (the branches' ops reject batch 0).
+        shape = dict(_named_outputs(model))[self.output_name].shape[1:]
+        self._empty_output_shape = None if None in shape else (0, *(int(d) for d in shape))
         graph = LayerGraph(model, purpose="conditional_model")
         masks = {}
         if mode == "conditional" and any(isinstance(n.operation, ChannelGate) for n in graph.nodes):
@@ -318,6 +321,8 @@ class FoldedModel(tf.Module):
 
     def __call__(self, images):
         """The primary output (class probabilities, segmentation logits) for `images`."""
+        if self._empty_output_shape is not None and getattr(images, "shape", (1,))[:1] == (0,):
+            return tf.zeros(self._empty_output_shape, tf.float32)
         return self._call_fn(images)
 
     def forward(self, images):
@@ -352,7 +357,7 @@ class FoldedModel(tf.Module):
     def executed_macs(self, images, batch_size=32):
         """MACs executed per sample at batch 1 (convs at the chosen widths + gate MLPs)."""
         images = np.asarray(images, np.float32)
-        if not self.gate_names:
+        if not self.gate_names or not len(images):
             return np.full((len(images),), float(self.static_macs))
         widths = np.concatenate(
             [self.chosen_widths(images[i : i + batch_size]).numpy() for i in range(0, len(images), batch_size)]
