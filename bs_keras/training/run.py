@@ -24,7 +24,13 @@ from bs_keras.callbacks import GateTensorBoard, RunCSVLogger, StopOnNaN
 from bs_keras.distillation import unwrap
 from bs_keras.run_lock import RunLock, RunLockedError
 from bs_keras.training.errors import RunError
-from bs_keras.training.model import best_candidate_from, build_for_fit, build_optimizer, gate_callback, with_distillation
+from bs_keras.training.model import (
+    best_candidate_from,
+    build_for_fit,
+    build_optimizer,
+    gate_callback,
+    with_distillation,
+)
 from bs_keras.training.run_dir import (
     CheckpointWriteError,
     RunCheckpoint,
