@@ -143,6 +143,13 @@ class ChannelGate(keras.layers.Layer):
             gate MLP learns from the pooled block input without moving it
             (neither the gate losses nor the task loss reach the backbone
             through the gate; the gated features `h` are unaffected).
+        noise: scale of the logistic noise of the training samples (default
+            1: binary concrete, the paper). A gate opens in training when
+            `logit + noise * L > 0` (L standard logistic), i.e. with
+            probability `sigmoid(logit / noise)`; 0 gives deterministic
+            straight-through gates (open where `logit > 0`, the gradient of
+            `sigmoid(logit / temperature)`). The losses use `sigmoid(logit)`
+            at any scale.
         **kwargs: base `Layer` arguments.
 
     Call arguments:
@@ -171,6 +178,7 @@ class ChannelGate(keras.layers.Layer):
         l0_coef=0.0,
         seed=None,
         stop_input_gradient=False,
+        noise=1.0,
         **kwargs,
     ):
         # Gate math stays float32 under mixed precision: the inputs are not
@@ -197,6 +205,11 @@ class ChannelGate(keras.layers.Layer):
                 "prior_a and prior_b must be positive. "
                 f"Received: prior_a={prior_a}, prior_b={prior_b}"
             )
+        if not 0 <= noise < math.inf:
+            raise ValueError(
+                "noise must be a finite number >= 0 (1: binary concrete, 0: "
+                f"deterministic straight-through gates). Received: noise={noise}"
+            )
         if bs_coef < 0 or l0_coef < 0:
             raise ValueError(
                 "Loss coefficients must be non-negative. "
@@ -214,6 +227,7 @@ class ChannelGate(keras.layers.Layer):
         self._init_l0_coef = float(l0_coef)
         self.seed = seed
         self.stop_input_gradient = bool(stop_input_gradient)
+        self.noise = float(noise)
         self.seed_generator = keras.random.SeedGenerator(seed, name="gate_seed")
         self.stats = GateStats(name=f"{self.name}_stats")
         self.channels = None
@@ -293,11 +307,17 @@ class ChannelGate(keras.layers.Layer):
         return self.logits_dense(z)
 
     def _sample(self, logits):
-        seed = tf.cast(self.seed_generator.next(), tf.int32)
-        dist = tfp.distributions.RelaxedBernoulli(
-            tf.cast(self.temperature, logits.dtype), logits=logits
-        )
-        soft = dist.sample(seed=seed)
+        if self.noise == 0:
+            soft = tf.sigmoid(logits / self.temperature)
+        else:
+            # sigmoid((logit + s L) / t) = sigmoid((logit / s + L) / (t / s)):
+            # a binary-concrete sample at logits / s and temperature t / s.
+            seed = tf.cast(self.seed_generator.next(), tf.int32)
+            dist = tfp.distributions.RelaxedBernoulli(
+                tf.cast(self.temperature / self.noise, logits.dtype),
+                logits=logits / self.noise,
+            )
+            soft = dist.sample(seed=seed)
         hard = tf.cast(soft > 0.5, soft.dtype)
         # Exactly 0/1 forward (soft - soft == 0), relaxed gradient backward.
         return hard + (soft - tf.stop_gradient(soft))
@@ -384,6 +404,7 @@ class ChannelGate(keras.layers.Layer):
                 "l0_coef": self._init_l0_coef,
                 "seed": self.seed,
                 "stop_input_gradient": self.stop_input_gradient,
+                "noise": self.noise,
             }
         )
         return config

@@ -151,6 +151,13 @@ class Recipe:
     # FIXED_LAM_GATE_INIT_BIAS).
     gate_temperature: float = flag(2.0 / 3.0, group="model",
                                    help="binary-concrete temperature of the gates in training (default {default})")
+    # ChannelGate(noise=...): the scale of the training samples' logistic
+    # noise (1: binary concrete; 0: deterministic straight-through gates).
+    gate_noise: float = flag(
+        1.0, group="model",
+        help="scale of the gates' training noise: 1 (default) samples binary-concrete gates (the paper), 0 trains "
+        "deterministic straight-through gates (open where logit > 0); between, open with probability "
+        "sigmoid(logit / noise)")
     gate_init_bias: float = flag(
         None, group="model",
         help=f"initial bias of the gate logits (default {BUDGET_GATE_INIT_BIAS:g} with --target-macs, else "
@@ -216,6 +223,8 @@ class Recipe:
         }
         if self.gate_stop_gradient:
             kwargs["stop_input_gradient"] = True
+        if self.gate_noise != 1.0:
+            kwargs["noise"] = self.gate_noise
         return kwargs
 
     @property
@@ -306,7 +315,7 @@ class Recipe:
         for field in ("lr", "width_multiplier", "prior_a", "prior_b", "gate_temperature"):
             if not finite(getattr(self, field)) or getattr(self, field) <= 0:
                 bad(field, "must be a finite number > 0")
-        for field in ("gamma", "lam", "weight_decay", "momentum"):
+        for field in ("gamma", "lam", "weight_decay", "momentum", "gate_noise"):
             if not finite(getattr(self, field)) or getattr(self, field) < 0:
                 bad(field, "must be a finite number >= 0")
         if self.gate_init_bias is not None and not finite(self.gate_init_bias):

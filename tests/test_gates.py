@@ -65,6 +65,53 @@ def test_training_gates_are_exactly_binary_and_bernoulli_sigmoid_logit():
     np.testing.assert_allclose(freq, expit(bias), atol=0.025)
 
 
+@pytest.mark.parametrize("noise", [0.5, 2.0])
+def test_scaled_noise_opens_gates_with_the_logistic_cdf_at_logit_over_noise(noise):
+    # logit + noise * L > 0 for standard logistic L: P = sigmoid(logit / noise).
+    bias = np.array([-2.0, -1.0, 0.0, 0.5, 1.0, 2.0, 3.0, -3.0], "float32")
+    model, gate = _gate_model(channels=8, noise=noise)
+    _set_logits(gate, bias)
+    x = np.ones((500, 6, 6, 4), "float32")
+    samples = []
+    for _ in range(8):
+        with record_gates() as rec:
+            model(x, training=True)
+        samples.append(np.asarray(rec[gate][0]))
+    samples = np.concatenate(samples)
+    assert set(np.unique(samples)) == {0.0, 1.0}
+    np.testing.assert_allclose(samples.mean(axis=0), 1.0 / (1.0 + np.exp(-bias / noise)), atol=0.025)
+
+
+def test_zero_noise_trains_deterministic_straight_through_gates():
+    temperature = 0.5
+    model, gate = _gate_model(channels=8, noise=0.0, temperature=temperature)
+    _set_logits(gate, np.linspace(-2, 2, 8), kernel_scale=1.0)
+    x = np.random.default_rng(2).normal(size=(32, 6, 6, 4)).astype("float32")
+    masks = []
+    for _ in range(2):
+        with record_gates() as rec:
+            model(x, training=True)
+        masks.append(np.asarray(rec[gate][0]))
+    np.testing.assert_array_equal(masks[0], masks[1])
+    # Open exactly where the training-mode logit is positive.
+    logits = tf.Variable(gate.gate_logits(tf.constant(x), training=True))
+    np.testing.assert_array_equal(masks[0], (logits.numpy() > 0).astype("float32"))
+    assert 0 < masks[0].mean() < 1
+    # Backward: the gradient of sigmoid(logit / temperature), by hand.
+    with tf.GradientTape() as tape:
+        mask = gate._sample(logits)
+        loss = tf.reduce_sum(mask * np.arange(8, dtype="float32"))
+    np.testing.assert_array_equal(mask.numpy(), masks[0])
+    s = 1.0 / (1.0 + np.exp(-logits.numpy() / temperature))
+    expected = np.arange(8, dtype="float32") * s * (1 - s) / temperature
+    np.testing.assert_allclose(tape.gradient(loss, logits).numpy(), expected, rtol=1e-5, atol=1e-7)
+    # And it reaches the gate MLP through the model.
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.square(model(x, training=True)))
+    grads = tape.gradient(loss, gate.trainable_weights)
+    assert all(g is not None and np.abs(g).sum() > 0 for g in grads)
+
+
 def test_seeded_noise_is_reproducible_and_advances():
     x = np.ones((64, 6, 6, 4), "float32")
 
@@ -141,8 +188,11 @@ def test_group_size_switches_channel_groups():
 
 
 def test_config_round_trip_and_argument_checks():
-    gate = ChannelGate(hidden_units=8, temperature=0.5, init_bias=2.0, group_size=2, seed=3)
+    gate = ChannelGate(hidden_units=8, temperature=0.5, init_bias=2.0, group_size=2, seed=3, noise=0.25)
     config = gate.get_config()
+    assert config["noise"] == 0.25
+    # Saved before `noise` existed: binary concrete, as then.
+    assert ChannelGate.from_config({k: v for k, v in config.items() if k != "noise"}).noise == 1.0
     clone = ChannelGate.from_config(config)
     assert clone.get_config() == config
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(gate))
@@ -154,6 +204,9 @@ def test_config_round_trip_and_argument_checks():
         dict(group_size=0),
         dict(prior_a=-1.0),
         dict(bs_coef=-0.1),
+        dict(noise=-0.5),
+        dict(noise=float("inf")),
+        dict(noise=float("nan")),
     ):
         with pytest.raises(ValueError):
             ChannelGate(**bad)

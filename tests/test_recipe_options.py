@@ -27,20 +27,22 @@ def _bias(gate):
 
 
 def test_gate_temperature_and_init_bias_reach_every_built_gate_and_the_config(tmp_path):
-    recipe = _recipe("--gate-temperature", "1.0", "--gate-init-bias", "-0.5")
+    recipe = _recipe("--gate-temperature", "1.0", "--gate-init-bias", "-0.5", "--gate-noise", "0")
     gates = bs_keras.find_gates(training.build_model(recipe, INFO))
     assert len(gates) == 9
     for g in gates:
         assert g.get_config()["temperature"] == 1.0
+        assert g.get_config()["noise"] == 0.0
         np.testing.assert_array_equal(_bias(g), -0.5)
     default = bs_keras.find_gates(training.build_model(_recipe(), INFO))
     assert default[0].temperature == pytest.approx(2 / 3)
+    assert default[0].noise == 1.0
     np.testing.assert_array_equal(_bias(default[0]), 3.0)
     # The resolved config of the run records them (and resuming with others is refused).
     training.prepare_run_dir(str(tmp_path / "run"), recipe, {})
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["recipe"]
-    assert saved["gate_temperature"] == 1.0 and saved["gate_init_bias"] == -0.5
-    with pytest.raises(training.RunError, match="gate_init_bias, gate_temperature"):
+    assert saved["gate_temperature"] == 1.0 and saved["gate_init_bias"] == -0.5 and saved["gate_noise"] == 0.0
+    with pytest.raises(training.RunError, match="gate_init_bias, gate_noise, gate_temperature"):
         training.prepare_run_dir(str(tmp_path / "run"), _recipe(), {})
 
 
@@ -91,6 +93,7 @@ def test_schedule_fractions_set_the_gate_loss_weights_at_each_step(lam_begin, la
         (["--gate-temperature", "0"], "--gate-temperature=0.0 is invalid: must be a finite number > 0"),
         (["--gate-temperature", "inf"], "--gate-temperature=inf is invalid"),
         (["--gate-init-bias", "nan"], "--gate-init-bias=nan is invalid: must be a finite number"),
+        (["--gate-noise", "-1"], "--gate-noise=-1.0 is invalid: must be a finite number >= 0"),
     ],
 )
 def test_bad_schedule_and_gate_values_name_the_flag(flags, message, tmp_path, capsys):
