@@ -309,15 +309,20 @@ class ChannelGate(keras.layers.Layer):
     def _sample(self, logits):
         if self.noise == 0:
             soft = tf.sigmoid(logits / self.temperature)
-        else:
-            # sigmoid((logit + s L) / t) = sigmoid((logit / s + L) / (t / s)):
-            # a binary-concrete sample at logits / s and temperature t / s.
+        elif self.noise == 1:
             seed = tf.cast(self.seed_generator.next(), tf.int32)
             dist = tfp.distributions.RelaxedBernoulli(
-                tf.cast(self.temperature / self.noise, logits.dtype),
-                logits=logits / self.noise,
+                tf.cast(self.temperature, logits.dtype), logits=logits
             )
             soft = dist.sample(seed=seed)
+        else:
+            # sigmoid((logit + s L) / t), L standard logistic: binary concrete
+            # with its noise scaled (RelaxedBernoulli at logits / s and
+            # temperature t / s is the same law, but its gradient overflows
+            # for large s).
+            seed = tf.cast(self.seed_generator.next(), tf.int32)
+            noisy = tfp.distributions.Logistic(logits, tf.cast(self.noise, logits.dtype)).sample(seed=seed)
+            soft = tf.sigmoid(noisy / self.temperature)
         hard = tf.cast(soft > 0.5, soft.dtype)
         # Exactly 0/1 forward (soft - soft == 0), relaxed gradient backward.
         return hard + (soft - tf.stop_gradient(soft))

@@ -48,7 +48,7 @@ def test_inference_graph_has_no_random_op():
     assert any("Stateless" in t or "Random" in t for t in ops_t)
 
 
-@pytest.mark.parametrize("noise", [1.0, 0.5, 2.0])
+@pytest.mark.parametrize("noise", [1.0, 0.5, 2.0, 1e6])
 def test_training_gates_are_exactly_binary_and_bernoulli_sigmoid_logit(noise):
     # Hard-thresholded binary concrete is Bernoulli(sigmoid(logit)); with the
     # noise scaled, logit + noise * L > 0 (L standard logistic): sigmoid(logit / noise).
@@ -65,6 +65,11 @@ def test_training_gates_are_exactly_binary_and_bernoulli_sigmoid_logit(noise):
     assert set(np.unique(samples)) == {0.0, 1.0}
     freq = samples.mean(axis=0)
     np.testing.assert_allclose(freq, expit(bias / noise), atol=0.025)
+    # The relaxed gradient stays finite at any scale.
+    _set_logits(gate, bias, kernel_scale=1.0)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(model(x[:64], training=True))
+    assert all(np.all(np.isfinite(g)) for g in tape.gradient(loss, gate.trainable_weights))
 
 
 def test_zero_noise_trains_deterministic_straight_through_gates():
