@@ -22,14 +22,20 @@ def _set_logits(gate, bias, kernel_scale=0.0):
     gate.logits_dense.set_weights([kernel * kernel_scale, np.asarray(bias, "float32")])
 
 
+def _masks(model, gate, x, training, calls):
+    """The gate's masks of `calls` successive model calls on `x`."""
+    out = []
+    for _ in range(calls):
+        with record_gates() as rec:
+            model(x, training=training)
+        out.append(np.asarray(rec[gate][0]))
+    return out
+
+
 def test_inference_gates_are_hard_deterministic_and_follow_logit_sign():
     model, gate = _gate_model()
     x = np.random.default_rng(0).normal(size=(16, 6, 6, 4)).astype("float32")
-    masks = []
-    for _ in range(2):
-        with record_gates() as rec:
-            model(x, training=False)
-        masks.append(np.asarray(rec[gate][0]))
+    masks = _masks(model, gate, x, False, 2)
     np.testing.assert_array_equal(masks[0], masks[1])
     assert set(np.unique(masks[0])) <= {0.0, 1.0}
     logits = np.asarray(gate.gate_logits(tf.constant(x), training=False))
@@ -56,12 +62,7 @@ def test_training_gates_are_exactly_binary_and_bernoulli_sigmoid_logit(noise):
     model, gate = _gate_model(channels=8, noise=noise)
     _set_logits(gate, bias)
     x = np.ones((500, 6, 6, 4), "float32")
-    samples = []
-    for _ in range(8):
-        with record_gates() as rec:
-            model(x, training=True)
-        samples.append(np.asarray(rec[gate][0]))
-    samples = np.concatenate(samples)
+    samples = np.concatenate(_masks(model, gate, x, True, 8))
     assert set(np.unique(samples)) == {0.0, 1.0}
     freq = samples.mean(axis=0)
     np.testing.assert_allclose(freq, expit(bias / noise), atol=0.025)
@@ -77,11 +78,7 @@ def test_zero_noise_trains_deterministic_straight_through_gates():
     model, gate = _gate_model(channels=8, noise=0.0, temperature=temperature)
     _set_logits(gate, np.linspace(-2, 2, 8), kernel_scale=1.0)
     x = np.random.default_rng(2).normal(size=(32, 6, 6, 4)).astype("float32")
-    masks = []
-    for _ in range(2):
-        with record_gates() as rec:
-            model(x, training=True)
-        masks.append(np.asarray(rec[gate][0]))
+    masks = _masks(model, gate, x, True, 2)
     np.testing.assert_array_equal(masks[0], masks[1])
     # Open exactly where the training-mode logit is positive.
     logits = tf.Variable(gate.gate_logits(tf.constant(x), training=True))
@@ -108,12 +105,7 @@ def test_seeded_noise_is_reproducible_and_advances():
     def draws(seed):
         model, gate = _gate_model(seed=seed)
         _set_logits(gate, np.zeros(8))
-        out = []
-        for _ in range(2):
-            with record_gates() as rec:
-                model(x, training=True)
-            out.append(np.asarray(rec[gate][0]))
-        return out
+        return _masks(model, gate, x, True, 2)
 
     a, b, c = draws(5), draws(5), draws(6)
     np.testing.assert_array_equal(a[0], b[0])
