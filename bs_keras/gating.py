@@ -96,3 +96,57 @@ def exclude_gates_from_weight_decay(optimizer, model):
         )
     optimizer.exclude_from_weight_decay(var_list=[v for g in gates for v in g.trainable_weights])
     return optimizer
+
+
+def start_gates_at(model, macs_ratio):
+    """Start a fresh gated model at a conditional MAC ratio.
+
+    In every gate layer the same fraction of the gates starts open (logit
+    bias `+|init_bias|`) and the rest closed (`-|init_bias|`), the fraction
+    chosen so that the network with exactly those gates open executes
+    `macs_ratio` of the ungated network's MACs. A budget run that holds its
+    target from the first step (`MacBudget(begin=0, end=0)`) then trains a
+    network of the target's cost from the start instead of cutting channels
+    it has already trained.
+
+    Args:
+        model: a built functional model with `ChannelGate` layers.
+        macs_ratio: the starting ratio, in `(0, 1]`, at least the ratio
+            with every gate closed.
+
+    Returns:
+        The fraction of each layer's gates that starts open.
+    """
+    from bs_keras.macs import count_macs, gate_table, ungated_macs
+
+    if not 0 < macs_ratio <= 1:
+        raise ValueError(
+            "macs_ratio is a fraction of the ungated network's MACs and must be in (0, 1]. "
+            f"Received: macs_ratio={macs_ratio}"
+        )
+    table = gate_table(model)
+    if not table:
+        raise ValueError(f"Model '{model.name}' has no ChannelGate layers.")
+    static = count_macs(model)
+    ungated = ungated_macs(model, static)
+    gated = sum(info.channels * info.macs_per_channel for info in table)
+    closed_ratio = (static - gated) / ungated
+    if macs_ratio < closed_ratio:
+        raise ValueError(
+            f"With every gate closed, model '{model.name}' still executes {closed_ratio:.3f} of its "
+            f"ungated MACs (the layers no gate controls); macs_ratio={macs_ratio} is below that."
+        )
+    fraction = min(1.0, (macs_ratio * ungated - (static - gated)) / gated)
+    for info in table:
+        gate = info.gate
+        if gate.init_bias == 0:
+            raise ValueError(
+                f"Gate '{gate.name}' has init_bias=0, so open and closed gates would start alike; "
+                "give the gates a nonzero init_bias."
+            )
+        n = gate.num_gates
+        k = int(round(fraction * n))
+        bias = np.full((n,), -abs(gate.init_bias), dtype="float32")
+        bias[:k] = abs(gate.init_bias)
+        gate.logits_dense.bias.assign(bias)
+    return fraction

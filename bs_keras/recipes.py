@@ -162,6 +162,14 @@ class Recipe:
         None, group="model",
         help=f"initial bias of the gate logits (default {BUDGET_GATE_INIT_BIAS:g} with --target-macs, else "
         f"{FIXED_LAM_GATE_INIT_BIAS:g}; positive: gates start open)")
+    # gating.start_gates_at: the conditional MAC ratio the gates start at
+    # (None: every gate open, or the target when a budget holds it from the
+    # first step, --lam-end 0).
+    gate_init_macs: float = flag(
+        None, group="model",
+        help="start the gates at this conditional MAC ratio: in each gate layer the same fraction of the gates "
+        "starts open (logit +bias) and the rest closed (-bias) (default: every gate open; with --target-macs "
+        "held from the first step, --lam-end 0, the target)")
     gate_granularity: str = flag(
         "channel", group="model", choices=GATE_GRANULARITIES,
         help="channel: per-channel gates (the paper); block: one gate per residual branch (the coarse "
@@ -233,7 +241,7 @@ class Recipe:
 
     def resolved(self):
         """A copy with the automatic settings decided (`zero_init_residual`,
-        `distill_train_teacher`, `gate_init_bias`);
+        `distill_train_teacher`, `gate_init_bias`, `gate_init_macs`);
         `training.train` runs and records this one."""
         out = self
         if out.zero_init_residual is None:
@@ -242,6 +250,9 @@ class Recipe:
         if out.gate_init_bias is None:
             bias = FIXED_LAM_GATE_INIT_BIAS if out.target_macs is None else BUDGET_GATE_INIT_BIAS
             out = dataclasses.replace(out, gate_init_bias=bias)
+        if out.gate_init_macs is None:
+            at_target = out.target_macs is not None and out.lam_end == 0
+            out = dataclasses.replace(out, gate_init_macs=out.target_macs if at_target else 1.0)
         if out.distill_train_teacher is None:
             out = dataclasses.replace(out, distill_train_teacher=out.distill == "self")
         return out
@@ -320,6 +331,12 @@ class Recipe:
                 bad(field, "must be a finite number >= 0")
         if self.gate_init_bias is not None and not finite(self.gate_init_bias):
             bad("gate_init_bias", "must be a finite number (the gates' initial logit; positive starts them open)")
+        if self.gate_init_macs is not None:
+            if not finite(self.gate_init_macs) or not 0 < self.gate_init_macs <= 1:
+                bad("gate_init_macs", "the starting conditional MAC ratio, a fraction of the ungated network's "
+                    "MACs, must be in (0, 1]")
+            if not self.gated:
+                bad("gate_init_macs", "sets where the gates start: drop --plain")
         for field in ("gamma_end", "lam_begin", "lam_end", "lr_decay_factor", "validation_split", "warmup"):
             if not finite(getattr(self, field)) or not 0 <= getattr(self, field) <= 1:
                 bad(field, "must be between 0 and 1")
@@ -418,7 +435,13 @@ def upgrade(data):
         data["warmup"] = data.pop("warmup_epochs") / epochs
     if "budget_loss_ratio" in data and data["budget_loss_ratio"] is None:  # before 0 meant "no bound"
         data["budget_loss_ratio"] = 0.0
+    for field, value in FIELDS_ADDED.items():
+        data.setdefault(field, value)
     return data
+
+
+# Fields newer than some saved runs, with the value those runs trained with.
+FIELDS_ADDED = {"gate_noise": 1.0, "gate_init_macs": 1.0}
 
 
 # The paper's CIFAR-10 learning-rate drops, epochs 300, 375 and 450 of 500.
@@ -617,13 +640,18 @@ def default_recipe_for(dataset):
     if dataset == "fashion_canvas":
         return RECIPES["fashion_canvas_pspnet_demo"]
     # Any other TFDS name or image folder: a CIFAR-style ResNet-20, short run.
-    # The demo's schedule (L0 ramp over 10-40 %, hard gates from 60 %): at
-    # 140 steps on a 5,000-image folder it gained 4 points over the sweep's
-    # (docs/RESULTS.md); at 2,808 steps the hard-gate phase cost nothing.
+    # The hard-gate phase from 60 % as in the demo: with the demo's L0 ramp
+    # it gained 4 points over the sweep's schedule at 140 steps on a
+    # 5,000-image folder (docs/RESULTS.md); at 2,808 steps it cost nothing.
     return dataclasses.replace(
         RECIPES["fashion_mnist_sweep"], name="generic_resnet20", dataset=dataset, epochs=30,
         limit_train=None, lam=5.0, target_macs=0.5, lr_schedule="cosine",
-        lam_begin=0.1, lam_end=0.4, hard_gates_begin=0.6,
+        # The target held from the first step, the gates starting at it
+        # (gate_init_macs resolves to the target: half of each layer's gates
+        # open): at 140 steps on the folder this trains a network of the
+        # target's cost from the start instead of closing channels it has
+        # trained (docs/RESULTS.md, "Short runs").
+        lam_begin=0.0, lam_end=0.0, hard_gates_begin=0.6,
         # The budget defaults (gates at logit 1, L0 term <= 10x the task
         # loss): at 140 steps they met the target where logit 3 under the
         # bound left the gates open.
@@ -633,7 +661,8 @@ def default_recipe_for(dataset):
         # (3 seeds) and +1.5 at 1,050 (the default 30 epochs, one seed) over
         # binary concrete, at the same MACs (docs/RESULTS.md, "Short runs").
         gate_noise=0.0,
-        description="Generic image classification: gated ResNet-20, 30 epochs, trained to half the "
-        "ungated MACs (--target-macs 0.5; --lam sets a fixed L0 weight instead) with deterministic "
-        "straight-through gates (--gate-noise 0), ending with the hard-gate phase.",
+        description="Generic image classification: gated ResNet-20, 30 epochs, at half the ungated MACs "
+        "from the first step (--target-macs 0.5, half of each layer's gates open at the start; --lam sets a "
+        "fixed L0 weight instead) with deterministic straight-through gates (--gate-noise 0), ending with the "
+        "hard-gate phase.",
     )

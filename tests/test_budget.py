@@ -312,3 +312,54 @@ def test_the_bound_holds_the_l0_term_within_its_multiple_of_the_task_loss_in_fit
         else:
             assert max(history["l0_task_ratio_max"]) > 5
     assert weights[None, "ce"] > 5 * weights[0.5, "ce"] > 0
+
+
+# ResNet-20 on 28x28x1 by hand (zero-padding shortcuts): the stem conv and the
+# classifier, which no gate controls, and the 18 convolutions of the residual
+# branches, all of whose MACs scale with the gated middle channels.
+R20_FIXED = 28 * 28 * 9 * 1 * 16 + 64 * 10
+R20_GATED = (6 * 28 * 28 * 9 * 16 * 16
+             + 14 * 14 * 9 * 16 * 32 + 5 * 14 * 14 * 9 * 32 * 32
+             + 7 * 7 * 9 * 32 * 64 + 5 * 7 * 7 * 9 * 64 * 64)
+R20_GATE_MLPS = 3 * (16 * 16 + 16 * 16) + (16 * 16 + 16 * 32) + 2 * (32 * 16 + 16 * 32) + (32 * 16 + 16 * 64) \
+    + 2 * (64 * 16 + 16 * 64)
+
+
+def test_start_gates_at_opens_the_same_fraction_of_every_layer_for_the_ratio():
+    from bs_keras.gating import start_gates_at
+    from bs_keras.macs import conditional_macs, ungated_macs
+
+    model = cifar_resnet(20, num_classes=10, input_shape=(28, 28, 1), gated=True, gate_kwargs={"init_bias": 20.0})
+    assert ungated_macs(model) == R20_FIXED + R20_GATED == 30_821_248
+    fraction = start_gates_at(model, 0.5)
+    assert fraction == pytest.approx((0.5 * (R20_FIXED + R20_GATED) - R20_FIXED - R20_GATE_MLPS) / R20_GATED)
+    for gate in find_gates(model):  # 16, 32 and 64 gates: exactly half of each open
+        bias = gate.logits_dense.bias.numpy()
+        assert (bias == 20.0).sum() == (bias == -20.0).sum() == gate.num_gates // 2
+    x = np.random.default_rng(0).random((4, 28, 28, 1), dtype=np.float32)
+    executed = conditional_macs(model, x)  # at bias +-20 the inputs do not move the gates
+    expected = R20_FIXED + R20_GATE_MLPS + R20_GATED / 2
+    np.testing.assert_array_equal(executed, expected)
+    assert abs(expected / ungated_macs(model) - 0.5) < 0.005
+    # Another ratio: each layer rounds fraction * gates.
+    fraction = start_gates_at(model, 0.3)
+    assert [int((g.logits_dense.bias.numpy() > 0).sum()) for g in find_gates(model)] == (
+        [round(fraction * 16)] * 3 + [round(fraction * 32)] * 3 + [round(fraction * 64)] * 3
+    )
+
+
+@pytest.mark.parametrize(
+    "ratio, init_bias, message",
+    [
+        (0.0, 1.0, "must be in \\(0, 1\\]"),
+        (1.5, 1.0, "must be in \\(0, 1\\]"),
+        (0.001, 1.0, "still executes 0.004 of its ungated MACs"),
+        (0.5, 0.0, "has init_bias=0"),
+    ],
+)
+def test_start_gates_at_refuses_ratios_it_cannot_reach(ratio, init_bias, message):
+    from bs_keras.gating import start_gates_at
+
+    model = cifar_resnet(20, num_classes=10, input_shape=(28, 28, 1), gated=True, gate_kwargs={"init_bias": init_bias})
+    with pytest.raises(ValueError, match=message):
+        start_gates_at(model, ratio)

@@ -94,6 +94,11 @@ def test_schedule_fractions_set_the_gate_loss_weights_at_each_step(lam_begin, la
         (["--gate-temperature", "inf"], "--gate-temperature=inf is invalid"),
         (["--gate-init-bias", "nan"], "--gate-init-bias=nan is invalid: must be a finite number"),
         (["--gate-noise", "-1"], "--gate-noise=-1.0 is invalid: must be a finite number >= 0"),
+        (["--gate-init-macs", "0"], "--gate-init-macs=0.0 is invalid: the starting conditional MAC ratio"),
+        (["--gate-init-macs", "1.5"], "--gate-init-macs=1.5 is invalid: the starting conditional MAC ratio"),
+        (["--gate-init-macs", "nan"], "--gate-init-macs=nan is invalid"),
+        (["--gate-init-macs", "0.5", "--plain"], "--gate-init-macs=0.5 is invalid: sets where the gates start: "
+         "drop --plain"),
     ],
 )
 def test_bad_schedule_and_gate_values_name_the_flag(flags, message, tmp_path, capsys):
@@ -117,3 +122,30 @@ def test_the_short_recipes_train_deterministic_gates_and_the_paper_recipes_sampl
     # A run recorded before the flag existed resumes with binary concrete, as it trained.
     old = {k: v for k, v in generic.to_dict().items() if k != "gate_noise"}
     assert recipes.Recipe.from_dict(old).gate_noise == 1.0
+
+
+def test_gate_init_macs_starts_each_gate_layer_half_open_and_defaults_to_a_budget_held_from_step_0(tmp_path):
+    recipe = _recipe("--gate-init-macs", "0.5", "--gate-init-bias", "2")
+    for g in bs_keras.find_gates(training.build_model(recipe, INFO)):
+        bias = _bias(g)
+        assert sorted(set(bias.tolist())) == [-2.0, 2.0]
+        assert (bias > 0).sum() == round(0.5 * g.num_gates), g.name  # this model's closed ratio is ~0.004
+    training.prepare_run_dir(str(tmp_path / "run"), recipe.resolved(), {})
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["recipe"]["gate_init_macs"] == 0.5
+    # Defaults: every gate open, unless a budget holds its target from the first step.
+    assert _recipe().resolved().gate_init_macs == 1.0
+    np.testing.assert_array_equal(_bias(bs_keras.find_gates(training.build_model(_recipe(), INFO))[0]), 3.0)
+    assert _recipe("--target-macs", "0.5").resolved().gate_init_macs == 1.0  # ramped target (lam_end 0.4)
+    held = _recipe("--target-macs", "0.3", "--lam-begin", "0", "--lam-end", "0").resolved()
+    assert held.gate_init_macs == 0.3
+    assert _recipe("--target-macs", "0.3", "--lam-end", "0", "--lam-begin", "0",
+                   "--gate-init-macs", "1").resolved().gate_init_macs == 1.0
+    generic = recipes.default_recipe_for("/data/my_folder").validate()
+    assert (generic.lam_begin, generic.lam_end, generic.resolved().gate_init_macs) == (0.0, 0.0, 0.5)
+    assert generic.replace(target_macs=0.7).resolved().gate_init_macs == 0.7
+    for name in ("fashion_mnist_sweep", "fashion_mnist_demo", "cifar10_resnet20_bas", "imagenet_resnet50_bas"):
+        assert recipes.RECIPES[name].resolved().gate_init_macs == 1.0, name
+    # A run recorded before the field existed resumes as it trained: every gate open.
+    old = {k: v for k, v in generic.resolved().to_dict().items() if k not in ("gate_init_macs", "gate_noise")}
+    upgraded = recipes.upgrade(old)
+    assert (upgraded["gate_init_macs"], upgraded["gate_noise"]) == (1.0, 1.0)

@@ -347,9 +347,13 @@ def test_a_short_run_on_a_small_folder_meets_its_mac_target_within_the_l0_bound(
     assert result.returncode == 0, result.stderr[-3000:]
     recipe = json.loads((run_dir / "config.json").read_text())["recipe"]
     assert (recipe["target_macs"], recipe["budget_loss_ratio"], recipe["gate_init_bias"]) == (0.5, 10.0, 1.0)
+    assert (recipe["gate_init_macs"], recipe["lam_begin"], recipe["lam_end"]) == (0.5, 0.0, 0.0)
     evaluation = json.loads((run_dir / "report.json").read_text())["evaluation"]
     assert abs(evaluation["macs_ratio"] - 0.5) <= 0.05, evaluation["macs_ratio"]
     assert evaluation["accuracy"] >= SHORT_RUN_MIN_ACCURACY, evaluation["accuracy"]
     with open(run_dir / "log.csv") as f:
-        ratios = [float(row["l0_task_ratio_max"]) for row in csv.DictReader(f)]
+        rows = list(csv.DictReader(f))
+    ratios = [float(row["l0_task_ratio_max"]) for row in rows]
     assert 0 < max(ratios) <= 10.0 * 1.001, ratios  # the L0 term never above 10x the task loss
+    # Started at the target, the network stays near it from the first epoch on.
+    assert all(abs(float(row["hard_macs_ratio"]) - 0.5) <= 0.05 for row in rows), [r["hard_macs_ratio"] for r in rows]

@@ -16,6 +16,7 @@ from bs_keras import lr_schedules
 from bs_keras.budget import MacBudget
 from bs_keras.callbacks import GateLossScheduler
 from bs_keras.distillation import Distiller
+from bs_keras.gating import start_gates_at
 from bs_keras.models import add_gates, cifar_resnet, imagenet_resnet
 from bs_keras.schedules import Linear, paper_schedules
 from bs_keras.training.errors import RunError
@@ -38,11 +39,17 @@ def build_model(recipe, info):
         seed=recipe.seed,
     )
     builder = imagenet_resnet if depth in (18, 34, 50) else cifar_resnet
-    if recipe.gate_from:
-        return gated_from(recipe, info)
     if recipe.prune_from:
         return _pruned_model(recipe, builder, depth, kwargs)
-    return builder(depth, **kwargs)
+    return start_gates(gated_from(recipe, info) if recipe.gate_from else builder(depth, **kwargs), recipe)
+
+
+def start_gates(model, recipe):
+    """The recipe's starting gates (`--gate-init-macs`) set on a fresh model."""
+    ratio = recipe.resolved().gate_init_macs
+    if recipe.gated and ratio is not None and ratio < 1:
+        start_gates_at(model, ratio)
+    return model
 
 
 def _output_activation(model):

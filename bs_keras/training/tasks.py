@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from bs_keras import data as data_lib
 from bs_keras import report as report_lib
-from bs_keras.training.model import build_model, init_backbone, rebuild_at_size
+from bs_keras.training.model import build_model, init_backbone, rebuild_at_size, start_gates
 
 
 def limited(ds, limit, batch_size):
@@ -118,7 +118,7 @@ class SegmentationTask:
         )  # fmt: skip
         if r.init_from:
             init_backbone(model, r.init_from)
-        return model
+        return start_gates(model, r)
 
     def compile_args(self):
         from bs_keras.segmentation import segmentation_losses, segmentation_metrics
