@@ -67,7 +67,7 @@ TRAIN_ROWS = (
 )
 # The row whose recipe `python train.py` (recipe fashion_mnist_demo) trains:
 # the README quotes its result.
-DEMO_ROW = "target0p5_early_hard0p6_noise0"
+DEMO_ROW = "target0p5_start_hard0p6_noise0"
 FREEZE_ROWS = tuple(
     (f"freeze_{mode}", mode, what) for mode, what in (
         ("gates", "from demo_s0: backbone frozen, gates fine-tuned"),
@@ -97,6 +97,10 @@ PHASE_ROWS = (
     ("target0p5_early_hard0p6_noise0", ["--target-macs", "0.5", "--lam-begin", "0.1", "--lam-end", "0.4",
                                         "--hard-gates-begin", "0.6", "--gate-noise", "0"],
      "target0p5_early_hard0p6 with deterministic straight-through gates (--gate-noise 0)"),
+    ("target0p5_start_hard0p6_noise0", ["--target-macs", "0.5", "--lam-begin", "0", "--lam-end", "0",
+                                        "--hard-gates-begin", "0.6", "--gate-noise", "0", "--gate-init-bias", "1"],
+     "target0p5_early_hard0p6_noise0 held at the target from step 0, the gates starting there (half of each "
+     "layer open at logit +-1)"),
     # Second seeds of the demo candidates.
     ("target0p5_s1", ["--target-macs", "0.5", "--seed", "1"], "compute budget 0.5 instead of lambda 12, seed 1"),
     ("target0p5_early_hard0p6_s1", ["--target-macs", "0.5", "--lam-begin", "0.1", "--lam-end", "0.4",

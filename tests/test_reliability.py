@@ -355,7 +355,9 @@ TINY = dict(model="resnet20", width_multiplier=0.25, batch_size=32, limit_train=
 
 @pytest.mark.slow
 def test_train_recovers_from_a_full_disk_and_from_damaged_checkpoints(tmp_path, monkeypatch):
-    recipe = recipes.default_recipe_for("fashion_mnist").replace(**TINY, epochs=3).validate()
+    # The L0 ramp over 10-40 % (not the demo's target from step 0): epoch 1 writes no best.keras.
+    recipe = recipes.default_recipe_for("fashion_mnist").replace(**TINY, epochs=3, lam_begin=0.1, lam_end=0.4)
+    recipe = recipe.validate()
     run_dir = tmp_path / "run"
     logs = []
 
@@ -446,7 +448,9 @@ def test_best_keras_is_chosen_only_among_epochs_after_the_l0_ramp(tmp_path):
 def test_best_candidates_start_where_the_l0_ramp_ends():
     from bs_keras.training.model import best_candidate_from
 
-    demo = recipes.get_recipe("fashion_mnist_demo")  # budget 0.5, L0 ramp 0.1-0.4 of 4 epochs
+    demo = recipes.get_recipe("fashion_mnist_demo")  # budget 0.5 held from step 0: every epoch
+    assert best_candidate_from(demo) == 1
+    demo = demo.replace(lam_begin=0.1, lam_end=0.4)  # budget 0.5, L0 ramp 0.1-0.4 of 4 epochs
     assert best_candidate_from(demo) == 2
     assert best_candidate_from(demo.replace(epochs=10, lam_end=0.6)) == 6
     assert best_candidate_from(demo.replace(epochs=1)) == 1
