@@ -54,6 +54,10 @@ def test_gate_flags_reach_add_gates_with_gate_from(tmp_path):
     gates = bs_keras.find_gates(training.build_model(recipe, INFO))
     assert gates and all(g.temperature == pytest.approx(0.4) for g in gates)
     assert all(np.all(_bias(g) == 1.5) for g in gates)
+    # --gate-init-macs starts the added gates half open too.
+    recipe = _recipe("--gate-from", path, "--gate-init-bias", "1.5", "--gate-init-macs", "0.5")
+    for g in bs_keras.find_gates(training.build_model(recipe, INFO)):
+        assert (_bias(g) == 1.5).sum() == (_bias(g) == -1.5).sum() == g.num_gates // 2, g.name
 
 
 @pytest.mark.parametrize("lam_begin, lam_end, gamma_end", [(0.0, 0.3, 0.2), (0.2, 0.9, 0.2), (0.5, 0.5, 0.05)])
