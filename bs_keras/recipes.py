@@ -335,7 +335,7 @@ class Recipe:
             if not finite(self.gate_init_macs) or not 0 < self.gate_init_macs <= 1:
                 bad("gate_init_macs", "the starting conditional MAC ratio, a fraction of the ungated network's "
                     "MACs, must be in (0, 1]")
-            if not self.gated:
+            if not self.gated and self.gate_init_macs < 1:  # 1 (every gate open) is what a resolved plain run records
                 bad("gate_init_macs", "sets where the gates start: drop --plain")
         for field in ("gamma_end", "lam_begin", "lam_end", "lr_decay_factor", "validation_split", "warmup"):
             if not finite(getattr(self, field)) or not 0 <= getattr(self, field) <= 1:

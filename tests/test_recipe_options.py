@@ -151,6 +151,9 @@ def test_gate_init_macs_starts_each_gate_layer_half_open_and_defaults_to_a_budge
         assert recipes.RECIPES[name].resolved().gate_init_macs == 1.0, name
     demo = recipes.RECIPES["fashion_mnist_demo"]  # the demo starts at its target too
     assert (demo.lam_end, demo.resolved().gate_init_macs, demo.resolved().gate_init_bias) == (0.0, 0.5, 1.0)
+    # A resolved plain recipe (which records 1) validates again, e.g. on resume.
+    plain = recipes.RECIPES["fashion_mnist_sweep"].replace(gated=False).validate().resolved()
+    assert plain.gate_init_macs == 1.0 and plain.validate() is plain
     # A run recorded before the field existed resumes as it trained: every gate open.
     old = {k: v for k, v in generic.resolved().to_dict().items() if k not in ("gate_init_macs", "gate_noise")}
     upgraded = recipes.upgrade(old)
