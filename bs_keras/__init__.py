@@ -48,6 +48,7 @@ _NAMES = {
     "find_gates": "gates",
     "record_gates": "gates",
     "configure_gate_losses": "gating",
+    "start_gates_at": "gating",
     "exclude_gates_from_weight_decay": "gating",
     "conditional_macs": "macs",
     "count_macs": "macs",
