@@ -158,3 +158,23 @@ def test_gate_init_macs_starts_each_gate_layer_half_open_and_defaults_to_a_budge
     old = {k: v for k, v in generic.resolved().to_dict().items() if k not in ("gate_init_macs", "gate_noise")}
     upgraded = recipes.upgrade(old)
     assert (upgraded["gate_init_macs"], upgraded["gate_noise"]) == (1.0, 1.0)
+
+
+def test_an_unreachable_gate_start_names_the_flag_and_leaves_no_config_behind(tmp_path, capsys):
+    """The start is checked on the built model (the MACs no gate controls):
+    the run stops before training, says which flag, and a fresh run directory
+    keeps no config.json, so the corrected command starts cleanly."""
+    from data_fixtures import write_image_folder
+
+    rng = np.random.default_rng(0)
+    folder = write_image_folder(
+        tmp_path / "folder", {c: list(rng.integers(0, 255, (8, 16, 16, 1), dtype=np.uint8)) for c in ("a", "b")})
+    run_dir = tmp_path / "run"
+    flags = ["--dataset", str(folder), "--epochs", "1", "--batch-size", "4",
+             "--width-multiplier", "0.25", "--run-dir", str(run_dir)]
+    assert train_cli.main([*flags, "--gate-init-macs", "0.001"]) == 2
+    err = capsys.readouterr().err
+    assert "--gate-init-macs 0.001 cannot be set up" in err and "still executes" in err, err
+    assert not (run_dir / "config.json").exists()
+    assert train_cli.main([*flags, "--gate-init-macs", "0.5"]) == 0  # the fixed command, same --run-dir
+    assert json.loads((run_dir / "config.json").read_text())["recipe"]["gate_init_macs"] == 0.5

@@ -47,8 +47,11 @@ def build_model(recipe, info):
 def start_gates(model, recipe):
     """The recipe's starting gates (`--gate-init-macs`) set on a fresh model."""
     ratio = recipe.resolved().gate_init_macs
-    if recipe.gated and ratio is not None and ratio < 1:
-        start_gates_at(model, ratio)
+    if recipe.gated and ratio < 1:
+        try:
+            start_gates_at(model, ratio)
+        except ValueError as e:
+            raise RunError(f"--gate-init-macs {ratio:g} cannot be set up: {e} Pass a larger ratio.") from e
     return model
 
 

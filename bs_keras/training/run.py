@@ -7,6 +7,7 @@ it: prepare the run directory (`run_dir`), build the task's data
 the last checkpoint, fit with the run's callbacks, stop on NaN, report.
 """
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -162,10 +163,16 @@ def _train_locked(recipe, run_dir, runtime, strategy_obj, is_chief, *, data_dir,
     keras.utils.set_random_seed(recipe.seed)
     if mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
-    task = make_task(recipe, data_dir, manual_dir, skip_bad_images)
-    skipped = log_bad_files(task.info, recipe.dataset, log)
-    steps_per_epoch, train_ds, eval_ds, fit_eval = _datasets(task, recipe, strategy_obj)
-    model = _compiled_model(task, recipe, strategy_obj, steps_per_epoch, train_ds.element_spec, jit_compile)
+    try:
+        task = make_task(recipe, data_dir, manual_dir, skip_bad_images)
+        skipped = log_bad_files(task.info, recipe.dataset, log)
+        steps_per_epoch, train_ds, eval_ds, fit_eval = _datasets(task, recipe, strategy_obj)
+        model = _compiled_model(task, recipe, strategy_obj, steps_per_epoch, train_ds.element_spec, jit_compile)
+    except BaseException:
+        if state is None and not states:  # a fresh run that never started: take its config.json back
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(run_dir, "config.json"))
+        raise
     if states:
         state = resume(model, run_dir, states, damaged, recipe.epochs, strategy_obj, log)
     patch_multi_worker_reduce(strategy_obj)
